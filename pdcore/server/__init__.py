@@ -1,0 +1,1 @@
+"""HTTP frontend and engine process of `pdcore serve`."""
