@@ -1,0 +1,32 @@
+"""The attention-backend contract the model calls in every layer (plugins implement it)."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from pdcore.engine.forward_batch import ForwardBatch
+from pdcore.engine.kv_pool import KVPool
+
+
+class AttentionBackend(Protocol):
+    """Created by a factory registered under pdcore_register_attention_backends.
+
+    The factory is called as factory(num_heads=, num_kv_heads=, head_dim=, device=, dtype=).
+    """
+
+    def prepare(self, batch: ForwardBatch, pool: KVPool) -> None:
+        """Build per-step metadata once (index tensors, masks) before the layers run."""
+
+    def forward(
+        self,
+        layer: int,
+        q: torch.Tensor,  # [T, num_heads, head_dim]
+        k: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        v: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        batch: ForwardBatch,
+        pool: KVPool,
+    ) -> torch.Tensor:
+        """Write k/v into the pool at batch.out_slots, attend, return [T, num_heads * head_dim]."""
+        ...

@@ -1,0 +1,266 @@
+"""EngineCore: the engine loop's single step, used in-process (offline API) or by the engine process.
+
+step() = scheduler.schedule() -> model_runner.run() -> postprocess (sample, stop checks,
+prefix-cache publishing, freeing pages). The server and the PD pipelines drive this class.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pdcore.engine.detokenizer import IncrementalDetokenizer
+from pdcore.engine.kv_pool import KVPool
+from pdcore.engine.model_runner import ModelRunner
+from pdcore.engine.page_allocator import PageAllocator
+from pdcore.engine.request import Request, RequestError, RequestOutput
+from pdcore.engine.sampler import sample
+from pdcore.engine.sampling_params import SamplingParams
+from pdcore.engine.scheduler import ScheduledBatch, Scheduler
+from pdcore.engine.setup import pick_device, pick_dtype, pool_pages
+from pdcore.model.llama import LlamaModel
+from pdcore.model.loader import load_state_dict, resolve_model
+from pdcore.plugins import get_registry
+
+__all__ = ["EngineCore", "RequestError", "RequestOutput"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_RUNNING_REQUESTS = 128
+
+
+class EngineCore:
+    def __init__(self, settings) -> None:
+        if settings.cpu_threads:
+            torch.set_num_threads(settings.cpu_threads)
+        if settings.random_seed is not None:
+            torch.manual_seed(settings.random_seed)
+        self.settings = settings
+        started = time.monotonic()
+        self.resolved = resolve_model(settings.model_path)
+        config = self.resolved.config
+        self.device = pick_device(settings.device)
+        self.dtype = pick_dtype(settings.dtype, self.device)
+        self.page_size = settings.page_size
+        num_pages = pool_pages(
+            config,
+            self.dtype,
+            self.device,
+            settings.page_size,
+            settings.max_total_tokens,
+            settings.mem_fraction_static,
+        )
+        capacity_tokens = (num_pages - 1) * settings.page_size
+        context = min(config.max_position_embeddings, settings.context_length or 1 << 30)
+        if context > capacity_tokens:
+            logger.warning(
+                "context length %d exceeds the KV pool (%d tokens); limiting it to the pool",
+                context,
+                capacity_tokens,
+            )
+            context = capacity_tokens
+        self.max_context_len = context
+        model = LlamaModel(config, load_state_dict(self.resolved), self.dtype, self.device, context + 1)
+        pool = KVPool(
+            config.num_layers,
+            num_pages,
+            settings.page_size,
+            config.num_kv_heads,
+            config.head_dim,
+            self.dtype,
+            self.device,
+        )
+        attn = get_registry("attention_backend").create(
+            settings.attention_backend,
+            num_heads=config.num_heads,
+            num_kv_heads=config.num_kv_heads,
+            head_dim=config.head_dim,
+            device=self.device,
+            dtype=self.dtype,
+        )
+        self.runner = ModelRunner(model, pool, attn)
+        self.allocator = PageAllocator(num_pages, settings.page_size, not settings.disable_radix_cache)
+        self.max_running_requests = settings.max_running_requests or DEFAULT_MAX_RUNNING_REQUESTS
+        self.scheduler = Scheduler(
+            self.allocator,
+            get_registry("schedule_policy").create(settings.schedule_policy),
+            self.max_running_requests,
+            settings.chunked_prefill_size,
+        )
+        from pdcore.model.tokenizer import load_tokenizer
+
+        self.tokenizer = load_tokenizer(settings.model_path, settings.tokenizer_path)
+        eos = set(config.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_ids = sorted(eos)
+        self.model_name = settings.served_model_name or self.resolved.name
+        self._requests: dict[str, Request] = {}
+        self._finished_outside_step: list[Request] = []
+        self.num_forward_steps = 0
+        self.startup_seconds = time.monotonic() - started
+        logger.info("engine ready in %.1fs (%s, %s)", self.startup_seconds, self.device, self.dtype)
+
+    # ----- requests in -------------------------------------------------------------------
+    def add_request(
+        self,
+        rid: str,
+        input_ids: list[int],
+        params: SamplingParams,
+        return_logprob: bool = False,
+    ) -> None:
+        if rid in self._requests:
+            raise RequestError(f"request id '{rid}' is already in use")
+        if not input_ids:
+            raise RequestError("the prompt is empty")
+        vocab = self.resolved.config.vocab_size
+        if any(not isinstance(t, int) or t < 0 or t >= vocab for t in input_ids):
+            raise RequestError(f"input_ids must be token ids in [0, {vocab})")
+        if len(input_ids) >= self.max_context_len:
+            raise RequestError(
+                f"the prompt has {len(input_ids)} tokens but this model's context length is "
+                f"{self.max_context_len}; shorten the prompt"
+            )
+        req = Request(
+            rid=rid,
+            prompt_ids=list(input_ids),
+            params=params,
+            detokenizer=IncrementalDetokenizer(self.tokenizer, params.stop, params.skip_special_tokens),
+            return_logprob=return_logprob,
+            max_len=self.max_context_len,
+        )
+        self._requests[rid] = req
+        if params.max_new_tokens == 0:
+            req.finish_reason = {"type": "length", "length": 0}
+            self._finished_outside_step.append(req)
+            return
+        self.scheduler.add(req)
+
+    def abort_request(self, rid: str, message: str = "aborted") -> bool:
+        req = self._requests.get(rid)
+        if req is None or req.finished:
+            return False
+        req.finish_reason = {"type": "abort", "message": message}
+        self.scheduler.remove(req)
+        self._finished_outside_step.append(req)
+        return True
+
+    # ----- the loop ----------------------------------------------------------------------
+    def has_work(self) -> bool:
+        return self.scheduler.has_work() or bool(self._finished_outside_step)
+
+    def step(self) -> list[RequestOutput]:
+        outputs = [self._finish(req) for req in self._finished_outside_step]
+        self._finished_outside_step = []
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return outputs
+        forward = self.runner.build(batch)
+        logits = self.runner.run(forward)
+        self.num_forward_steps += 1
+        outputs.extend(self._postprocess(batch, logits))
+        return outputs
+
+    def _postprocess(self, batch: ScheduledBatch, logits: torch.Tensor) -> list[RequestOutput]:
+        sampled: list[Request] = []
+        for req, n in zip(batch.reqs, batch.extend_lens):
+            req.num_computed += n
+            self._publish_full_pages(req)
+            if req.num_computed == req.seq_len:
+                sampled.append(req)
+        if not sampled:
+            return []
+        tokens, logprobs = sample(logits, sampled, self.eos_ids)
+        outputs = []
+        for i, req in enumerate(sampled):
+            self._append_token(req, tokens[i], None if logprobs is None else logprobs[i])
+            if req.finished:
+                self.scheduler.remove(req)
+                outputs.append(self._finish(req))
+            else:
+                outputs.append(req.take_output())
+        return outputs
+
+    def _publish_full_pages(self, req: Request) -> None:
+        if not self.allocator.enable_prefix_cache:
+            return
+        ps = self.page_size
+        full = req.num_computed // ps
+        if full <= len(req.page_hashes):
+            return
+        ids = req.all_ids
+        for i in range(len(req.page_hashes), full):
+            parent = req.page_hashes[-1] if req.page_hashes else 0
+            req.page_hashes.append(self.allocator.publish(req.pages[i], parent, ids[i * ps : (i + 1) * ps]))
+
+    def _append_token(self, req: Request, token: int, logprob: float | None) -> None:
+        req.output_ids.append(token)
+        req.pending_ids.append(token)
+        if logprob is not None:
+            req.pending_logprobs.append(logprob)
+        matched_stop = req.detokenizer.append(token)
+        p = req.params
+        if matched_stop is not None:
+            req.finish_reason = {"type": "stop", "matched": matched_stop}
+        elif token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids):
+            if len(req.output_ids) >= p.min_new_tokens:
+                req.finish_reason = {"type": "stop", "matched": token}
+        if req.finish_reason is None and (
+            len(req.output_ids) >= p.max_new_tokens or req.seq_len >= req.max_len
+        ):
+            req.finish_reason = {"type": "length", "length": len(req.output_ids)}
+
+    def _finish(self, req: Request) -> RequestOutput:
+        self._requests.pop(req.rid, None)
+        return req.take_output()
+
+    # ----- introspection -----------------------------------------------------------------
+    def flush_cache(self) -> bool:
+        if self.scheduler.has_work():
+            return False
+        self.allocator.flush()
+        return True
+
+    def get_load(self) -> dict[str, int]:
+        return {
+            "num_reqs": len(self.scheduler.running) + len(self.scheduler.waiting),
+            "num_waiting_reqs": len(self.scheduler.waiting),
+            "num_tokens": self.allocator.num_used() * self.page_size,
+        }
+
+    def get_stats(self) -> dict[str, Any]:
+        return {
+            "num_running_reqs": len(self.scheduler.running),
+            "num_waiting_reqs": len(self.scheduler.waiting),
+            "kv_pages_used": self.allocator.num_used(),
+            "kv_pages_total": self.allocator.capacity,
+            "page_size": self.page_size,
+            "num_tokens": self.allocator.num_used() * self.page_size,
+            "prefix_cache_tokens": self.allocator.num_cached() * self.page_size,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "num_forward_steps": self.num_forward_steps,
+        }
+
+    def server_info(self) -> dict[str, Any]:
+        s = self.settings
+        return {
+            "model_path": self.resolved.source,
+            "served_model_name": self.model_name,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device": str(self.device),
+            "page_size": self.page_size,
+            "max_total_tokens": self.allocator.capacity * self.page_size,
+            "max_running_requests": self.max_running_requests,
+            "context_length": self.max_context_len,
+            "chunked_prefill_size": s.chunked_prefill_size,
+            "schedule_policy": s.schedule_policy,
+            "attention_backend": s.attention_backend,
+            "disable_radix_cache": s.disable_radix_cache,
+            "vocab_size": self.resolved.config.vocab_size,
+            "model_folder": str(Path(self.resolved.folder)),
+            "startup_seconds": round(self.startup_seconds, 3),
+        }

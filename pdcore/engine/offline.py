@@ -1,0 +1,66 @@
+"""pdcore.Engine: generate in-process from scripts and tests, no server involved."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+from pdcore.engine.core import EngineCore
+from pdcore.engine.sampling_params import SamplingParams
+
+
+class Engine:
+    """Engine(model_path=None, dtype="float32", ...) takes the flags of `pdcore serve` as kwargs."""
+
+    def __init__(self, **settings: Any) -> None:
+        from pdcore.settings import ServerSettings
+
+        self.core = EngineCore(ServerSettings(**settings))
+        self.tokenizer = self.core.tokenizer
+        self._ids = itertools.count()
+
+    def generate(
+        self,
+        prompt: str | list[str] | None = None,
+        sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None,
+        input_ids: list[int] | list[list[int]] | None = None,
+        return_logprob: bool = False,
+    ) -> dict[str, Any] | list[dict[str, Any]]:
+        """Like SGLang's Engine.generate: one result dict per prompt (a list for list input)."""
+        single = (isinstance(prompt, str)) or (
+            input_ids is not None and input_ids and isinstance(input_ids[0], int)
+        )
+        if input_ids is not None:
+            batch_ids = [input_ids] if single else list(input_ids)
+        else:
+            prompts = [prompt] if single else list(prompt or [])
+            batch_ids = [self.tokenizer.encode(p) for p in prompts]
+        params_list = (
+            sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(batch_ids)
+        )
+        results: dict[str, dict[str, Any]] = {}
+        order = []
+        for ids, params in zip(batch_ids, params_list):
+            rid = f"offline-{next(self._ids)}"
+            order.append(rid)
+            results[rid] = {"text": "", "output_ids": [], "logprobs": []}
+            self.core.add_request(rid, ids, SamplingParams.from_dict(params), return_logprob)
+        pending = set(order)
+        while pending:
+            for out in self.core.step():
+                res = results[out.rid]
+                res["text"] += out.new_text
+                res["output_ids"].extend(out.new_token_ids)
+                if out.new_logprobs:
+                    res["logprobs"].extend(out.new_logprobs)
+                if out.finished:
+                    pending.discard(out.rid)
+                    res["meta_info"] = {
+                        "id": out.rid,
+                        "finish_reason": out.finish_reason,
+                        "prompt_tokens": out.prompt_tokens,
+                        "completion_tokens": out.completion_tokens,
+                        "cached_tokens": out.cached_tokens,
+                    }
+        outputs = [results[rid] for rid in order]
+        return outputs[0] if single else outputs

@@ -1,0 +1,117 @@
+"""Turn a llama.cpp GGUF file into Hugging Face-named fp32 tensors and a ModelConfig.
+
+Dequantizes exactly as transformers' GGUF integration does (including llama.cpp's q/k row
+permutation, undone here), so pdcore and transformers run on the same weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pdcore.model.config import SUPPORTED_ARCHITECTURES, ModelConfig
+
+_LAYER_TENSORS = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_GLOBAL_TENSORS = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+
+
+def _field(reader, key: str, default=None):
+    field = reader.fields.get(key)
+    if field is None:
+        return default
+    return field.contents()
+
+
+def read_gguf_config(reader) -> ModelConfig:
+    arch = str(_field(reader, "general.architecture"))
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(
+            f"unsupported GGUF architecture '{arch}'; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    tensor_names = {t.name for t in reader.tensors}
+    hidden = int(_field(reader, f"{arch}.embedding_length"))
+    num_heads = int(_field(reader, f"{arch}.attention.head_count"))
+    num_kv_heads = int(_field(reader, f"{arch}.attention.head_count_kv", num_heads))
+    head_dim = int(_field(reader, f"{arch}.attention.key_length", hidden // num_heads))
+    tokens = _field(reader, "tokenizer.ggml.tokens") or []
+    vocab = int(_field(reader, f"{arch}.vocab_size", len(tokens)))
+    eos = _field(reader, "tokenizer.ggml.eos_token_id")
+    rope_scaling = None
+    if _field(reader, f"{arch}.rope.scaling.type") == "linear":
+        rope_scaling = {
+            "rope_type": "linear",
+            "factor": float(_field(reader, f"{arch}.rope.scaling.factor")),
+        }
+    return ModelConfig(
+        architecture=arch,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=int(_field(reader, f"{arch}.feed_forward_length")),
+        num_layers=int(_field(reader, f"{arch}.block_count")),
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        max_position_embeddings=int(_field(reader, f"{arch}.context_length", 4096)),
+        tie_word_embeddings="output.weight" not in tensor_names,
+        attention_bias="blk.0.attn_q.bias" in tensor_names,
+        rope_scaling=rope_scaling,
+        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_ids=(int(eos),) if eos is not None else (),
+    )
+
+
+def _hf_name(gguf_name: str) -> str | None:
+    parts = gguf_name.split(".")
+    if parts[0] == "blk":
+        base = _LAYER_TENSORS.get(parts[2])
+        return None if base is None else f"model.layers.{parts[1]}.{base}.{parts[3]}"
+    base = _GLOBAL_TENSORS.get(parts[0])
+    return None if base is None else f"{base}.{parts[1]}"
+
+
+def _unpermute(weights: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's interleaving of q/k rows (its converter permutes them for its RoPE)."""
+    dim = weights.shape[0] // n_head // 2
+    w = weights.reshape(n_head, dim, 2, *weights.shape[1:])
+    return w.swapaxes(2, 1).reshape(weights.shape)
+
+
+def iter_gguf_tensors(path: Path, config: ModelConfig, reader=None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (hf_name, fp32 tensor) for every weight; dequantizes one tensor at a time."""
+    import gguf
+
+    reader = reader or gguf.GGUFReader(str(path))
+    for tensor in reader.tensors:
+        name = _hf_name(tensor.name)
+        if name is None:
+            continue
+        data = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        data = np.asarray(data, dtype=np.float32).reshape(tuple(reversed(tensor.shape.tolist())))
+        if ".attn_q." in tensor.name:
+            data = _unpermute(data, config.num_heads)
+        elif ".attn_k." in tensor.name:
+            data = _unpermute(data, config.num_kv_heads)
+        yield name, torch.from_numpy(np.array(data, dtype=np.float32, order="C", copy=True))
+
+
+def count_gguf_tensors(reader) -> int:
+    return sum(1 for t in reader.tensors if _hf_name(t.name) is not None)

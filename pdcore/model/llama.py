@@ -1,0 +1,95 @@
+"""The Llama-family decoder (Llama, Mistral, Qwen2, SmolLM) over a paged KV cache.
+
+Plain tensors and functional ops instead of nn.Module trees: the decode step on a CPU is
+dominated by per-op overhead, so q/k/v and gate/up are fused into single matmuls at load.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pdcore.engine.attention import AttentionBackend
+from pdcore.engine.forward_batch import ForwardBatch
+from pdcore.engine.kv_pool import KVPool
+from pdcore.model.config import ModelConfig
+from pdcore.model.rope import RotaryTable, apply_rotary
+
+
+class _Layer:
+    __slots__ = ("input_norm", "qkv", "qkv_bias", "o_proj", "post_norm", "gate_up", "down")
+
+    def __init__(self, state: dict[str, torch.Tensor], prefix: str, to) -> None:
+        attn = prefix + "self_attn."
+        self.input_norm = to(state[prefix + "input_layernorm.weight"])
+        self.qkv = to(torch.cat([state[attn + f"{p}_proj.weight"] for p in "qkv"]))
+        bias_names = [attn + f"{p}_proj.bias" for p in "qkv"]
+        self.qkv_bias = to(torch.cat([state[n] for n in bias_names])) if bias_names[0] in state else None
+        self.o_proj = to(state[attn + "o_proj.weight"])
+        self.post_norm = to(state[prefix + "post_attention_layernorm.weight"])
+        mlp = prefix + "mlp."
+        self.gate_up = to(torch.cat([state[mlp + "gate_proj.weight"], state[mlp + "up_proj.weight"]]))
+        self.down = to(state[mlp + "down_proj.weight"])
+
+
+class LlamaModel:
+    def __init__(
+        self,
+        config: ModelConfig,
+        state: dict[str, torch.Tensor],
+        dtype: torch.dtype,
+        device: torch.device,
+        max_positions: int,
+    ) -> None:
+        self.config = config
+        self.dtype = dtype
+        self.device = device
+
+        def to(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device=device, dtype=dtype).contiguous()
+
+        missing = [n for n in ("model.embed_tokens.weight", "model.norm.weight") if n not in state]
+        if missing:
+            raise ValueError(f"checkpoint lacks {', '.join(missing)}; is this a Llama-family model?")
+        self.embed = to(state["model.embed_tokens.weight"])
+        self.layers = [_Layer(state, f"model.layers.{i}.", to) for i in range(config.num_layers)]
+        self.norm = to(state["model.norm.weight"])
+        if config.tie_word_embeddings or "lm_head.weight" not in state:
+            self.lm_head = self.embed
+        else:
+            self.lm_head = to(state["lm_head.weight"])
+        self.rotary = RotaryTable(
+            config.head_dim, config.rope_theta, config.rope_scaling, max_positions, dtype, device
+        )
+        self.q_size = config.num_heads * config.head_dim
+        self.kv_size = config.num_kv_heads * config.head_dim
+
+    def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        # As transformers does it: normalise in fp32, scale in the model dtype.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.config.rms_norm_eps)
+        return weight * x32.to(x.dtype)
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, pool: KVPool, attn: AttentionBackend) -> torch.Tensor:
+        """Return fp32 logits for the rows in batch.logits_indices: [S, vocab]."""
+        cfg = self.config
+        attn.prepare(batch, pool)
+        hidden = F.embedding(batch.input_ids, self.embed)
+        cos, sin = self.rotary.lookup(batch.positions)
+        t = hidden.shape[0]
+        for i, layer in enumerate(self.layers):
+            x = self._rms_norm(hidden, layer.input_norm)
+            qkv = F.linear(x, layer.qkv, layer.qkv_bias)
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q = apply_rotary(q.view(t, cfg.num_heads, cfg.head_dim), cos, sin)
+            k = apply_rotary(k.view(t, cfg.num_kv_heads, cfg.head_dim), cos, sin)
+            v = v.view(t, cfg.num_kv_heads, cfg.head_dim)
+            out = attn.forward(i, q, k, v, batch, pool)
+            hidden = hidden + F.linear(out, layer.o_proj)
+            x = self._rms_norm(hidden, layer.post_norm)
+            gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
+            hidden = hidden + F.linear(F.silu(gate) * up, layer.down)
+        hidden = hidden.index_select(0, batch.logits_indices)
+        hidden = self._rms_norm(hidden, self.norm)
+        return F.linear(hidden, self.lm_head).float()

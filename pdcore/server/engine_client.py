@@ -1,0 +1,248 @@
+"""The frontend's side of the zmq link to the engine process.
+
+Requests go out on a plain (sync) PUSH socket with an unlimited send queue, so sending --
+including the abort sent from a `finally` while a task is being cancelled -- never awaits.
+Outputs come back on an asyncio PULL socket read by one task that routes each message to
+the `Stream` of its request id. The engine process's sentinel is watched by the event loop:
+when the engine dies every waiting request fails at once with `EngineDeadError` instead of
+hanging, and the server turns unhealthy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import multiprocessing
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from pdcore.server.engine_process import pack, unpack
+
+logger = logging.getLogger("pdcore.server")
+
+
+class EngineDeadError(RuntimeError):
+    """The engine process is gone; the request cannot be served (HTTP 503)."""
+
+
+class EngineStartupError(RuntimeError):
+    """The engine process failed while loading; the message says why."""
+
+
+class RequestRejected(Exception):
+    """The engine refused a request (empty/too long prompt, duplicate id, ...)."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Job:
+    """One prompt to generate for: what the engine's "generate" message carries."""
+
+    rid: str
+    input_ids: list[int]
+    sampling_params: dict[str, Any]
+    return_logprob: bool = False
+
+
+_DEAD = object()
+
+
+class Stream:
+    """The outputs of a group of requests (a batch), merged in arrival order."""
+
+    def __init__(self, client: EngineClient, rids: list[str]) -> None:
+        self._client = client
+        self.rids = rids
+        self.index = {rid: i for i, rid in enumerate(rids)}
+        self.unfinished = set(rids)
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+
+    @property
+    def done(self) -> bool:
+        return not self.unfinished
+
+    async def next(self) -> tuple[int, dict[str, Any]]:
+        """The next output as (index in the batch, message); raises when the engine refused
+        the request or died."""
+        item = await self.queue.get()
+        if item is _DEAD:
+            raise EngineDeadError(self._client.dead_reason or "engine process is gone")
+        rid = item["rid"]
+        if item["type"] == "error":
+            self.unfinished.discard(rid)
+            raise RequestRejected(item["message"], int(item.get("status", 400)))
+        if item["finished"]:
+            self.unfinished.discard(rid)
+        return self.index[rid], item
+
+    def close(self) -> None:
+        """Abort what has not finished (the client went away) and stop routing to us."""
+        self._client._release(self)
+
+
+class EngineClient:
+    """Owns both sockets (bound here; the engine connects) and the table of live requests."""
+
+    def __init__(self, ipc_dir: str) -> None:
+        self.request_addr = f"ipc://{os.path.join(ipc_dir, 'requests')}"
+        self.output_addr = f"ipc://{os.path.join(ipc_dir, 'outputs')}"
+        self._sync_ctx = zmq.Context()
+        self._push = self._sync_ctx.socket(zmq.PUSH)
+        self._push.setsockopt(zmq.SNDHWM, 0)
+        self._push.setsockopt(zmq.LINGER, 0)
+        self._push.bind(self.request_addr)
+        self._async_ctx = zmq.asyncio.Context()
+        self._pull = self._async_ctx.socket(zmq.PULL)
+        self._pull.setsockopt(zmq.RCVHWM, 0)
+        self._pull.setsockopt(zmq.LINGER, 0)
+        self._pull.bind(self.output_addr)
+        self._streams: dict[str, Stream] = {}
+        self._controls: dict[int, asyncio.Future[Any]] = {}
+        self._ids = itertools.count()
+        self._proc: multiprocessing.Process | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._dead = asyncio.Event()
+        self.dead_reason: str | None = None
+
+    @property
+    def alive(self) -> bool:
+        return not self._dead.is_set()
+
+    async def wait_ready(self, proc: multiprocessing.Process) -> dict[str, Any]:
+        """Wait for the engine's "ready" message; raise EngineStartupError if it fails or dies."""
+        self._proc = proc
+        asyncio.get_running_loop().add_reader(proc.sentinel, self._on_engine_exit)
+        while True:
+            recv = asyncio.ensure_future(self._pull.recv())
+            died = asyncio.ensure_future(self._dead.wait())
+            await asyncio.wait({recv, died}, return_when=asyncio.FIRST_COMPLETED)
+            died.cancel()
+            if not recv.done():
+                # Dead: its last words may still be in flight.
+                done, _ = await asyncio.wait({recv}, timeout=1.0)
+                if not done:
+                    recv.cancel()
+                    raise EngineStartupError(self.dead_reason or "engine process exited")
+            for msg in unpack(recv.result()):
+                if msg["type"] == "ready":
+                    self._reader = asyncio.create_task(self._read_loop())
+                    return msg
+                if msg["type"] == "startup_error":
+                    raise EngineStartupError(msg["message"])
+
+    def _on_engine_exit(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._proc is not None
+        loop.remove_reader(self._proc.sentinel)
+        self._proc.join(0)
+        self._mark_dead(f"engine process exited with code {self._proc.exitcode}")
+
+    def _mark_dead(self, reason: str) -> None:
+        if self._dead.is_set():
+            return
+        logger.error("%s; requests will fail with 503", reason)
+        self.dead_reason = reason
+        self._dead.set()
+        for stream in self._streams.values():
+            stream.queue.put_nowait(_DEAD)
+        for fut in self._controls.values():
+            if not fut.done():
+                fut.set_exception(EngineDeadError(reason))
+
+    async def _read_loop(self) -> None:
+        while True:
+            data = await self._pull.recv()
+            for msg in unpack(data):
+                kind = msg.get("type")
+                if kind in ("output", "error"):
+                    stream = self._streams.get(msg["rid"])
+                    if stream is not None:
+                        stream.queue.put_nowait(msg)
+                elif kind == "control_reply":
+                    fut = self._controls.get(msg["id"])
+                    if fut is not None and not fut.done():
+                        fut.set_result(msg["result"])
+                elif kind == "fatal":
+                    self._mark_dead(f"engine crashed: {msg['message']}")
+
+    def _send(self, messages: list[dict[str, Any]]) -> None:
+        if not self.alive:
+            raise EngineDeadError(self.dead_reason or "engine process is gone")
+        try:
+            self._push.send(pack(messages), zmq.NOBLOCK)
+        except zmq.Again as exc:  # no engine connected
+            raise EngineDeadError("engine process is not connected") from exc
+
+    def submit(self, jobs: list[Job]) -> Stream:
+        """Send a batch of requests to the engine; read their outputs from the Stream."""
+        rids = [job.rid for job in jobs]
+        for rid in rids:
+            if rid in self._streams or rids.count(rid) > 1:
+                raise RequestRejected(f"Duplicate request id {rid!r}", 400)
+        stream = Stream(self, rids)
+        self._send(
+            [
+                {
+                    "type": "generate",
+                    "rid": job.rid,
+                    "input_ids": job.input_ids,
+                    "sampling_params": job.sampling_params,
+                    "return_logprob": job.return_logprob,
+                }
+                for job in jobs
+            ]
+        )
+        for rid in rids:
+            self._streams[rid] = stream
+        return stream
+
+    def _release(self, stream: Stream) -> None:
+        unfinished = [rid for rid in stream.rids if rid in stream.unfinished]
+        for rid in stream.rids:
+            if self._streams.get(rid) is stream:
+                del self._streams[rid]
+        stream.unfinished.clear()
+        if unfinished and self.alive:
+            try:
+                self._send([{"type": "abort", "rid": rid} for rid in unfinished])
+            except EngineDeadError:
+                pass
+
+    def abort(self, rid: str) -> None:
+        """Ask the engine to abort `rid`; its waiter then sees finish_reason "abort"."""
+        self._send([{"type": "abort", "rid": rid}])
+
+    def live_rids(self) -> list[str]:
+        return list(self._streams)
+
+    async def control(self, op: str, timeout: float = 10.0) -> Any:
+        """Run a control op in the engine and return its result (TimeoutError if slow)."""
+        cid = next(self._ids)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._controls[cid] = fut
+        try:
+            self._send([{"type": "control", "id": cid, "op": op}])
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self._controls.pop(cid, None)
+
+    def close(self) -> None:
+        if self._proc is not None and self._proc.sentinel is not None:
+            try:
+                asyncio.get_running_loop().remove_reader(self._proc.sentinel)
+            except (RuntimeError, ValueError, OSError):
+                pass
+        if self._reader is not None:
+            self._reader.cancel()
+        self._push.close(0)
+        self._pull.close(0)
+        self._sync_ctx.term()
+        self._async_ctx.term()

@@ -1,0 +1,244 @@
+"""The engine process: owns the EngineCore and runs its loop, fed by the HTTP frontend over zmq.
+
+The model lives in its own process so tokenizing, streaming and HTTP never steal time from
+the forward passes, and so a crash in the engine cannot take the frontend with it (the
+frontend then answers 503). Messages are msgpack, never pickle: one list of dicts per
+send, in both directions.
+
+frontend -> engine: {"type": "generate", "rid", "input_ids", "sampling_params", "return_logprob"}
+                    {"type": "abort", "rid"}
+                    {"type": "control", "id", "op": "ping"|"get_load"|"flush_cache"|"server_info"|"stats"}
+engine -> frontend: {"type": "ready", "model_name", "max_context_len", "server_info"}   (once)
+                    {"type": "startup_error", "message"}                                  (then exit)
+                    {"type": "output", **RequestOutput.to_dict()}
+                    {"type": "error", "rid", "message", "status"}
+                    {"type": "control_reply", "id", "result"}
+                    {"type": "fatal", "message"}                                          (then exit)
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import traceback
+from typing import Any
+
+import msgpack
+import zmq
+
+from pdcore.engine.sampling_params import SamplingParams, SamplingParamsError
+from pdcore.settings import ServerSettings
+
+logger = logging.getLogger("pdcore.engine_process")
+
+DEFAULT_ENGINE_FACTORY = "pdcore.engine.core:EngineCore"
+IDLE_POLL_MS = 20  # how long an idle engine blocks waiting for a request
+PARENT_CHECK_EVERY = 50  # idle iterations between checks that the frontend is still alive
+
+
+def pack(messages: list[dict[str, Any]]) -> bytes:
+    return msgpack.packb(messages, use_bin_type=True)
+
+
+def unpack(data: bytes) -> list[dict[str, Any]]:
+    messages = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    return messages if isinstance(messages, list) else [messages]
+
+
+def start_engine_process(
+    settings: ServerSettings,
+    request_addr: str,
+    output_addr: str,
+    engine_factory: str = DEFAULT_ENGINE_FACTORY,
+) -> multiprocessing.Process:
+    """Spawn the engine process ("spawn": a fresh interpreter, no forked torch/zmq state)."""
+    ctx = multiprocessing.get_context("spawn")
+    proc = ctx.Process(
+        target=engine_main,
+        args=(settings, request_addr, output_addr, engine_factory, os.getpid()),
+        name="pdcore-engine",
+        daemon=False,  # a daemonic process may not start children (tensor parallel later)
+    )
+    proc.start()
+    return proc
+
+
+def stop_engine_process(proc: multiprocessing.Process, timeout: float = 5.0) -> None:
+    """Terminate the engine process and reap it, escalating to SIGKILL; never leave an orphan."""
+    if proc.pid is None:
+        return
+    if proc.is_alive():
+        proc.terminate()
+        proc.join(timeout)
+    if proc.is_alive():
+        logger.warning("engine process did not stop on SIGTERM; killing it")
+        proc.kill()
+        proc.join(timeout)
+    else:
+        proc.join(0)
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGTERM us when the frontend dies, even by SIGKILL (best effort)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:  # pragma: no cover - the getppid() check below still works
+        pass
+
+
+def _load_factory(path: str) -> Any:
+    module_name, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def engine_main(
+    settings: ServerSettings,
+    request_addr: str,
+    output_addr: str,
+    engine_factory: str = DEFAULT_ENGINE_FACTORY,
+    parent_pid: int | None = None,
+) -> None:
+    """Entry point of the engine process: build the core, announce readiness, run the loop."""
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the frontend, which stops us
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s [engine] %(levelname)s %(name)s: %(message)s",
+    )
+    zctx = zmq.Context()
+    pull = zctx.socket(zmq.PULL)
+    pull.connect(request_addr)
+    push = zctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 5000)
+    push.connect(output_addr)
+    try:
+        if settings.cpu_threads:
+            import torch
+
+            torch.set_num_threads(settings.cpu_threads)
+        core = _load_factory(engine_factory)(settings)
+    except BaseException as exc:
+        logger.error("engine failed to start:\n%s", traceback.format_exc())
+        push.send(pack([{"type": "startup_error", "message": f"{type(exc).__name__}: {exc}"}]))
+        push.close()
+        zctx.term()
+        sys.exit(1)
+    push.send(
+        pack(
+            [
+                {
+                    "type": "ready",
+                    "model_name": core.model_name,
+                    "max_context_len": core.max_context_len,
+                    "server_info": core.server_info(),
+                }
+            ]
+        )
+    )
+    try:
+        EngineLoop(core, pull, push, parent_pid).run()
+    except Exception as exc:
+        logger.error("engine loop crashed:\n%s", traceback.format_exc())
+        push.send(pack([{"type": "fatal", "message": f"{type(exc).__name__}: {exc}"}]))
+        push.close()
+        zctx.term()
+        sys.exit(1)
+
+
+class EngineLoop:
+    """Drain requests without blocking while there is work, step, send what the step produced."""
+
+    def __init__(self, core: Any, pull: zmq.Socket, push: zmq.Socket, parent_pid: int | None):
+        from pdcore.engine.request import RequestError
+
+        self.core = core
+        self.pull = pull
+        self.push = push
+        self.parent_pid = parent_pid
+        self.user_errors: tuple[type[Exception], ...] = (RequestError, SamplingParamsError)
+        self.outbox: list[dict[str, Any]] = []
+
+    def run(self) -> None:
+        idle_iterations = 0
+        while True:
+            busy = self.core.has_work()
+            if self.pull.poll(0 if busy else IDLE_POLL_MS):
+                self._drain()
+            if self.core.has_work():
+                idle_iterations = 0
+                for out in self.core.step():
+                    self.outbox.append({"type": "output", **out.to_dict()})
+            else:
+                idle_iterations += 1
+                if idle_iterations % PARENT_CHECK_EVERY == 0 and self._orphaned():
+                    logger.info("frontend process is gone; engine exiting")
+                    return
+            if self.outbox:
+                self.push.send(pack(self.outbox))
+                self.outbox = []
+
+    def _orphaned(self) -> bool:
+        return self.parent_pid is not None and os.getppid() != self.parent_pid
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                data = self.pull.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            for msg in unpack(data):
+                self._handle(msg)
+
+    def _handle(self, msg: dict[str, Any]) -> None:
+        kind = msg.get("type")
+        if kind == "generate":
+            self._add_request(msg)
+        elif kind == "abort":
+            self.core.abort_request(msg["rid"])
+        elif kind == "control":
+            try:
+                result = self._control(msg["op"])
+            except Exception as exc:
+                logger.error("control %r failed:\n%s", msg["op"], traceback.format_exc())
+                result = {"error": f"{type(exc).__name__}: {exc}"}
+            self.outbox.append({"type": "control_reply", "id": msg["id"], "result": result})
+        else:
+            logger.warning("ignoring unknown message type %r", kind)
+
+    def _add_request(self, msg: dict[str, Any]) -> None:
+        rid = msg["rid"]
+        try:
+            params = SamplingParams.from_dict(msg.get("sampling_params"))
+            self.core.add_request(
+                rid, list(msg["input_ids"]), params, bool(msg.get("return_logprob", False))
+            )
+        except self.user_errors as exc:
+            self.outbox.append({"type": "error", "rid": rid, "message": str(exc), "status": 400})
+        except Exception as exc:
+            logger.error("add_request(%s) failed:\n%s", rid, traceback.format_exc())
+            self.outbox.append(
+                {"type": "error", "rid": rid, "message": f"internal error: {exc}", "status": 500}
+            )
+
+    def _control(self, op: str) -> Any:
+        core = self.core
+        if op == "ping":
+            return "pong"
+        if op == "get_load":
+            return core.get_load()
+        if op == "flush_cache":
+            return bool(core.flush_cache())
+        if op == "server_info":
+            return core.server_info()
+        if op == "stats":
+            return core.get_stats()
+        return {"error": f"unknown control op {op!r}"}
