@@ -56,7 +56,9 @@ def format_plugins(report: dict[str, Any]) -> str:
         lines.append(f"{p['name']} ({origin})")
         for item in p["provides"]:
             kind = item["kind"].replace("_", " ")
-            state = item["description"] if item["available"] else f"unavailable \u2014 {item['reason']}"
+            state = (
+                item["description"] if item["available"] else f"unavailable \u2014 {item['reason']}"
+            )
             lines.append(f"  {kind:<18} {item['name']:<12} {state}")
         observers = [h for h in p["hooks"] if not h.startswith("pdcore_register_")]
         if observers:
@@ -102,7 +104,10 @@ def build_cli() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, help_text, add_arguments, run in _COMMANDS:
         p = sub.add_parser(
-            name, help=help_text, description=help_text, usage="%(prog)s [options]",
+            name,
+            help=help_text,
+            description=help_text,
+            usage="%(prog)s [options]",
             allow_abbrev=False,
         )
         add_arguments(p)

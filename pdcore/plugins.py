@@ -267,4 +267,3 @@ def _pdcore_version() -> str:
     from pdcore import __version__
 
     return __version__
-

@@ -132,9 +132,7 @@ class Registry(Generic[T]):
         for name in self.names():
             e = self._entries[name]
             reason = e.unavailable_reason()
-            out.append(
-                PluginInfo(self.kind, name, e.plugin, e.description, reason is None, reason)
-            )
+            out.append(PluginInfo(self.kind, name, e.plugin, e.description, reason is None, reason))
         return out
 
     def require(self, name: str) -> None:

@@ -91,7 +91,9 @@ class TorchAttentionBackend:
         values = v_cache[index].transpose(1, 2)
         queries = q.view(b, self.num_kv_heads, self.group, self.head_dim)
         mask = None if meta["all_full"] else meta["mask"]
-        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=self.scale)
+        out = F.scaled_dot_product_attention(
+            queries, keys, values, attn_mask=mask, scale=self.scale
+        )
         return out.reshape(b, self.num_heads * self.head_dim)
 
     def _extend(self, q, k, v, k_cache, v_cache, batch: ForwardBatch) -> torch.Tensor:

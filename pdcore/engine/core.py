@@ -64,7 +64,9 @@ class EngineCore:
             )
             context = capacity_tokens
         self.max_context_len = context
-        model = LlamaModel(config, load_state_dict(self.resolved), self.dtype, self.device, context + 1)
+        model = LlamaModel(
+            config, load_state_dict(self.resolved), self.dtype, self.device, context + 1
+        )
         pool = KVPool(
             config.num_layers,
             num_pages,
@@ -83,7 +85,9 @@ class EngineCore:
             dtype=self.dtype,
         )
         self.runner = ModelRunner(model, pool, attn)
-        self.allocator = PageAllocator(num_pages, settings.page_size, not settings.disable_radix_cache)
+        self.allocator = PageAllocator(
+            num_pages, settings.page_size, not settings.disable_radix_cache
+        )
         self.max_running_requests = settings.max_running_requests or DEFAULT_MAX_RUNNING_REQUESTS
         self.scheduler = Scheduler(
             self.allocator,
@@ -129,7 +133,9 @@ class EngineCore:
             rid=rid,
             prompt_ids=list(input_ids),
             params=params,
-            detokenizer=IncrementalDetokenizer(self.tokenizer, params.stop, params.skip_special_tokens),
+            detokenizer=IncrementalDetokenizer(
+                self.tokenizer, params.stop, params.skip_special_tokens
+            ),
             return_logprob=return_logprob,
             max_len=self.max_context_len,
         )
@@ -195,7 +201,9 @@ class EngineCore:
         ids = req.all_ids
         for i in range(len(req.page_hashes), full):
             parent = req.page_hashes[-1] if req.page_hashes else 0
-            req.page_hashes.append(self.allocator.publish(req.pages[i], parent, ids[i * ps : (i + 1) * ps]))
+            req.page_hashes.append(
+                self.allocator.publish(req.pages[i], parent, ids[i * ps : (i + 1) * ps])
+            )
 
     def _append_token(self, req: Request, token: int, logprob: float | None) -> None:
         req.output_ids.append(token)

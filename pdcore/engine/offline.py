@@ -36,7 +36,9 @@ class Engine:
             prompts = [prompt] if single else list(prompt or [])
             batch_ids = [self.tokenizer.encode(p) for p in prompts]
         params_list = (
-            sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(batch_ids)
+            sampling_params
+            if isinstance(sampling_params, list)
+            else [sampling_params] * len(batch_ids)
         )
         results: dict[str, dict[str, Any]] = {}
         order = []

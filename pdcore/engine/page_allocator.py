@@ -113,7 +113,11 @@ class PageAllocator:
     def publish(self, page: int, parent_hash: int, tokens: Sequence[int]) -> int:
         """Index a full, computed page under its chain hash; return the hash."""
         h = page_hash(parent_hash, tokens)
-        if self.enable_prefix_cache and h not in self._page_of_hash and page not in self._hash_of_page:
+        if (
+            self.enable_prefix_cache
+            and h not in self._page_of_hash
+            and page not in self._hash_of_page
+        ):
             self._page_of_hash[h] = page
             self._hash_of_page[page] = h
         return h

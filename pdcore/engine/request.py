@@ -80,7 +80,11 @@ class Request:
     @property
     def prefill_done(self) -> bool:
         """True once every token but the newest sampled one has KV (ready to decode)."""
-        return self.num_computed >= self.seq_len - 1 and self.num_computed > 0 and bool(self.output_ids)
+        return (
+            self.num_computed >= self.seq_len - 1
+            and self.num_computed > 0
+            and bool(self.output_ids)
+        )
 
     @property
     def finished(self) -> bool:

@@ -19,11 +19,15 @@ def _apply_penalties(logits: torch.Tensor, reqs: Sequence[Request]) -> None:
         if p.repetition_penalty != 1.0:
             seen = torch.tensor(sorted(set(req.all_ids)), dtype=torch.long, device=logits.device)
             vals = logits[i, seen]
-            logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+            logits[i, seen] = torch.where(
+                vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty
+            )
         if (p.frequency_penalty or p.presence_penalty) and req.output_ids:
             out = torch.tensor(req.output_ids, dtype=torch.long, device=logits.device)
             counts = torch.bincount(out, minlength=logits.shape[1]).to(logits.dtype)
-            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(
+                logits.dtype
+            )
 
 
 def _block_eos(logits: torch.Tensor, reqs: Sequence[Request], eos_ids: Sequence[int]) -> None:
@@ -62,7 +66,9 @@ def sample(
 ) -> tuple[list[int], list[float] | None]:
     """Return next token ids and, when any request asked, their logprobs (raw model distribution)."""
     needs_penalty = any(
-        r.params.repetition_penalty != 1.0 or r.params.frequency_penalty or r.params.presence_penalty
+        r.params.repetition_penalty != 1.0
+        or r.params.frequency_penalty
+        or r.params.presence_penalty
         for r in reqs
     )
     if needs_penalty or any(r.params.min_new_tokens for r in reqs):
@@ -83,7 +89,9 @@ def sample(
             seed = reqs[i].params.seed
             if seed is not None:
                 # Deterministic per (seed, position): same seed, same prompt, same output.
-                gen = torch.Generator(device=probs.device).manual_seed(seed + len(reqs[i].output_ids))
+                gen = torch.Generator(device=probs.device).manual_seed(
+                    seed + len(reqs[i].output_ids)
+                )
             tokens[i] = torch.multinomial(probs[row], 1, generator=gen)[0]
     token_list = tokens.tolist()
     if logprobs_all is None:

@@ -96,14 +96,18 @@ class SamplingParams:
         _check_float(self, "repetition_penalty", low=0.0, low_open=True)
         _check_float(self, "frequency_penalty", low=-2.0, high=2.0)
         _check_float(self, "presence_penalty", low=-2.0, high=2.0)
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int)
+        ):
             raise SamplingParamsError("seed", "seed must be an integer")
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
             raise SamplingParamsError("stop", "stop must be a non-empty string or a list of them")
         if not isinstance(self.stop_token_ids, list) or not all(
             isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids
         ):
-            raise SamplingParamsError("stop_token_ids", "stop_token_ids must be a list of token ids")
+            raise SamplingParamsError(
+                "stop_token_ids", "stop_token_ids must be a list of token ids"
+            )
         for name in ("ignore_eos", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise SamplingParamsError(name, f"{name} must be a boolean")

@@ -108,9 +108,7 @@ class Scheduler:
     def _schedule_decode(self, ready: list[Request]) -> ScheduledBatch:
         ready = sorted(ready, key=lambda r: r.arrival_time)
         while True:
-            need = sum(
-                _pages_for(r.num_computed + 1, self.page_size) - len(r.pages) for r in ready
-            )
+            need = sum(_pages_for(r.num_computed + 1, self.page_size) - len(r.pages) for r in ready)
             victims = [r for r in self.running if r is not ready[0]]
             if need <= self.allocator.num_available() or not victims:
                 break

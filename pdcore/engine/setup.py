@@ -60,7 +60,9 @@ def pool_pages(
     mem_fraction_static: float | None,
 ) -> int:
     """Number of pages (including the padding page) for the KV pool."""
-    per_token = KVPool.bytes_per_token(config.num_layers, config.num_kv_heads, config.head_dim, dtype)
+    per_token = KVPool.bytes_per_token(
+        config.num_layers, config.num_kv_heads, config.head_dim, dtype
+    )
     if max_total_tokens is not None:
         tokens = max_total_tokens
     else:
@@ -74,6 +76,9 @@ def pool_pages(
         tokens = budget // per_token
     pages = max(tokens // page_size, 1) + 1
     logger.info(
-        "KV pool: %d pages of %d tokens (%.1f MiB)", pages - 1, page_size, pages * page_size * per_token / 2**20
+        "KV pool: %d pages of %d tokens (%.1f MiB)",
+        pages - 1,
+        page_size,
+        pages * page_size * per_token / 2**20,
     )
     return pages

@@ -30,7 +30,9 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
-        assert self.num_heads % self.num_kv_heads == 0, "num_heads must be a multiple of num_kv_heads"
+        assert self.num_heads % self.num_kv_heads == 0, (
+            "num_heads must be a multiple of num_kv_heads"
+        )
         assert self.head_dim % 2 == 0, "RoPE needs an even head_dim"
 
     def to_json(self) -> dict[str, Any]:
@@ -65,7 +67,9 @@ class ModelConfig:
             rope_theta = params.get("rope_theta")
             if params.get("rope_type", "default") != "default":
                 rope_scaling = params
-        if isinstance(rope_scaling, dict) and rope_scaling.get("rope_type", rope_scaling.get("type")) in (
+        if isinstance(rope_scaling, dict) and rope_scaling.get(
+            "rope_type", rope_scaling.get("type")
+        ) in (
             None,
             "default",
         ):

@@ -95,7 +95,9 @@ def _unpermute(weights: np.ndarray, n_head: int) -> np.ndarray:
     return w.swapaxes(2, 1).reshape(weights.shape)
 
 
-def iter_gguf_tensors(path: Path, config: ModelConfig, reader=None) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_gguf_tensors(
+    path: Path, config: ModelConfig, reader=None
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (hf_name, fp32 tensor) for every weight; dequantizes one tensor at a time."""
     import gguf
 

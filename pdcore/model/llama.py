@@ -24,11 +24,15 @@ class _Layer:
         self.input_norm = to(state[prefix + "input_layernorm.weight"])
         self.qkv = to(torch.cat([state[attn + f"{p}_proj.weight"] for p in "qkv"]))
         bias_names = [attn + f"{p}_proj.bias" for p in "qkv"]
-        self.qkv_bias = to(torch.cat([state[n] for n in bias_names])) if bias_names[0] in state else None
+        self.qkv_bias = (
+            to(torch.cat([state[n] for n in bias_names])) if bias_names[0] in state else None
+        )
         self.o_proj = to(state[attn + "o_proj.weight"])
         self.post_norm = to(state[prefix + "post_attention_layernorm.weight"])
         mlp = prefix + "mlp."
-        self.gate_up = to(torch.cat([state[mlp + "gate_proj.weight"], state[mlp + "up_proj.weight"]]))
+        self.gate_up = to(
+            torch.cat([state[mlp + "gate_proj.weight"], state[mlp + "up_proj.weight"]])
+        )
         self.down = to(state[mlp + "down_proj.weight"])
 
 
@@ -50,7 +54,9 @@ class LlamaModel:
 
         missing = [n for n in ("model.embed_tokens.weight", "model.norm.weight") if n not in state]
         if missing:
-            raise ValueError(f"checkpoint lacks {', '.join(missing)}; is this a Llama-family model?")
+            raise ValueError(
+                f"checkpoint lacks {', '.join(missing)}; is this a Llama-family model?"
+            )
         self.embed = to(state["model.embed_tokens.weight"])
         self.layers = [_Layer(state, f"model.layers.{i}.", to) for i in range(config.num_layers)]
         self.norm = to(state["model.norm.weight"])

@@ -71,7 +71,9 @@ def resolve_model(model_path: str | None) -> ResolvedModel:
         raise ModelNotFoundError(f"--model-path {path} does not exist")
     if path.is_file():
         if path.suffix != ".gguf":
-            raise ModelNotFoundError(f"--model-path {path}: expected a .gguf file or a model folder")
+            raise ModelNotFoundError(
+                f"--model-path {path}: expected a .gguf file or a model folder"
+            )
         folder = _converted_gguf_folder(path)
         config = ModelConfig.from_json(json.loads((folder / CONFIG_FILE).read_text()))
         return ResolvedModel(str(path), folder, config)
@@ -82,7 +84,9 @@ def resolve_model(model_path: str | None) -> ResolvedModel:
 
 def _converted_gguf_folder(path: Path) -> Path:
     stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()
+    ).hexdigest()[:16]
     folder = cache_root() / "models" / f"{path.stem}-{key}"
     if (folder / CONFIG_FILE).exists():
         return folder

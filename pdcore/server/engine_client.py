@@ -11,6 +11,7 @@ hanging, and the server turns unhealthy.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import multiprocessing
@@ -211,10 +212,8 @@ class EngineClient:
                 del self._streams[rid]
         stream.unfinished.clear()
         if unfinished and self.alive:
-            try:
+            with contextlib.suppress(EngineDeadError):
                 self._send([{"type": "abort", "rid": rid} for rid in unfinished])
-            except EngineDeadError:
-                pass
 
     def abort(self, rid: str) -> None:
         """Ask the engine to abort `rid`; its waiter then sees finish_reason "abort"."""
@@ -236,10 +235,8 @@ class EngineClient:
 
     def close(self) -> None:
         if self._proc is not None and self._proc.sentinel is not None:
-            try:
+            with contextlib.suppress(RuntimeError, ValueError, OSError):
                 asyncio.get_running_loop().remove_reader(self._proc.sentinel)
-            except (RuntimeError, ValueError, OSError):
-                pass
         if self._reader is not None:
             self._reader.cancel()
         self._push.close(0)

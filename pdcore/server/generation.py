@@ -1,0 +1,179 @@
+"""What every generating route shares: the server state, turning a prompt into a checked
+engine job, and following a batch of jobs to completion while recording metrics.
+
+The native and OpenAI routes differ only in how they parse bodies and shape responses; the
+rules about prompts (empty, longer than the context, max_new_tokens clamped to what is
+left, SGLang-style) live here once.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pdcore.server.engine_client import (
+    EngineClient,
+    EngineDeadError,
+    Job,
+    RequestRejected,
+    Stream,
+)
+from pdcore.server.metrics import Metrics
+from pdcore.server.protocol import ProtocolError
+from pdcore.settings import ServerSettings
+
+
+@dataclass
+class ServerState:
+    """Everything the routes need; one per server, stored on app.state.pd."""
+
+    settings: ServerSettings
+    client: EngineClient
+    tokenizer: Any
+    model_name: str
+    max_context_len: int
+    engine_info: dict[str, Any]
+    metrics: Metrics
+    vocab_size: int
+    health_timeout: float = 10.0
+
+
+def unavailable(message: str) -> ProtocolError:
+    return ProtocolError(message, status=503, type="service_unavailable_error")
+
+
+def make_job(
+    state: ServerState,
+    rid: str,
+    prompt: str | list[int],
+    sampling: dict[str, Any],
+    *,
+    param: str,
+    return_logprob: bool = False,
+    add_special_tokens: bool = True,
+    clamp_only: bool = True,
+) -> Job:
+    """Tokenize (if text) and check a prompt; fit max_new_tokens into the context.
+
+    With `clamp_only` False the limit was left to the server, so the job may use the whole
+    rest of the context (OpenAI chat without max_tokens).
+    """
+    if isinstance(prompt, str):
+        ids = list(state.tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
+    else:
+        ids = list(prompt)
+    n, ctx = len(ids), state.max_context_len
+    if n == 0:
+        raise ProtocolError("The prompt is empty", param=param)
+    if n >= ctx:
+        raise ProtocolError(
+            f"The input ({n} tokens) is longer than the model's context length ({ctx} tokens).",
+            param=param,
+        )
+    vocab = state.vocab_size
+    bad = next((t for t in ids if t >= vocab), None)
+    if bad is not None:
+        raise ProtocolError(f"Token id {bad} is out of range (vocabulary: {vocab})", param=param)
+    sp = dict(sampling)
+    room = ctx - n
+    sp["max_new_tokens"] = min(sp["max_new_tokens"], room) if clamp_only else room
+    return Job(rid=rid, input_ids=ids, sampling_params=sp, return_logprob=return_logprob)
+
+
+@dataclass
+class Result:
+    """The output of one job so far, accumulated from the engine's deltas."""
+
+    rid: str
+    start: float = field(default_factory=time.monotonic)
+    text: str = ""
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: dict[str, Any] | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    finished_at: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finished_at is not None
+
+    @property
+    def e2e_latency(self) -> float:
+        return (self.finished_at or time.monotonic()) - self.start
+
+    def update(self, msg: dict[str, Any], metrics: Metrics) -> None:
+        now = time.monotonic()
+        new_ids = msg.get("new_token_ids") or []
+        if new_ids:
+            if self.first_token_at is None:
+                self.first_token_at = now
+                metrics.ttft.observe(now - self.start)
+            elif self.last_token_at is not None:
+                gap = (now - self.last_token_at) / len(new_ids)
+                for _ in new_ids:
+                    metrics.itl.observe(gap)
+            self.last_token_at = now
+        self.output_ids.extend(new_ids)
+        self.text += msg.get("new_text") or ""
+        self.logprobs.extend(msg.get("new_logprobs") or [])
+        self.prompt_tokens = msg.get("prompt_tokens", self.prompt_tokens)
+        self.completion_tokens = msg.get("completion_tokens", self.completion_tokens)
+        self.cached_tokens = msg.get("cached_tokens", self.cached_tokens)
+        if msg.get("finished"):
+            self.finished_at = now
+            self.finish_reason = msg.get("finish_reason")
+            metrics.e2e.observe(now - self.start)
+            reason = str((self.finish_reason or {}).get("type", "unknown"))
+            metrics.observe_finished(
+                self.prompt_tokens, self.completion_tokens, self.cached_tokens, reason
+            )
+
+
+class Generation:
+    """A batch of jobs in the engine. Use as `async with`: leaving it early aborts what has
+    not finished, which is how a disconnected client frees its KV pages."""
+
+    def __init__(self, state: ServerState, jobs: list[Job]) -> None:
+        self.state = state
+        self.results = [Result(rid=job.rid) for job in jobs]
+        try:
+            self.stream: Stream = state.client.submit(jobs)
+        except RequestRejected as exc:
+            raise ProtocolError(str(exc), param="rid") from exc
+        except EngineDeadError as exc:
+            raise unavailable(f"The engine is not available: {exc}") from exc
+
+    @property
+    def done(self) -> bool:
+        return self.stream.done
+
+    async def next(self) -> tuple[int, dict[str, Any]]:
+        """The next engine output as (job index, message); updates `results`."""
+        try:
+            index, msg = await self.stream.next()
+        except RequestRejected as exc:
+            kind = "invalid_request_error" if exc.status < 500 else "server_error"
+            raise ProtocolError(str(exc), status=exc.status, type=kind) from exc
+        except EngineDeadError as exc:
+            raise unavailable(f"The engine is not available: {exc}") from exc
+        self.results[index].update(msg, self.state.metrics)
+        return index, msg
+
+    async def wait_all(self) -> list[Result]:
+        while not self.done:
+            await self.next()
+        return self.results
+
+    def close(self) -> None:
+        self.stream.close()
+
+    async def __aenter__(self) -> Generation:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()

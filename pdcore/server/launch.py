@@ -1,0 +1,143 @@
+"""`run_server`: start the engine process, wait until it is ready, serve HTTP, clean up.
+
+The port is checked before the engine starts, so a busy port fails in a second instead of
+after the model loaded. Whatever ends the server -- SIGTERM, Ctrl-C, an engine that fails
+to start, an exception -- the engine process is stopped and reaped and the ipc directory
+removed: no orphan keeps the KV pool or the GPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from typing import Any
+
+import uvicorn
+
+from pdcore.server.app import build_app
+from pdcore.server.engine_client import EngineClient, EngineStartupError
+from pdcore.server.engine_process import (
+    DEFAULT_ENGINE_FACTORY,
+    start_engine_process,
+    stop_engine_process,
+)
+from pdcore.server.generation import ServerState
+from pdcore.server.metrics import Metrics
+from pdcore.settings import ServerSettings
+
+logger = logging.getLogger("pdcore.server")
+
+GRACEFUL_SHUTDOWN_S = 5
+
+
+class _Terminate(BaseException):
+    """Raised by our SIGTERM handler so the cleanup in `finally` blocks runs."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise _Terminate()
+
+
+def run_server(settings: ServerSettings, *, engine_factory: str = DEFAULT_ENGINE_FACTORY) -> None:
+    """Serve `settings.model_path` on settings.host:settings.port until SIGINT or SIGTERM.
+
+    Exits with status 1 and the engine's message when the engine fails to start.
+    `engine_factory` ("module:callable" taking the settings) lets tests run the serving
+    layer over a stand-in engine.
+    """
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s [server] %(levelname)s %(name)s: %(message)s",
+    )
+    _check_port(settings.host, settings.port)
+    ipc_dir = tempfile.mkdtemp(prefix="pdcore-ipc-")
+    procs: list[multiprocessing.Process] = []
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        asyncio.run(_serve(settings, ipc_dir, engine_factory, procs))
+    except (KeyboardInterrupt, _Terminate):
+        logger.info("shutting down")
+    finally:
+        for proc in procs:  # normally already stopped by _serve
+            stop_engine_process(proc)
+        shutil.rmtree(ipc_dir, ignore_errors=True)
+        signal.signal(signal.SIGTERM, previous)
+
+
+async def _serve(
+    settings: ServerSettings,
+    ipc_dir: str,
+    engine_factory: str,
+    procs: list[multiprocessing.Process],
+) -> None:
+    client = EngineClient(ipc_dir)
+    proc = start_engine_process(settings, client.request_addr, client.output_addr, engine_factory)
+    procs.append(proc)
+    try:
+        logger.info("engine process %d started; loading the model", proc.pid)
+        t0 = time.monotonic()
+        try:
+            ready = await client.wait_ready(proc)
+        except EngineStartupError as exc:
+            raise SystemExit(f"pdcore serve: the engine failed to start: {exc}") from None
+        logger.info("engine ready in %.1fs; loading the tokenizer", time.monotonic() - t0)
+        tokenizer = await asyncio.to_thread(_load_tokenizer, settings)
+        state = ServerState(
+            settings=settings,
+            client=client,
+            tokenizer=tokenizer,
+            model_name=ready["model_name"],
+            max_context_len=int(ready["max_context_len"]),
+            engine_info=dict(ready.get("server_info") or {}),
+            metrics=Metrics(ready["model_name"]),
+            vocab_size=len(tokenizer),
+        )
+        config = uvicorn.Config(
+            build_app(state),
+            host=settings.host,
+            port=settings.port,
+            log_level=settings.log_level,
+            access_log=settings.log_level == "debug",
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+            lifespan="off",
+        )
+        logger.info("serving %s on http://%s:%d", state.model_name, settings.host, settings.port)
+        await uvicorn.Server(config).serve()
+    finally:
+        client.close()
+        stop_engine_process(proc)
+
+
+def _load_tokenizer(settings: ServerSettings) -> Any:
+    from pdcore.model.tokenizer import load_tokenizer
+
+    return load_tokenizer(settings.model_path, settings.tokenizer_path)
+
+
+def _check_port(host: str, port: int) -> None:
+    """Exit with a clear message if host:port cannot be listened on."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise SystemExit(f"pdcore serve: cannot resolve --host {host!r}: {exc}") from None
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(addr)
+        except OSError as exc:
+            raise SystemExit(
+                f"pdcore serve: cannot listen on {host}:{port}: {exc.strerror or exc}"
+            ) from None
+
+
+if __name__ == "__main__":  # python -m pdcore.server.launch [pdcore serve flags]
+    from pdcore.settings import parse_serve_args
+
+    run_server(parse_serve_args(sys.argv[1:]))

@@ -1,0 +1,141 @@
+"""Prometheus metrics of one server: request counts, token counters, latency histograms, and
+gauges of the engine's queues and KV pool.
+
+Each server owns its own CollectorRegistry (not the global one) so that several servers in
+one test process never collide. The gauges are not pushed by the engine: `/metrics` asks the
+engine for its stats on each scrape and sets them, so they are exactly as fresh as the scrape.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+_LATENCY_BUCKETS = (
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+_E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0)
+
+# Engine stats key -> gauge name (without the prefix) and help.
+_STAT_GAUGES = {
+    "num_running_reqs": "Requests in the running batch.",
+    "num_waiting_reqs": "Requests waiting to be scheduled.",
+    "kv_pages_used": "KV cache pages in use (requests and prefix cache).",
+    "kv_pages_total": "KV cache pages in the pool.",
+    "num_tokens": "KV cache tokens held (requests and prefix cache).",
+    "prefix_cache_tokens": "Tokens held by the prefix cache.",
+}
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    """The collectors of one server and the few calls the routes make."""
+
+    def __init__(self, model_name: str) -> None:
+        self.registry = CollectorRegistry()
+        labels = {"model_name": model_name}
+        r = self.registry
+        self.requests = Counter(
+            "pdcore_http_requests",
+            "HTTP requests by route and status code.",
+            ["route", "status"],
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "pdcore_prompt_tokens",
+            "Prompt tokens of finished requests.",
+            ["model_name"],
+            registry=r,
+        ).labels(**labels)
+        self.generation_tokens = Counter(
+            "pdcore_generation_tokens", "Generated tokens.", ["model_name"], registry=r
+        ).labels(**labels)
+        self.cached_tokens = Counter(
+            "pdcore_cached_tokens",
+            "Prompt tokens served from the prefix cache.",
+            ["model_name"],
+            registry=r,
+        ).labels(**labels)
+        self.finished = Counter(
+            "pdcore_requests_finished",
+            "Finished generation requests by finish reason.",
+            ["model_name", "finish_reason"],
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "pdcore_time_to_first_token_seconds",
+            "Time from request arrival to its first token.",
+            ["model_name"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        ).labels(**labels)
+        self.itl = Histogram(
+            "pdcore_inter_token_latency_seconds",
+            "Time between consecutive tokens of a request.",
+            ["model_name"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        ).labels(**labels)
+        self.e2e = Histogram(
+            "pdcore_e2e_request_latency_seconds",
+            "Time from request arrival to its last token.",
+            ["model_name"],
+            buckets=_E2E_BUCKETS,
+            registry=r,
+        ).labels(**labels)
+        self.engine_up = Gauge(
+            "pdcore_engine_up", "1 while the engine process answers, else 0.", registry=r
+        )
+        self.gauges = {
+            key: Gauge(f"pdcore_{key}", doc, ["model_name"], registry=r).labels(**labels)
+            for key, doc in _STAT_GAUGES.items()
+        }
+        self.model_name = model_name
+
+    def observe_request(self, route: str, status: int) -> None:
+        self.requests.labels(route=route, status=str(status)).inc()
+
+    def observe_finished(
+        self, prompt_tokens: int, completion_tokens: int, cached_tokens: int, reason: str
+    ) -> None:
+        self.prompt_tokens.inc(prompt_tokens)
+        self.generation_tokens.inc(completion_tokens)
+        self.cached_tokens.inc(cached_tokens)
+        self.finished.labels(model_name=self.model_name, finish_reason=reason).inc()
+
+    def set_engine_stats(self, stats: dict[str, Any] | None) -> None:
+        """Refresh the gauges from the engine's get_stats(); None means it did not answer."""
+        self.engine_up.set(0 if stats is None else 1)
+        for key, gauge in self.gauges.items():
+            value = (stats or {}).get(key)
+            if isinstance(value, (int, float)):
+                gauge.set(value)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
