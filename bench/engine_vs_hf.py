@@ -11,6 +11,7 @@ engines get the same token ids, greedy, ignore_eos.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import time
@@ -95,12 +96,12 @@ def main() -> None:
         def prompts_for(batch: int, length: int, tok=engine.tokenizer) -> list[list[int]]:
             return _prompts(tok, batch, length)
 
-        ours = _measure(lambda p, n: _time_pdcore(engine, p, n), prompts_for, args.new_tokens)
+        ours = _measure(functools.partial(_time_pdcore, engine), prompts_for, args.new_tokens)
         del engine
         hf_model = AutoModelForCausalLM.from_pretrained(
             str(gguf.parent), gguf_file=gguf.name, dtype=dtype
         ).eval()
-        theirs = _measure(lambda p, n: _time_hf(hf_model, p, n), prompts_for, args.new_tokens)
+        theirs = _measure(functools.partial(_time_hf, hf_model), prompts_for, args.new_tokens)
         del hf_model
         report["results"][dtype_name] = {"pdcore": ours, "transformers": theirs}
         report["ratios_pdcore_over_hf"][dtype_name] = {

@@ -214,9 +214,10 @@ class EngineCore:
         p = req.params
         if matched_stop is not None:
             req.finish_reason = {"type": "stop", "matched": matched_stop}
-        elif token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids):
-            if len(req.output_ids) >= p.min_new_tokens:
-                req.finish_reason = {"type": "stop", "matched": token}
+        elif (token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids)) and len(
+            req.output_ids
+        ) >= p.min_new_tokens:
+            req.finish_reason = {"type": "stop", "matched": token}
         if req.finish_reason is None and (
             len(req.output_ids) >= p.max_new_tokens or req.seq_len >= req.max_len
         ):

@@ -9,7 +9,6 @@ When pages run out, the newest decoding requests are preempted and later recompu
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from pdcore.engine.page_allocator import PageAllocator
@@ -80,8 +79,7 @@ class Scheduler:
         reqs: list[Request] = []
         lens: list[int] = []
         partial = [r for r in self.running if not is_decode_ready(r)]
-        cached: Callable[[Request], int] = lambda r: self.allocator.cached_prefix_len(r.all_ids)
-        candidates = partial + self.policy.order(self.waiting, cached)
+        candidates = partial + self.policy.order(self.waiting, self._cached_prefix_len)
         for req in candidates:
             if budget <= 0:
                 break
@@ -119,6 +117,9 @@ class Scheduler:
         for req in ready:
             self.allocator_grow(req, req.num_computed + 1)
         return ScheduledBatch(ready, True, [1] * len(ready))
+
+    def _cached_prefix_len(self, req: Request) -> int:
+        return self.allocator.cached_prefix_len(req.all_ids)
 
     def _fit_chunk(self, req: Request, n: int, reserve: int) -> int:
         """Shrink a chunk to the pages available (keeping `reserve` for decoding requests)."""
