@@ -13,27 +13,27 @@ from pdcore.engine.attention import AttentionBackend
 from pdcore.engine.forward_batch import ForwardBatch
 from pdcore.engine.kv_pool import KVPool
 from pdcore.model.config import ModelConfig
+from pdcore.model.linear import Linear
 from pdcore.model.rope import RotaryTable, apply_rotary
 
 
 class _Layer:
-    __slots__ = ("input_norm", "qkv", "qkv_bias", "o_proj", "post_norm", "gate_up", "down")
+    __slots__ = ("input_norm", "qkv", "o_proj", "post_norm", "gate_up", "down")
 
     def __init__(self, state: dict[str, torch.Tensor], prefix: str, to) -> None:
         attn = prefix + "self_attn."
         self.input_norm = to(state[prefix + "input_layernorm.weight"])
-        self.qkv = to(torch.cat([state[attn + f"{p}_proj.weight"] for p in "qkv"]))
         bias_names = [attn + f"{p}_proj.bias" for p in "qkv"]
-        self.qkv_bias = (
-            to(torch.cat([state[n] for n in bias_names])) if bias_names[0] in state else None
+        self.qkv = Linear(
+            to(torch.cat([state[attn + f"{p}_proj.weight"] for p in "qkv"])),
+            to(torch.cat([state[n] for n in bias_names])) if bias_names[0] in state else None,
         )
-        self.o_proj = to(state[attn + "o_proj.weight"])
+        self.o_proj = Linear(to(state[attn + "o_proj.weight"]))
         self.post_norm = to(state[prefix + "post_attention_layernorm.weight"])
         mlp = prefix + "mlp."
-        self.gate_up = to(
-            torch.cat([state[mlp + "gate_proj.weight"], state[mlp + "up_proj.weight"]])
-        )
-        self.down = to(state[mlp + "down_proj.weight"])
+        gate_up = torch.cat([state[mlp + "gate_proj.weight"], state[mlp + "up_proj.weight"]])
+        self.gate_up = Linear(to(gate_up))
+        self.down = Linear(to(state[mlp + "down_proj.weight"]))
 
 
 class LlamaModel:
@@ -61,9 +61,9 @@ class LlamaModel:
         self.layers = [_Layer(state, f"model.layers.{i}.", to) for i in range(config.num_layers)]
         self.norm = to(state["model.norm.weight"])
         if config.tie_word_embeddings or "lm_head.weight" not in state:
-            self.lm_head = self.embed
+            self.lm_head = Linear(self.embed)
         else:
-            self.lm_head = to(state["lm_head.weight"])
+            self.lm_head = Linear(to(state["lm_head.weight"]))
         self.rotary = RotaryTable(
             config.head_dim, config.rope_theta, config.rope_scaling, max_positions, dtype, device
         )
@@ -86,16 +86,16 @@ class LlamaModel:
         t = hidden.shape[0]
         for i, layer in enumerate(self.layers):
             x = self._rms_norm(hidden, layer.input_norm)
-            qkv = F.linear(x, layer.qkv, layer.qkv_bias)
+            qkv = layer.qkv(x)
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             q = apply_rotary(q.view(t, cfg.num_heads, cfg.head_dim), cos, sin)
             k = apply_rotary(k.view(t, cfg.num_kv_heads, cfg.head_dim), cos, sin)
             v = v.view(t, cfg.num_kv_heads, cfg.head_dim)
             out = attn.forward(i, q, k, v, batch, pool)
-            hidden = hidden + F.linear(out, layer.o_proj)
+            hidden = hidden + layer.o_proj(out)
             x = self._rms_norm(hidden, layer.post_norm)
-            gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
-            hidden = hidden + F.linear(F.silu(gate) * up, layer.down)
+            gate, up = layer.gate_up(x).chunk(2, dim=-1)
+            hidden = hidden + layer.down(F.silu(gate) * up)
         hidden = hidden.index_select(0, batch.logits_indices)
         hidden = self._rms_norm(hidden, self.norm)
-        return F.linear(hidden, self.lm_head).float()
+        return self.lm_head(hidden).float()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import time
 import uuid
 from typing import Any
 
@@ -247,5 +246,4 @@ def build_app(state: ServerState) -> Starlette:
         },
     )
     app.state.pd = state
-    app.state.started_at = time.time()
     return app

@@ -37,6 +37,7 @@ class ServerState:
     metrics: Metrics
     vocab_size: int
     health_timeout: float = 10.0
+    started_at: float = field(default_factory=time.time)
 
 
 def unavailable(message: str) -> ProtocolError:

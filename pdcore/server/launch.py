@@ -23,11 +23,7 @@ import uvicorn
 
 from pdcore.server.app import build_app
 from pdcore.server.engine_client import EngineClient, EngineStartupError
-from pdcore.server.engine_process import (
-    DEFAULT_ENGINE_FACTORY,
-    start_engine_process,
-    stop_engine_process,
-)
+from pdcore.server.engine_process import start_engine_process, stop_engine_process
 from pdcore.server.generation import ServerState
 from pdcore.server.metrics import Metrics
 from pdcore.settings import ServerSettings
@@ -45,12 +41,11 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     raise _Terminate()
 
 
-def run_server(settings: ServerSettings, *, engine_factory: str = DEFAULT_ENGINE_FACTORY) -> None:
+def run_server(settings: ServerSettings) -> None:
     """Serve `settings.model_path` on settings.host:settings.port until SIGINT or SIGTERM.
 
-    Exits with status 1 and the engine's message when the engine fails to start.
-    `engine_factory` ("module:callable" taking the settings) lets tests run the serving
-    layer over a stand-in engine.
+    Raises SystemExit (status 1, with the engine's message) when the engine fails to start
+    or the port cannot be listened on.
     """
     logging.basicConfig(
         level=settings.log_level.upper(),
@@ -61,7 +56,7 @@ def run_server(settings: ServerSettings, *, engine_factory: str = DEFAULT_ENGINE
     procs: list[multiprocessing.Process] = []
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        asyncio.run(_serve(settings, ipc_dir, engine_factory, procs))
+        asyncio.run(_serve(settings, ipc_dir, procs))
     except (KeyboardInterrupt, _Terminate):
         logger.info("shutting down")
     finally:
@@ -74,11 +69,10 @@ def run_server(settings: ServerSettings, *, engine_factory: str = DEFAULT_ENGINE
 async def _serve(
     settings: ServerSettings,
     ipc_dir: str,
-    engine_factory: str,
     procs: list[multiprocessing.Process],
 ) -> None:
     client = EngineClient(ipc_dir)
-    proc = start_engine_process(settings, client.request_addr, client.output_addr, engine_factory)
+    proc = start_engine_process(settings, client.request_addr, client.output_addr)
     procs.append(proc)
     try:
         logger.info("engine process %d started; loading the model", proc.pid)

@@ -251,7 +251,7 @@ async def models(request: Request) -> Response:
     card = {
         "id": state.model_name,
         "object": "model",
-        "created": int(state.engine_info.get("created", 0)) or int(time.time()),
+        "created": int(state.started_at),
         "owned_by": "pdcore",
         "root": state.engine_info.get("model_path") or state.settings.model_path,
         "max_model_len": state.max_context_len,
