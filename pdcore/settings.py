@@ -61,8 +61,8 @@ class ServerSettings(PdcoreSettings):
     port: int = setting(30000, "Port the HTTP server listens on.", ge=1, le=65535)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting(
         "auto",
-        "Weight and activation dtype. auto: float16 on CUDA, bfloat16 on CPUs with "
-        "AVX512-BF16, otherwise float32.",
+        "Weight and activation dtype. auto: bfloat16 on GPUs and CPUs that compute it "
+        "natively (AVX512-BF16/AMX), else float16 on GPUs and float32 on CPUs.",
     )
     device: Literal["auto", "cpu", "cuda"] = setting(
         "auto", "Where the model runs. auto: cuda when available, else cpu."

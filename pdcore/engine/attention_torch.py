@@ -49,7 +49,8 @@ class TorchAttentionBackend:
             lens = torch.tensor(batch.seq_lens, dtype=torch.long)
             valid = cols[None, :] < lens[:, None]
             slots = table[:, cols // batch.page_size] * batch.page_size + cols % batch.page_size
-            meta["kv_index"] = torch.where(valid, slots, 0).to(self.device)
+            meta["kv_index"] = torch.where(valid, slots, 0).reshape(-1).to(self.device)
+            meta["max_len"] = max_len
             meta["mask"] = valid[:, None, None, :].to(self.device)
             meta["all_full"] = bool(valid.all())
         else:
@@ -86,9 +87,12 @@ class TorchAttentionBackend:
     def _decode(self, q, k_cache, v_cache, batch: ForwardBatch) -> torch.Tensor:
         meta = batch.attn_meta
         b = q.shape[0]
-        index = meta["kv_index"]
-        keys = k_cache[index].transpose(1, 2)  # [B, KVH, L, D]
-        values = v_cache[index].transpose(1, 2)
+        index, length = meta["kv_index"], meta["max_len"]
+        # index_select on a flat index is several times faster than advanced indexing here.
+        keys = k_cache.index_select(0, index).view(b, length, self.num_kv_heads, -1).transpose(1, 2)
+        values = (
+            v_cache.index_select(0, index).view(b, length, self.num_kv_heads, -1).transpose(1, 2)
+        )
         queries = q.view(b, self.num_kv_heads, self.group, self.head_dim)
         mask = None if meta["all_full"] else meta["mask"]
         out = F.scaled_dot_product_attention(
@@ -107,8 +111,8 @@ class TorchAttentionBackend:
                     qi, ki, vi, is_causal=True, scale=self.scale, enable_gqa=True
                 )
             else:
-                ki = k_cache[slots].transpose(0, 1).unsqueeze(0)
-                vi = v_cache[slots].transpose(0, 1).unsqueeze(0)
+                ki = k_cache.index_select(0, slots).transpose(0, 1).unsqueeze(0)
+                vi = v_cache.index_select(0, slots).transpose(0, 1).unsqueeze(0)
                 out = F.scaled_dot_product_attention(
                     qi, ki, vi, attn_mask=mask, scale=self.scale, enable_gqa=True
                 )
