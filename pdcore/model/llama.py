@@ -87,7 +87,9 @@ class LlamaModel:
             x = self._rms_norm(hidden, layer.input_norm)
             qkv = layer.qkv(x)
             # RoPE on q and k in one pass: they sit side by side in the fused projection.
-            qk = apply_rotary(qkv[:, : self.q_size + self.kv_size].view(t, -1, cfg.head_dim), cos, sin)
+            qk = apply_rotary(
+                qkv[:, : self.q_size + self.kv_size].view(t, -1, cfg.head_dim), cos, sin
+            )
             q, k = qk.split([cfg.num_heads, cfg.num_kv_heads], dim=1)
             v = qkv[:, self.q_size + self.kv_size :].view(t, cfg.num_kv_heads, cfg.head_dim)
             out = attn.forward(i, q, k, v, batch, pool)

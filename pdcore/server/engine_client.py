@@ -159,20 +159,29 @@ class EngineClient:
                 fut.set_exception(EngineDeadError(reason))
 
     async def _read_loop(self) -> None:
-        while True:
-            data = await self._pull.recv()
-            for msg in unpack(data):
-                kind = msg.get("type")
-                if kind in ("output", "error"):
-                    stream = self._streams.get(msg["rid"])
-                    if stream is not None:
-                        stream.queue.put_nowait(msg)
-                elif kind == "control_reply":
-                    fut = self._controls.get(msg["id"])
-                    if fut is not None and not fut.done():
-                        fut.set_result(msg["result"])
-                elif kind == "fatal":
-                    self._mark_dead(f"engine crashed: {msg['message']}")
+        try:
+            while True:
+                data = await self._pull.recv()
+                for msg in unpack(data):
+                    self._dispatch(msg)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # never leave requests waiting on a reader that is gone
+            logger.exception("engine output reader failed")
+            self._mark_dead(f"engine output reader failed: {exc}")
+
+    def _dispatch(self, msg: dict[str, Any]) -> None:
+        kind = msg.get("type")
+        if kind in ("output", "error"):
+            stream = self._streams.get(msg["rid"])
+            if stream is not None:
+                stream.queue.put_nowait(msg)
+        elif kind == "control_reply":
+            fut = self._controls.get(msg["id"])
+            if fut is not None and not fut.done():
+                fut.set_result(msg["result"])
+        elif kind == "fatal":
+            self._mark_dead(f"engine crashed: {msg['message']}")
 
     def _send(self, messages: list[dict[str, Any]]) -> None:
         if not self.alive:

@@ -168,9 +168,12 @@ class _Call:
         try:
             while item is not None:
                 index, msg = item
-                delta = self.delta(index, msg)
-                if msg.get("new_text") or msg.get("new_token_ids"):
-                    yield sse(self.envelope([delta], True))
+                # Tokens that end mid-character carry no text yet; send them only when the
+                # client wants their logprobs.
+                if msg.get("new_text") or (
+                    msg.get("new_token_ids") and self.req.logprobs is not None
+                ):
+                    yield sse(self.envelope([self.delta(index, msg)], True))
                 if msg.get("finished"):
                     reason = openai_finish_reason(self.gen.results[index].finish_reason)
                     end = {"index": index, "logprobs": None, "finish_reason": reason}

@@ -242,6 +242,10 @@ class OpenAIRequest:
     rid: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[Any] | None = None
+    # Added by SGLang's router in PD mode; kept for the prefill/decode pipelines.
+    bootstrap_host: Any = None
+    bootstrap_port: Any = None
+    bootstrap_room: Any = None
 
 
 def _openai_common(body: dict[str, Any], default_max_tokens: int | None) -> OpenAIRequest:
@@ -266,6 +270,9 @@ def _openai_common(body: dict[str, Any], default_max_tokens: int | None) -> Open
         stream=_opt(body, "stream", bool, False),
         include_usage=bool(stream_options.get("include_usage", False)),
         rid=_opt(body, "rid", str),
+        bootstrap_host=body.get("bootstrap_host"),
+        bootstrap_port=body.get("bootstrap_port"),
+        bootstrap_room=body.get("bootstrap_room"),
     )
 
 
