@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -20,7 +21,7 @@ class ServerProcess:
     """`python -m pdcore.server.launch <flags>` on a free port, its log kept in a file."""
 
     def __init__(
-        self, model_path: str | Path, log_path: Path, *extra: str, env: dict | None = None
+        self, model_path: str | Path | None, log_path: Path, *extra: str, env: dict | None = None
     ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -29,8 +30,7 @@ class ServerProcess:
             sys.executable,
             "-m",
             "pdcore.server.launch",
-            "--model-path",
-            str(model_path),
+            *(["--model-path", str(model_path)] if model_path else []),
             "--port",
             str(self.port),
             "--dtype",
@@ -102,3 +102,13 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool
             return True
         time.sleep(interval)
     return predicate()
+
+
+def sse_events(response: httpx.Response) -> list:
+    """The `data:` payloads of a server-sent-event stream, JSON-decoded ("[DONE]" kept)."""
+    events = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            data = line[len("data: ") :]
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events

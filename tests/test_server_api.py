@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from tests.server_helpers import ServerProcess, wait_until
+from tests.server_helpers import ServerProcess, sse_events, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -41,15 +41,6 @@ def http(server: ServerProcess) -> Iterator[httpx.Client]:
 @pytest.fixture()
 def oai(server: ServerProcess) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
-
-
-def sse_events(response: httpx.Response) -> list:
-    events = []
-    for line in response.iter_lines():
-        if line.startswith("data: "):
-            data = line[len("data: ") :]
-            events.append(data if data == "[DONE]" else json.loads(data))
-    return events
 
 
 def idle_load(http: httpx.Client) -> dict:
