@@ -18,8 +18,7 @@ import time
 
 import torch
 
-BATCHES = (1, 8, 32)
-PROMPT_LEN = 16
+PROMPT_LEN = 64
 PREFILL_LEN = 512
 
 
@@ -54,9 +53,9 @@ def _time_hf(model, prompts: list[list[int]], new_tokens: int) -> float:
     return time.perf_counter() - start
 
 
-def _measure(run, prompts_for, new_tokens: int) -> dict:
+def _measure(run, prompts_for, new_tokens: int, batches: tuple[int, ...]) -> dict:
     decode = {}
-    for batch in BATCHES:
+    for batch in batches:
         prompts = prompts_for(batch, PROMPT_LEN)
         run(prompts, 2)  # warm-up
         t1 = min(run(prompts, 1) for _ in range(2))
@@ -70,9 +69,16 @@ def _measure(run, prompts_for, new_tokens: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--dtypes", default="bfloat16,float32")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's)"
+    )
+    parser.add_argument("--batches", default="1,8,32")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    batches = tuple(int(b) for b in args.batches.split(","))
 
     from transformers import AutoModelForCausalLM
 
@@ -96,12 +102,16 @@ def main() -> None:
         def prompts_for(batch: int, length: int, tok=engine.tokenizer) -> list[list[int]]:
             return _prompts(tok, batch, length)
 
-        ours = _measure(functools.partial(_time_pdcore, engine), prompts_for, args.new_tokens)
+        ours = _measure(
+            functools.partial(_time_pdcore, engine), prompts_for, args.new_tokens, batches
+        )
         del engine
         hf_model = AutoModelForCausalLM.from_pretrained(
             str(gguf.parent), gguf_file=gguf.name, dtype=dtype
         ).eval()
-        theirs = _measure(functools.partial(_time_hf, hf_model), prompts_for, args.new_tokens)
+        theirs = _measure(
+            functools.partial(_time_hf, hf_model), prompts_for, args.new_tokens, batches
+        )
         del hf_model
         report["results"][dtype_name] = {"pdcore": ours, "transformers": theirs}
         report["ratios_pdcore_over_hf"][dtype_name] = {
