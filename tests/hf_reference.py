@@ -6,6 +6,18 @@ from pathlib import Path
 
 import torch
 
+# Eight prompts of different lengths, shared by the engine and server parity tests.
+PROMPTS = [
+    "The capital of France is",
+    "Write a short poem about the sea and the wind that blows over it at night.",
+    "1, 2, 3, 4,",
+    "Hello",
+    "def fibonacci(n):",
+    "List three colours:",
+    "Once upon a time, in a land far away, there lived a king who had three daughters and",
+    "Q: What is 2+2?\nA:",
+]
+
 
 def load_hf_model(model_path: str | None):
     """transformers' own loading of the same weights (the GGUF via gguf_file=, or the HF folder)."""

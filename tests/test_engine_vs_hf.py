@@ -5,18 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pdcore.engine.offline import Engine
-from tests.hf_reference import hf_greedy, load_hf_model
-
-PROMPTS = [
-    "The capital of France is",
-    "Write a short poem about the sea and the wind that blows over it at night.",
-    "1, 2, 3, 4,",
-    "Hello",
-    "def fibonacci(n):",
-    "List three colours:",
-    "Once upon a time, in a land far away, there lived a king who had three daughters and",
-    "Q: What is 2+2?\nA:",
-]
+from tests.hf_reference import PROMPTS, hf_greedy, load_hf_model
 
 
 def _check(
