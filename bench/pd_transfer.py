@@ -106,15 +106,17 @@ def receiver(conn: Any, num_pages: int, page_bytes: int) -> None:
     backend.close()
 
 
-def _median_s(fn: Callable[[], None], iters: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _medians(fns: dict[str, Callable[[], Any]], iters: int, warmup: int = 3) -> dict[str, float]:
+    """Median seconds of each fn, measured interleaved (one of each per round) so that drift
+    on a busy machine hits every contender alike."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for i in range(warmup + iters):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def _stat(nbytes: int, seconds: float) -> dict[str, float]:
@@ -194,44 +196,47 @@ def _run(args: Any, hello: dict[str, Any], conn: Any, page_bytes: int, pages: in
     src_s, dst_s = mem["scratch"].data_ptr(), remote["scratch"]
     it = args.iters
 
-    def memcpy(n: int) -> float:
+    def memcpy(n: int) -> Callable[[], Any]:
         src = torch.cat([mem["k"], mem["v"]])[:n] if n > SCRATCH else mem["scratch"][:n]
         dst = torch.empty_like(src) if n > SCRATCH else memcpy_dst[:n]
-        return _median_s(lambda: dst.copy_(src), it)
+        return lambda: dst.copy_(src)
 
     prompt: dict[str, Any] = {"case": f"{args.tokens}-token prompt", "bytes": kv_bytes}
     prompt["runs"] = {k: len(f()) for k, f in build.items()}
     prompt["runs_uncoalesced"] = 2 * LAYERS * pages
-    prompt["build_runs_ms"] = {
-        k: round(_median_s(f, it) * 1e3, 3)
-        for k, f in build.items()  # type: ignore[arg-type]
+    built = _medians(build, it)
+    prompt["build_runs_ms"] = {k: round(v * 1e3, 3) for k, v in built.items()}
+    fns: dict[str, Callable[[], Any]] = {
+        "raw_nixl": lambda: raw_write(src_k, dst_k, kv_bytes),
+        "pdcore_nixl_contiguous": lambda: pdcore_write(build["contiguous"]),
+        "pdcore_nixl_scattered": lambda: pdcore_write(build["scattered"]),
+        "memcpy": memcpy(kv_bytes),
     }
-    prompt["raw_nixl"] = _stat(kv_bytes, _median_s(lambda: raw_write(src_k, dst_k, kv_bytes), it))
-    for name, make in build.items():
-        prompt[f"pdcore_nixl_{name}"] = _stat(
-            kv_bytes, _median_s(lambda m=make: pdcore_write(m), it)
-        )
-    prompt["memcpy"] = _stat(kv_bytes, memcpy(kv_bytes))
-    raw_gbps = prompt["raw_nixl"]["gb_per_s"]
+    prompt.update({k: _stat(kv_bytes, v) for k, v in _medians(fns, it).items()})
     for name in build:
-        prompt[f"ratio_pdcore_{name}_raw"] = round(
-            prompt[f"pdcore_nixl_{name}"]["gb_per_s"] / raw_gbps, 3
-        )
+        ratio = prompt[f"pdcore_nixl_{name}"]["gb_per_s"] / prompt["raw_nixl"]["gb_per_s"]
+        prompt[f"ratio_pdcore_{name}_raw"] = round(ratio, 3)
 
-    # Byte-exact check of the last (scattered) write, then the contiguous one.
-    conn.send(("digest", scattered_dst))
-    exact = conn.recv() == _pages_digest(mem, scattered_src, page_bytes, num_pages)
-    pdcore_write(build["contiguous"])
-    conn.send(("digest", contiguous))
-    exact &= conn.recv() == _pages_digest(mem, contiguous, page_bytes, num_pages)
+    # Byte-exact: each page pattern once more, then the decode side's pages are compared.
+    exact = True
+    for name, (src_pages, dst_pages) in {
+        "scattered": (scattered_src, scattered_dst),
+        "contiguous": (contiguous, contiguous),
+    }.items():
+        pdcore_write(build[name])
+        conn.send(("digest", dst_pages))
+        exact &= conn.recv() == _pages_digest(mem, src_pages, page_bytes, num_pages)
 
     singles = []
     for label, n in (("1 MiB", 1 << 20), ("64 MiB", 64 << 20)):
-        row: dict[str, Any] = {"case": label, "bytes": n}
-        row["raw_nixl"] = _stat(n, _median_s(lambda n=n: raw_write(src_s, dst_s, n), it))
         runs = np.array([[src_s, dst_s, n]], dtype=np.uint64)
-        row["pdcore_nixl"] = _stat(n, _median_s(lambda r=runs: pdcore_write(lambda: r), it))
-        row["memcpy"] = _stat(n, memcpy(n))
+        fns = {
+            "raw_nixl": lambda n=n: raw_write(src_s, dst_s, n),
+            "pdcore_nixl": lambda r=runs: pdcore_write(lambda: r),
+            "memcpy": memcpy(n),
+        }
+        row: dict[str, Any] = {"case": label, "bytes": n}
+        row.update({k: _stat(n, v) for k, v in _medians(fns, it).items()})
         row["ratio_pdcore_raw"] = round(
             row["pdcore_nixl"]["gb_per_s"] / row["raw_nixl"]["gb_per_s"], 3
         )

@@ -1,0 +1,202 @@
+"""Where KV bytes are: memory regions, runs of (local, remote, length), and the pool layout.
+
+Kept apart from the contract (`transfer.py`) because both the control plane, which builds
+a request's runs from page ids, and every backend, which checks runs against registered
+memory, use these helpers; none of them touch a transport.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+if TYPE_CHECKING:
+    from pdcore.engine.kv_pool import KVPool
+
+RunArray = npt.NDArray[np.uint64]
+"""Runs to write, shape (N, 3): local address, remote address, length in bytes."""
+RunsLike = RunArray | Sequence[tuple[int, int, int]]
+
+
+class TransferError(Exception):
+    """A transfer-level failure whose message says what to fix or which peer is at fault."""
+
+
+def parse_device(device: str) -> tuple[str, int]:
+    """Map "cpu" to ("cpu", 0) and "cuda:N" to ("cuda", N); anything else is refused."""
+    if device == "cpu":
+        return "cpu", 0
+    kind, _, index = device.partition(":")
+    if kind == "cuda" and index.isdigit():
+        return "cuda", int(index)
+    raise ValueError(f"device must be 'cpu' or 'cuda:N', not {device!r}")
+
+
+@dataclass(frozen=True)
+class MemoryRegion:
+    """A byte range a backend may read from (sender) or be written into (receiver)."""
+
+    addr: int
+    length: int
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.addr <= 0 or self.length <= 0:
+            raise ValueError(f"memory region needs addr > 0 and length > 0, got {self}")
+        parse_device(self.device)
+
+
+def as_runs(runs: RunsLike) -> RunArray:
+    """Normalise runs to a contiguous (N, 3) uint64 array; zero-length runs are refused."""
+    arr = np.asarray(runs, dtype=np.uint64)
+    if arr.size == 0:
+        return np.empty((0, 3), dtype=np.uint64)
+    if arr.ndim != 2 or arr.shape[1] != 3:
+        raise ValueError(f"runs must be (local, remote, length) triples, got shape {arr.shape}")
+    if not arr[:, 2].all():
+        raise ValueError("runs must not have length 0")
+    return np.ascontiguousarray(arr)
+
+
+def coalesce_runs(runs: RunsLike) -> RunArray:
+    """Merge each run into the previous one when both its local and its remote address
+    continue it. Every descriptor costs a transport a fixed overhead (tens of µs on some),
+    so adjacent pages must travel as one run. Order is kept; nothing is sorted."""
+    arr = as_runs(runs)
+    if len(arr) < 2:
+        return arr
+    loc, rem, length = arr[:, 0], arr[:, 1], arr[:, 2]
+    follows = (loc[1:] == loc[:-1] + length[:-1]) & (rem[1:] == rem[:-1] + length[:-1])
+    starts = np.flatnonzero(np.concatenate(([True], ~follows)))
+    out = np.empty((len(starts), 3), dtype=np.uint64)
+    out[:, 0] = loc[starts]
+    out[:, 1] = rem[starts]
+    out[:, 2] = np.add.reduceat(length, starts)
+    return out
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """Where one side's KV pool lives: K and V each one tensor shaped
+    [num_layers, num_pages, page_size, kv_heads, head_dim] (DESIGN.md §4), so page p of
+    layer l starts at base + (l * num_pages + p) * page_bytes."""
+
+    k_addr: int
+    v_addr: int
+    num_layers: int
+    num_pages: int
+    page_bytes: int
+    device: str = "cpu"
+
+    @classmethod
+    def from_pool(cls, pool: KVPool) -> KVLayout:
+        t = pool.k
+        device = "cpu" if t.device.type == "cpu" else f"{t.device.type}:{t.device.index or 0}"
+        return cls(
+            pool.k.data_ptr(),
+            pool.v.data_ptr(),
+            pool.num_layers,
+            pool.num_pages,
+            pool.page_bytes_per_layer,
+            device,
+        )
+
+    def regions(self) -> list[MemoryRegion]:
+        """The two regions to register: all of K and all of V."""
+        size = self.num_layers * self.num_pages * self.page_bytes
+        return [MemoryRegion(a, size, self.device) for a in (self.k_addr, self.v_addr)]
+
+
+def kv_page_runs(
+    local: KVLayout,
+    remote: KVLayout,
+    local_pages: Sequence[int] | npt.NDArray[Any],
+    remote_pages: Sequence[int] | npt.NDArray[Any],
+) -> RunArray:
+    """Runs that copy `local_pages[i]` to `remote_pages[i]` in every layer, K then V,
+    coalesced. Whole pages move: a request's last page is its own on both sides."""
+    if (local.num_layers, local.page_bytes) != (remote.num_layers, remote.page_bytes):
+        raise TransferError(
+            f"KV layouts differ: local {local.num_layers} layers x {local.page_bytes} B/page, "
+            f"remote {remote.num_layers} layers x {remote.page_bytes} B/page"
+        )
+    lp = np.asarray(local_pages, dtype=np.uint64)
+    rp = np.asarray(remote_pages, dtype=np.uint64)
+    if lp.shape != rp.shape or lp.ndim != 1:
+        raise ValueError(f"page lists differ in length: {lp.shape} vs {rp.shape}")
+    if lp.size and (lp.max() >= local.num_pages or rp.max() >= remote.num_pages):
+        raise ValueError("page id out of range of the pool")
+    layers = np.arange(local.num_layers, dtype=np.uint64)[:, None]
+    pb = np.uint64(local.page_bytes)
+
+    def addrs(base: int, num_pages: int, pages: npt.NDArray[np.uint64]) -> RunArray:
+        return (np.uint64(base) + (layers * np.uint64(num_pages) + pages[None, :]) * pb).ravel()
+
+    runs = np.empty((2 * local.num_layers * lp.size, 3), dtype=np.uint64)
+    runs[:, 0] = np.concatenate(
+        [addrs(local.k_addr, local.num_pages, lp), addrs(local.v_addr, local.num_pages, lp)]
+    )
+    runs[:, 1] = np.concatenate(
+        [addrs(remote.k_addr, remote.num_pages, rp), addrs(remote.v_addr, remote.num_pages, rp)]
+    )
+    runs[:, 2] = pb
+    return coalesce_runs(runs)
+
+
+class RegionTable:
+    """Registered regions of one side, to check runs before a transport sees them (a bad
+    address must be a clear error, not a segfault or garbage in someone else's pages) and to
+    tell which device a batch is on. Backends ship `to_wire()` inside their blob."""
+
+    def __init__(self, regions: Iterable[MemoryRegion] = ()) -> None:
+        self._regions: list[MemoryRegion] = []
+        self._starts = np.empty(0, dtype=np.uint64)
+        self._ends = np.empty(0, dtype=np.uint64)
+        self.add(regions)
+
+    def add(self, regions: Iterable[MemoryRegion]) -> None:
+        merged = sorted([*self._regions, *regions], key=lambda r: r.addr)
+        for a, b in zip(merged, merged[1:]):
+            if a.addr + a.length > b.addr:
+                raise ValueError(f"memory regions overlap: {a} and {b}")
+        self._regions = merged
+        self._starts = np.array([r.addr for r in merged], dtype=np.uint64)
+        self._ends = np.array([r.addr + r.length for r in merged], dtype=np.uint64)
+
+    def __iter__(self) -> Iterator[MemoryRegion]:
+        return iter(self._regions)
+
+    def __len__(self) -> int:
+        return len(self._regions)
+
+    def device_of(self, addrs: RunArray, lengths: RunArray, side: str) -> str:
+        """The one device all these ranges lie on; raises TransferError when a range falls
+        outside every region or the ranges span devices (a transport moves one memory type
+        per side per batch)."""
+        idx = np.searchsorted(self._starts, addrs, side="right").astype(np.int64) - 1
+        inside = idx >= 0
+        inside[inside] = addrs[inside] + lengths[inside] <= self._ends[idx[inside]]
+        if not inside.all():
+            i = int(np.flatnonzero(~inside)[0])
+            raise TransferError(
+                f"{side} range {int(addrs[i]):#x}+{int(lengths[i])} is outside the "
+                f"{len(self._regions)} registered region(s)"
+            )
+        devices = {self._regions[i].device for i in np.unique(idx)}
+        if len(devices) != 1:
+            raise TransferError(f"a batch must stay on one {side} device, got {sorted(devices)}")
+        return devices.pop()
+
+    def to_wire(self) -> list[list[Any]]:
+        return [[r.addr, r.length, r.device] for r in self._regions]
+
+    @classmethod
+    def from_wire(cls, data: Any) -> RegionTable:
+        try:
+            return cls(MemoryRegion(int(a), int(n), str(d)) for a, n, d in data)
+        except (TypeError, ValueError) as exc:
+            raise TransferError(f"peer blob has malformed memory regions: {exc}") from exc
