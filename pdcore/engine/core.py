@@ -17,6 +17,7 @@ from pdcore.engine.detokenizer import IncrementalDetokenizer
 from pdcore.engine.kv_pool import KVPool
 from pdcore.engine.model_runner import ModelRunner
 from pdcore.engine.page_allocator import PageAllocator
+from pdcore.engine.pipeline import BootstrapInfo, Pipeline
 from pdcore.engine.request import Request, RequestError, RequestOutput
 from pdcore.engine.sampler import sample
 from pdcore.engine.sampling_params import SamplingParams
@@ -26,7 +27,7 @@ from pdcore.model.llama import LlamaModel
 from pdcore.model.loader import load_state_dict, resolve_model
 from pdcore.plugins import get_registry
 
-__all__ = ["EngineCore", "RequestError", "RequestOutput"]
+__all__ = ["BootstrapInfo", "EngineCore", "RequestError", "RequestOutput"]
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +106,10 @@ class EngineCore:
         self.model_name = settings.served_model_name or self.resolved.name
         self._requests: dict[str, Request] = {}
         self._finished_outside_step: list[Request] = []
+        self._ready_outputs: list[RequestOutput] = []
         self.num_forward_steps = 0
+        self.last_step_ran_forward = False
+        self.pipeline = _make_pipeline(self, settings)
         self.startup_seconds = time.monotonic() - started
         logger.info("engine ready in %.1fs (%s, %s)", self.startup_seconds, self.device, self.dtype)
 
@@ -116,6 +120,7 @@ class EngineCore:
         input_ids: list[int],
         params: SamplingParams,
         return_logprob: bool = False,
+        bootstrap: BootstrapInfo | None = None,
     ) -> None:
         if rid in self._requests:
             raise RequestError(f"request id '{rid}' is already in use")
@@ -139,30 +144,61 @@ class EngineCore:
             return_logprob=return_logprob,
             max_len=self.max_context_len,
         )
-        self._requests[rid] = req
-        if params.max_new_tokens == 0:
+        if params.max_new_tokens == 0 and self.pipeline.mode == "null":
+            self._requests[rid] = req
             req.finish_reason = {"type": "length", "length": 0}
             self._finished_outside_step.append(req)
             return
-        self.scheduler.add(req)
+        self.pipeline.add(req, bootstrap)  # may refuse (RequestError) before we track it
+        self._requests[rid] = req
 
     def abort_request(self, rid: str, message: str = "aborted") -> bool:
         req = self._requests.get(rid)
         if req is None or req.finished:
             return False
+        if not self.pipeline.abort(req, message):
+            self.scheduler.remove(req)
         req.finish_reason = {"type": "abort", "message": message}
-        self.scheduler.remove(req)
         self._finished_outside_step.append(req)
         return True
 
+    def finish_request(self, req: Request, reason: dict[str, Any]) -> None:
+        """End a request from outside a forward pass (a pipeline's failure or completion);
+        frees its pages and reports it in the next step."""
+        if req.finished and req not in self._finished_outside_step:
+            return
+        self.scheduler.remove(req)
+        if req.finish_reason is None:
+            req.finish_reason = reason
+        self._finished_outside_step.append(req)
+
+    def start_decoding(self, req: Request, first_token: int, logprob: float | None) -> None:
+        """Decode mode: a request whose prompt KV arrived joins the running batch with the
+        first token prefill sampled, exactly where unified mode would be after prefill."""
+        req.num_computed = len(req.prompt_ids)
+        self._publish_full_pages(req)
+        self._append_token(req, first_token, logprob)
+        if req.finished:
+            self.finish_request(req, req.finish_reason)
+            return
+        self.scheduler.adopt_running(req)
+        self._ready_outputs.append(req.take_output())
+
     # ----- the loop ----------------------------------------------------------------------
     def has_work(self) -> bool:
-        return self.scheduler.has_work() or bool(self._finished_outside_step)
+        return (
+            self.scheduler.has_work()
+            or bool(self._finished_outside_step)
+            or self.pipeline.num_queued() > 0
+        )
 
     def step(self) -> list[RequestOutput]:
-        outputs = [self._finish(req) for req in self._finished_outside_step]
+        self.pipeline.advance()
+        outputs, self._ready_outputs = self._ready_outputs, []
+        outputs.extend(self._finish(req) for req in self._finished_outside_step)
         self._finished_outside_step = []
         batch = self.scheduler.schedule()
+        self.last_step_ran_forward = batch is not None
         if batch is None:
             return outputs
         forward = self.runner.build(batch)
@@ -183,7 +219,11 @@ class EngineCore:
         tokens, logprobs = sample(logits, sampled, self.eos_ids)
         outputs = []
         for i, req in enumerate(sampled):
-            self._append_token(req, tokens[i], None if logprobs is None else logprobs[i])
+            logprob = None if logprobs is None else logprobs[i]
+            first = not req.output_ids
+            self._append_token(req, tokens[i], logprob)
+            if first and self.pipeline.after_prefill(req, logprob):
+                continue  # prefill mode: the KV is on its way to decode
             if req.finished:
                 self.scheduler.remove(req)
                 outputs.append(self._finish(req))
@@ -229,15 +269,16 @@ class EngineCore:
 
     # ----- introspection -----------------------------------------------------------------
     def flush_cache(self) -> bool:
-        if self.scheduler.has_work():
+        if self.scheduler.has_work() or self.pipeline.num_queued():
             return False
         self.allocator.flush()
         return True
 
     def get_load(self) -> dict[str, int]:
+        queued = self.pipeline.num_queued()
         return {
-            "num_reqs": len(self.scheduler.running) + len(self.scheduler.waiting),
-            "num_waiting_reqs": len(self.scheduler.waiting),
+            "num_reqs": len(self.scheduler.running) + len(self.scheduler.waiting) + queued,
+            "num_waiting_reqs": len(self.scheduler.waiting) + queued,
             "num_tokens": self.allocator.num_used() * self.page_size,
         }
 
@@ -252,6 +293,7 @@ class EngineCore:
             "prefix_cache_tokens": self.allocator.num_cached() * self.page_size,
             "num_preemptions": self.scheduler.num_preemptions,
             "num_forward_steps": self.num_forward_steps,
+            **self.pipeline.queue_sizes(),
         }
 
     def server_info(self) -> dict[str, Any]:
@@ -269,7 +311,21 @@ class EngineCore:
             "schedule_policy": s.schedule_policy,
             "attention_backend": s.attention_backend,
             "disable_radix_cache": s.disable_radix_cache,
+            "disaggregation_mode": self.pipeline.mode,
             "vocab_size": self.resolved.config.vocab_size,
             "model_folder": str(Path(self.resolved.folder)),
             "startup_seconds": round(self.startup_seconds, 3),
         }
+
+
+def _make_pipeline(core: EngineCore, settings) -> Pipeline:
+    mode = settings.disaggregation_mode
+    if mode == "prefill":
+        from pdcore.disagg.prefill import PrefillPipeline
+
+        return PrefillPipeline(core, settings)
+    if mode == "decode":
+        from pdcore.disagg.decode import DecodePipeline
+
+        return DecodePipeline(core, settings)
+    return Pipeline(core)

@@ -78,15 +78,6 @@ class Request:
         return len(self.prompt_ids) + len(self.output_ids)
 
     @property
-    def prefill_done(self) -> bool:
-        """True once every token but the newest sampled one has KV (ready to decode)."""
-        return (
-            self.num_computed >= self.seq_len - 1
-            and self.num_computed > 0
-            and bool(self.output_ids)
-        )
-
-    @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 

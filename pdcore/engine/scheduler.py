@@ -145,6 +145,15 @@ class Scheduler:
         self.allocator.release(req.pages)
         req.pages, req.page_hashes, req.num_computed = [], [], 0
 
+    def adopt_running(self, req: Request) -> None:
+        """Take in a request whose KV is already in its pages (decode mode's prebuilt batch)."""
+        req.status = Status.RUNNING
+        self.running.append(req)
+
+    def detach(self, req: Request) -> None:
+        """Stop scheduling a request but keep its pages (prefill mode: KV being sent)."""
+        self.running.remove(req)
+
     def preempt(self, req: Request) -> None:
         """Free a running request's pages; it is recomputed (prompt + output so far) later."""
         self.num_preemptions += 1
