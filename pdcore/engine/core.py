@@ -165,7 +165,7 @@ class EngineCore:
     def finish_request(self, req: Request, reason: dict[str, Any]) -> None:
         """End a request from outside a forward pass (a pipeline's failure or completion);
         frees its pages and reports it in the next step."""
-        if req.finished and req not in self._finished_outside_step:
+        if req in self._finished_outside_step:
             return
         self.scheduler.remove(req)
         if req.finish_reason is None:

@@ -51,6 +51,7 @@ class Job:
     input_ids: list[int]
     sampling_params: dict[str, Any]
     return_logprob: bool = False
+    bootstrap: dict[str, Any] | None = None  # PD: {"host", "port", "room"} from the router
 
 
 _DEAD = object()
@@ -205,6 +206,7 @@ class EngineClient:
                     "rid": job.rid,
                     "input_ids": job.input_ids,
                     "sampling_params": job.sampling_params,
+                    "bootstrap": job.bootstrap,
                     "return_logprob": job.return_logprob,
                 }
                 for job in jobs

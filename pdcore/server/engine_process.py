@@ -30,6 +30,7 @@ from typing import Any
 import msgpack
 import zmq
 
+from pdcore.engine.pipeline import BootstrapInfo
 from pdcore.engine.sampling_params import SamplingParams, SamplingParamsError
 from pdcore.settings import ServerSettings
 
@@ -37,6 +38,7 @@ logger = logging.getLogger("pdcore.engine_process")
 
 DEFAULT_ENGINE_FACTORY = "pdcore.engine.core:EngineCore"
 IDLE_POLL_MS = 20  # how long an idle engine blocks waiting for a request
+WAITING_POLL_MS = 1  # with requests only waiting on the network
 PARENT_CHECK_EVERY = 50  # idle iterations between checks that the frontend is still alive
 
 
@@ -170,8 +172,13 @@ class EngineLoop:
     def run(self) -> None:
         idle_iterations = 0
         while True:
-            busy = self.core.has_work()
-            if self.pull.poll(0 if busy else IDLE_POLL_MS):
+            if not self.core.has_work():
+                timeout = IDLE_POLL_MS
+            elif getattr(self.core, "last_step_ran_forward", True):
+                timeout = 0
+            else:  # only waiting on network (PD handshakes, transfers): don't spin a core
+                timeout = WAITING_POLL_MS
+            if self.pull.poll(timeout):
                 self._drain()
             if self.core.has_work():
                 idle_iterations = 0
@@ -219,7 +226,11 @@ class EngineLoop:
         try:
             params = SamplingParams.from_dict(msg.get("sampling_params"))
             self.core.add_request(
-                rid, list(msg["input_ids"]), params, bool(msg.get("return_logprob", False))
+                rid,
+                list(msg["input_ids"]),
+                params,
+                bool(msg.get("return_logprob", False)),
+                bootstrap=BootstrapInfo.from_message(msg.get("bootstrap")),
             )
         except self.user_errors as exc:
             self.outbox.append({"type": "error", "rid": rid, "message": str(exc), "status": 400})

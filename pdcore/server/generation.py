@@ -54,6 +54,7 @@ def make_job(
     return_logprob: bool = False,
     add_special_tokens: bool = True,
     clamp_only: bool = True,
+    bootstrap: dict[str, Any] | None = None,
 ) -> Job:
     """Tokenize (if text) and check a prompt; fit max_new_tokens into the context.
 
@@ -79,7 +80,36 @@ def make_job(
     sp = dict(sampling)
     room = ctx - n
     sp["max_new_tokens"] = min(sp["max_new_tokens"], room) if clamp_only else room
-    return Job(rid=rid, input_ids=ids, sampling_params=sp, return_logprob=return_logprob)
+    return Job(
+        rid=rid,
+        input_ids=ids,
+        sampling_params=sp,
+        return_logprob=return_logprob,
+        bootstrap=bootstrap,
+    )
+
+
+def bootstrap_fields(
+    host: Any, port: Any, room: Any, index: int | None = None
+) -> dict[str, Any] | None:
+    """The PD routing fields of one prompt (a batch carries a list of rooms), checked."""
+    if isinstance(room, list):
+        if index is None or index >= len(room):
+            raise ProtocolError(
+                "bootstrap_room must have one room per prompt", param="bootstrap_room"
+            )
+        room = room[index]
+    if room is None:
+        return None
+    if isinstance(room, bool) or not isinstance(room, int) or room < 0:
+        raise ProtocolError("bootstrap_room must be a non-negative integer", param="bootstrap_room")
+    if port is not None and (
+        isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536
+    ):
+        raise ProtocolError("bootstrap_port must be a port number or null", param="bootstrap_port")
+    if host is not None and not isinstance(host, str):
+        raise ProtocolError("bootstrap_host must be a string", param="bootstrap_host")
+    return {"host": host, "port": port, "room": room}
 
 
 @dataclass
@@ -163,6 +193,13 @@ class Generation:
         except EngineDeadError as exc:
             raise unavailable(f"The engine is not available: {exc}") from exc
         self.results[index].update(msg, self.state.metrics)
+        reason = msg.get("finish_reason") or {}
+        if reason.get("status_code"):  # the engine could not serve it (e.g. a PD transfer failed)
+            raise ProtocolError(
+                str(reason.get("message", "request failed")),
+                status=int(reason["status_code"]),
+                type="server_error",
+            )
         return index, msg
 
     async def wait_all(self) -> list[Result]:

@@ -14,7 +14,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from pdcore.server.generation import Generation, Result, ServerState, make_job
+from pdcore.server.generation import Generation, Result, ServerState, bootstrap_fields, make_job
 from pdcore.server.protocol import GenerateRequest, ProtocolError, parse_generate, parse_json
 from pdcore.server.streaming import (
     SSE_DONE,
@@ -63,6 +63,9 @@ async def generate(request: Request) -> Response:
             req.sampling_params[i],
             param=param,
             return_logprob=req.return_logprob[i],
+            bootstrap=bootstrap_fields(
+                req.bootstrap_host, req.bootstrap_port, req.bootstrap_room, i
+            ),
         )
         for i in range(n)
     ]

@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from pdcore.server.engine_client import Job
-from pdcore.server.generation import Generation, Result, ServerState, make_job
+from pdcore.server.generation import Generation, Result, ServerState, bootstrap_fields, make_job
 from pdcore.server.native_api import CLIENT_CLOSED
 from pdcore.server.protocol import (
     OpenAIRequest,
@@ -205,6 +205,9 @@ async def completions(request: Request) -> Response:
             req.sampling,
             param="prompt",
             return_logprob=req.logprobs is not None,
+            bootstrap=bootstrap_fields(
+                req.bootstrap_host, req.bootstrap_port, req.bootstrap_room, i
+            ),
         )
         for i, prompt in enumerate(req.prompts)
     ]
@@ -226,6 +229,7 @@ async def chat_completions(request: Request) -> Response:
         return_logprob=req.logprobs is not None,
         add_special_tokens=False,  # the template already wrote BOS and friends
         clamp_only=req.max_tokens_given,
+        bootstrap=bootstrap_fields(req.bootstrap_host, req.bootstrap_port, req.bootstrap_room, 0),
     )
     return await _Call(state, req, call_id, [job], chat=True).respond(request)
 

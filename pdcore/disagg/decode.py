@@ -1,0 +1,109 @@
+"""The decode instance's request lifecycle, in one place (the reference's four queues).
+
+1. Prealloc queue: a KVReceiver per request handshakes with the prefill instance named by
+   bootstrap_host/port; once it is ready and pages are free, the prompt's pages are
+   allocated here and their addresses sent to prefill, which writes straight into them.
+2. Transfer queue: the receiver is polled (non-blocking) until the KV and the first token
+   (sampled on prefill) have arrived.
+3. Waiting queue -> 4. running batch: the request joins the scheduler's running batch as a
+   prebuilt sequence — no prefill forward here — exactly where unified mode would stand
+   after its prefill, so outputs equal unified mode's.
+Failures (prefill dead per heartbeat, waiting timeout, abort) end the request clearly and
+free its pages.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+from pdcore.disagg.kv_poll import KVPoll
+from pdcore.disagg.prefill import pd_failure
+from pdcore.engine.pipeline import BootstrapInfo, Pipeline
+from pdcore.engine.request import Request, RequestError
+
+if TYPE_CHECKING:
+    from pdcore.engine.core import EngineCore
+
+
+class DecodePipeline(Pipeline):
+    mode = "decode"
+
+    def __init__(self, core: EngineCore, settings) -> None:
+        super().__init__(core)
+        from pdcore.disagg.decode_side import DecodeKVManager
+
+        self.manager = DecodeKVManager(settings, core.runner.pool)
+        self.prealloc_queue: OrderedDict[Request, Any] = OrderedDict()
+        self.transfer_queue: dict[Request, Any] = {}
+
+    def add(self, req: Request, bootstrap: BootstrapInfo | None) -> None:
+        if bootstrap is None or bootstrap.room is None or not bootstrap.host:
+            raise RequestError(
+                "this server runs with --disaggregation-mode decode: requests need "
+                "bootstrap_host and bootstrap_room (send them through a PD router)"
+            )
+        receiver = self.manager.create_receiver(bootstrap.room, bootstrap.host, bootstrap.port)
+        self.prealloc_queue[req] = receiver
+
+    def advance(self) -> None:
+        self.manager.tick()
+        self._advance_prealloc()
+        for req, receiver in list(self.transfer_queue.items()):
+            state = receiver.poll()
+            if state == KVPoll.Success:
+                del self.transfer_queue[req]
+                self.core.start_decoding(req, receiver.first_token, receiver.first_logprob)
+            elif state == KVPoll.Failed:
+                del self.transfer_queue[req]
+                self._fail(req, receiver)
+
+    def _advance_prealloc(self) -> None:
+        scheduler = self.core.scheduler
+        allocator = self.core.allocator
+        for req, receiver in list(self.prealloc_queue.items()):
+            state = receiver.poll()
+            if state == KVPoll.Failed:
+                del self.prealloc_queue[req]
+                self._fail(req, receiver)
+                continue
+            if state != KVPoll.WaitingForInput:
+                continue
+            in_flight = len(scheduler.running) + len(self.transfer_queue)
+            need = -(-len(req.prompt_ids) // self.core.page_size)
+            # Keep a page per running request so pre-allocation never starves decoding.
+            if in_flight >= scheduler.max_running or need > allocator.num_available() - len(
+                scheduler.running
+            ):
+                break  # first come, first served: later requests wait behind this one
+            req.pages = allocator.allocate(need)
+            del self.prealloc_queue[req]
+            self.transfer_queue[req] = receiver
+            receiver.prealloc(list(req.pages))
+
+    def _fail(self, req: Request, receiver) -> None:
+        reason = receiver.failure_reason or "KV transfer from the prefill instance failed"
+        self.core.finish_request(req, pd_failure(f"decode: {reason}"))
+
+    def abort(self, req: Request, message: str) -> bool:
+        receiver = self.prealloc_queue.pop(req, None) or self.transfer_queue.pop(req, None)
+        if receiver is None:
+            return False
+        receiver.abort(message)
+        self.core.scheduler.remove(req)  # frees pre-allocated pages
+        return True
+
+    def num_queued(self) -> int:
+        return len(self.prealloc_queue) + len(self.transfer_queue)
+
+    def queue_sizes(self) -> dict[str, int]:
+        return {
+            "num_prealloc_queue_reqs": len(self.prealloc_queue),
+            "num_transfer_queue_reqs": len(self.transfer_queue),
+        }
+
+    def metrics(self) -> dict[str, Any]:
+        return self.manager.metrics()
+
+    def close(self) -> None:
+        self.manager.close()

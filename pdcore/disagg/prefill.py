@@ -1,0 +1,109 @@
+"""The prefill instance's request lifecycle, in one place (the reference's three queues).
+
+1. Bootstrap queue: a KVSender per request handshakes with its decode instance, which
+   pre-allocates pages for the prompt; until then the prompt is not computed.
+2. Waiting queue: the engine's ordinary scheduler runs the prompt through the model
+   (chunked prefill and prefix caching as in unified mode) and samples the first token.
+3. Inflight queue: the prompt's pages and the first token go to decode; the request
+   holds its pages until the transfer is polled done (non-blocking), then finishes.
+Any failure (handshake, timeout, dead peer, abort) ends the request with a clear reason
+and frees its pages.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from pdcore.disagg.kv_poll import KVPoll
+from pdcore.engine.pipeline import BootstrapInfo, Pipeline
+from pdcore.engine.request import Request, RequestError
+
+if TYPE_CHECKING:
+    from pdcore.engine.core import EngineCore
+
+
+def pd_failure(message: str) -> dict[str, Any]:
+    """finish_reason of a request PD could not serve; the HTTP layer turns it into a 5xx."""
+    return {"type": "abort", "message": message, "status_code": 502}
+
+
+class PrefillPipeline(Pipeline):
+    mode = "prefill"
+
+    def __init__(self, core: EngineCore, settings) -> None:
+        super().__init__(core)
+        from pdcore.disagg.prefill_side import PrefillKVManager
+
+        self.manager = PrefillKVManager(settings, core.runner.pool, settings.host)
+        self.bootstrap_queue: dict[Request, Any] = {}
+        self.inflight: dict[Request, Any] = {}
+        self._senders: dict[Request, Any] = {}
+
+    def add(self, req: Request, bootstrap: BootstrapInfo | None) -> None:
+        if bootstrap is None or bootstrap.room is None:
+            raise RequestError(
+                "this server runs with --disaggregation-mode prefill: requests need a "
+                "bootstrap_room (send them through a PD router)"
+            )
+        sender = self.manager.create_sender(bootstrap.room)
+        self._senders[req] = sender
+        self.bootstrap_queue[req] = sender
+
+    def advance(self) -> None:
+        self.manager.tick()
+        for req, sender in list(self.bootstrap_queue.items()):
+            state = sender.poll()
+            if state == KVPoll.WaitingForInput:
+                del self.bootstrap_queue[req]
+                self.core.scheduler.add(req)
+            elif state == KVPoll.Failed:
+                del self.bootstrap_queue[req]
+                self._fail(req, sender)
+        for req, sender in list(self.inflight.items()):
+            state = sender.poll()
+            if state == KVPoll.Success:
+                del self.inflight[req]
+                self._senders.pop(req, None)
+                # The prefill leg's answer: its one token; the client reads decode's.
+                self.core.finish_request(req, {"type": "length", "length": len(req.output_ids)})
+            elif state == KVPoll.Failed:
+                del self.inflight[req]
+                self._fail(req, sender)
+
+    def after_prefill(self, req: Request, logprob: float | None) -> bool:
+        sender = self._senders[req]
+        prompt_pages = req.pages[: -(-len(req.prompt_ids) // self.core.page_size)]
+        sender.send(prompt_pages, req.output_ids[0], logprob)
+        self.core.scheduler.detach(req)
+        self.inflight[req] = sender
+        return True
+
+    def _fail(self, req: Request, sender) -> None:
+        self._senders.pop(req, None)
+        reason = sender.failure_reason or "KV transfer to the decode instance failed"
+        self.core.finish_request(req, pd_failure(f"prefill: {reason}"))
+
+    def abort(self, req: Request, message: str) -> bool:
+        sender = self._senders.pop(req, None)
+        if sender is None:
+            return False
+        sender.abort(message)
+        self.bootstrap_queue.pop(req, None)
+        self.inflight.pop(req, None)
+        self.core.scheduler.remove(req)  # frees its pages wherever it was
+        return True
+
+    def num_queued(self) -> int:
+        return len(self.bootstrap_queue) + len(self.inflight)
+
+    def queue_sizes(self) -> dict[str, int]:
+        return {
+            "num_bootstrap_queue_reqs": len(self.bootstrap_queue),
+            "num_inflight_queue_reqs": len(self.inflight),
+        }
+
+    def metrics(self) -> dict[str, Any]:
+        return self.manager.metrics()
+
+    def close(self) -> None:
+        self.manager.close()
