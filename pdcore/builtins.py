@@ -31,6 +31,12 @@ def _lpm_policy(**kwargs: Any) -> Any:
     return LPMPolicy(**kwargs)
 
 
+def _round_robin_policy(**kwargs: Any) -> Any:
+    from pdcore.router.policies import RoundRobinPolicy
+
+    return RoundRobinPolicy(**kwargs)
+
+
 @hookimpl
 def pdcore_register_attention_backends(register: Register) -> None:
     register(
@@ -47,4 +53,13 @@ def pdcore_register_schedule_policies(register: Register) -> None:
         "lpm",
         _lpm_policy,
         description="longest prefix match first, to reuse the prefix cache (SGLang's lpm)",
+    )
+
+
+@hookimpl
+def pdcore_register_routing_policies(register: Register) -> None:
+    register(
+        "round_robin",
+        _round_robin_policy,
+        description="the next prefill and the next decode server in turn",
     )

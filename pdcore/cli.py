@@ -1,4 +1,4 @@
-"""The `pdcore` command: `serve`, `plugins`, `version` (and later `router`, `launch`, `bench`).
+"""The `pdcore` command: `serve`, `router`, `plugins`, `version` (and later `launch`, `bench`).
 
 Each subcommand is a pair of functions -- one adds its arguments, one runs it -- listed in
 `_COMMANDS`, so adding a subcommand touches one place. Heavy modules (the server, torch)
@@ -30,6 +30,21 @@ def _run_serve(args: argparse.Namespace) -> int:
 
     rc = run_server(settings)
     return rc if isinstance(rc, int) else 0
+
+
+def _add_router(parser: argparse.ArgumentParser) -> None:
+    from pdcore.router.settings import add_router_arguments
+
+    add_router_arguments(parser)
+
+
+def _run_router(args: argparse.Namespace) -> int:
+    from pdcore.router.settings import RouterSettings
+
+    settings = settings_or_exit(RouterSettings, args, args.subparser)
+    from pdcore.router.launch import run_router
+
+    return run_router(settings)
 
 
 def _add_plugins(parser: argparse.ArgumentParser) -> None:
@@ -89,6 +104,7 @@ def _run_version(args: argparse.Namespace) -> int:
 Command = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[..., int]]
 _COMMANDS: list[Command] = [
     ("serve", "run a model server (unified, prefill or decode)", _add_serve, _run_serve),
+    ("router", "route requests to prefill/decode server pairs", _add_router, _run_router),
     ("plugins", "list installed plugins and what they offer", _add_plugins, _run_plugins),
     ("version", "print the pdcore version", _add_version, _run_version),
 ]

@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic_settings import BaseSettings
 
+from pdcore.router.settings import RouterSettings
 from pdcore.settings_base import (
     InvalidSettingsError,
     PdcoreSettings,
@@ -120,8 +121,12 @@ def parse_serve_args(argv: Sequence[str] | None = None) -> ServerSettings:
     return settings_or_exit(ServerSettings, parser.parse_args(argv), parser)
 
 
-# Models whose tables docs/configuration.md embeds between BEGIN/END markers.
-DOC_MODELS: dict[str, type[BaseSettings]] = {"ServerSettings": ServerSettings}
+# Models whose tables the docs embed between BEGIN/END markers (docs/configuration.md;
+# RouterSettings: docs/router.md).
+DOC_MODELS: dict[str, type[BaseSettings]] = {
+    "ServerSettings": ServerSettings,
+    "RouterSettings": RouterSettings,
+}
 
 
 def update_doc(text: str) -> str:

@@ -92,13 +92,18 @@ def make_job(
 def bootstrap_fields(
     host: Any, port: Any, room: Any, index: int | None = None
 ) -> dict[str, Any] | None:
-    """The PD routing fields of one prompt (a batch carries a list of rooms), checked."""
-    if isinstance(room, list):
-        if index is None or index >= len(room):
-            raise ProtocolError(
-                "bootstrap_room must have one room per prompt", param="bootstrap_room"
-            )
-        room = room[index]
+    """The PD routing fields of one prompt, checked. For a batch, SGLang's routers send a
+    list for each of the three fields, one entry per prompt."""
+
+    def pick(value: Any, name: str) -> Any:
+        if not isinstance(value, list):
+            return value
+        if index is None or index >= len(value):
+            raise ProtocolError(f"{name} must have one entry per prompt", param=name)
+        return value[index]
+
+    host, port = pick(host, "bootstrap_host"), pick(port, "bootstrap_port")
+    room = pick(room, "bootstrap_room")
     if room is None:
         return None
     if isinstance(room, bool) or not isinstance(room, int) or room < 0:

@@ -1,0 +1,242 @@
+"""The Starlette app of `pdcore router`: the PD routes, admin routes over all workers,
+request metrics, and OpenAI-style error bodies.
+
+Generation goes through `pd.route_pd`; the admin routes fan out to the workers at once and
+say, per worker, what each answered, so one dead worker is named rather than hidden.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import httpx
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+import pdcore
+from pdcore.router.metrics import CONTENT_TYPE
+from pdcore.router.pd import FORWARDED_HEADERS, RouterState, route_pd
+from pdcore.router.policies import Worker
+from pdcore.server.protocol import ProtocolError, error_body
+
+ADMIN_TIMEOUT_S = 10.0
+HEALTH_GENERATE_TIMEOUT_S = 70.0  # a worker's own /health_generate waits up to 60 s
+
+
+def _state(request: Request) -> RouterState:
+    return request.app.state.router
+
+
+def _headers(request: Request) -> dict[str, str]:
+    return {h: request.headers[h] for h in FORWARDED_HEADERS if h in request.headers}
+
+
+async def _call(
+    state: RouterState,
+    worker: Worker,
+    method: str,
+    path: str,
+    headers: dict[str, str],
+    timeout: float = ADMIN_TIMEOUT_S,
+) -> dict[str, Any]:
+    """One admin call: {"url", "role", "status", "body"} or {"url", "role", "error"}."""
+    out: dict[str, Any] = {"url": worker.url, "role": worker.role}
+    try:
+        r = await state.client.request(method, worker.url + path, headers=headers, timeout=timeout)
+    except httpx.HTTPError as exc:
+        out["error"] = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        return out
+    out["status"] = r.status_code
+    try:
+        out["body"] = r.json()
+    except ValueError:
+        out["body"] = r.text
+    return out
+
+
+async def _fan_out(
+    request: Request, method: str, path: str, timeout: float = ADMIN_TIMEOUT_S
+) -> list[dict[str, Any]]:
+    state = _state(request)
+    workers = [*state.prefills, *state.decodes]
+    headers = _headers(request)
+    calls = (_call(state, w, method, path, headers, timeout) for w in workers)
+    return list(await asyncio.gather(*calls))
+
+
+def _ok(result: dict[str, Any]) -> bool:
+    return 200 <= result.get("status", 0) < 300
+
+
+def _describe(result: dict[str, Any]) -> str:
+    what = result.get("error")
+    if what is None:
+        body = result.get("body")
+        msg = body.get("error", {}).get("message") if isinstance(body, dict) else None
+        what = f"HTTP {result['status']}" + (f": {msg}" if msg else "")
+    return f"{result['role']} {result['url']}: {what}"
+
+
+def _by_role(results: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    return {
+        "prefill": [r for r in results if r["role"] == "prefill"],
+        "decode": [r for r in results if r["role"] == "decode"],
+    }
+
+
+async def health(request: Request) -> Response:
+    """200 while the router runs (workers are checked by /health_generate)."""
+    return Response(status_code=200)
+
+
+async def health_generate(request: Request) -> Response:
+    """Every worker's /health_generate; 200 only when all of them pass."""
+    results = await _fan_out(request, "GET", "/health_generate", HEALTH_GENERATE_TIMEOUT_S)
+    bad = [r for r in results if not _ok(r)]
+    if bad:
+        message = "health_generate failed on " + "; ".join(_describe(r) for r in bad)
+        return JSONResponse(error_body(message, type="service_unavailable_error"), 503)
+    return Response(status_code=200)
+
+
+async def _first_decode(request: Request, path: str) -> Response:
+    state = _state(request)
+    result = await _call(state, state.decodes[0], "GET", path, _headers(request))
+    if "error" in result:
+        message = f"the decode server {state.decodes[0].url} did not answer {path}: "
+        return JSONResponse(error_body(message + result["error"], type="server_error"), 502)
+    return JSONResponse(result["body"], status_code=result["status"])
+
+
+async def models(request: Request) -> Response:
+    return await _first_decode(request, "/v1/models")
+
+
+async def model_info(request: Request) -> Response:
+    return await _first_decode(request, "/get_model_info")
+
+
+async def server_info(request: Request) -> Response:
+    """The router's own settings and each worker's /server_info."""
+    state = _state(request)
+    results = await _fan_out(request, "GET", "/server_info")
+    for r, w in zip(results, [*state.prefills, *state.decodes], strict=True):
+        if w.role == "prefill":
+            r["bootstrap_port"] = w.bootstrap_port
+        r["server_info"] = r.pop("body", None)
+    router = state.settings.model_dump(mode="json")
+    router.update({"version": pdcore.__version__, "mode": "pd"})
+    return JSONResponse({"router": router, **_by_role(results)})
+
+
+async def get_load(request: Request) -> Response:
+    """Each worker's /get_load, with the router's own count of its requests in flight."""
+    state = _state(request)
+    results = await _fan_out(request, "GET", "/get_load")
+    for r, w in zip(results, [*state.prefills, *state.decodes], strict=True):
+        r["load"] = r.pop("body", None)
+        r["router_in_flight"] = w.in_flight
+    return JSONResponse(_by_role(results))
+
+
+async def flush_cache(request: Request) -> Response:
+    """POST /flush_cache to every worker; 200 only when all flushed."""
+    results = await _fan_out(request, "POST", "/flush_cache")
+    bad = [r for r in results if not _ok(r)]
+    if not bad:
+        return Response("Cache flushed on all workers.\n", media_type="text/plain")
+    status = 400 if all(400 <= r.get("status", 0) < 500 for r in bad) else 502
+    message = "Cache not flushed on " + "; ".join(_describe(r) for r in bad)
+    return JSONResponse(error_body(message, type="server_error"), status_code=status)
+
+
+async def metrics(request: Request) -> Response:
+    return Response(_state(request).metrics.render(), media_type=CONTENT_TYPE)
+
+
+ROUTES = [
+    Route("/generate", route_pd, methods=["POST"]),
+    Route("/v1/completions", route_pd, methods=["POST"]),
+    Route("/v1/chat/completions", route_pd, methods=["POST"]),
+    Route("/health", health, methods=["GET"]),
+    Route("/health_generate", health_generate, methods=["GET"]),
+    Route("/v1/models", models, methods=["GET"]),
+    Route("/get_model_info", model_info, methods=["GET"]),
+    Route("/model_info", model_info, methods=["GET"]),
+    Route("/get_server_info", server_info, methods=["GET"]),
+    Route("/server_info", server_info, methods=["GET"]),
+    Route("/get_load", get_load, methods=["GET"]),
+    Route("/flush_cache", flush_cache, methods=["GET", "POST"]),
+    Route("/metrics", metrics, methods=["GET"]),
+]
+_ROUTE_PATHS = {route.path for route in ROUTES}
+
+
+class MetricsMiddleware:
+    """Counts every request by route (unknown paths share one label) and status, and
+    observes its latency up to the end of the response (a stream's last event)."""
+
+    def __init__(self, app: ASGIApp, state: RouterState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = [500]
+        t0 = time.monotonic()
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        route = scope["path"] if scope["path"] in _ROUTE_PATHS else "other"
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            self.state.metrics.observe_request(route, status[0], time.monotonic() - t0)
+
+
+async def _protocol_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ProtocolError)
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        message = f"Not found: {request.method} {request.url.path}"
+    elif exc.status_code == 405:
+        message = f"Method {request.method} is not allowed on {request.url.path}"
+    else:
+        message = str(exc.detail)
+    body = error_body(message, code=exc.status_code)
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    body = error_body(f"Router error: {type(exc).__name__}: {exc}", type="server_error")
+    return JSONResponse(body, status_code=500)
+
+
+def build_app(state: RouterState) -> Starlette:
+    """The router app; `state` is reachable from routes as request.app.state.router."""
+    app = Starlette(
+        routes=ROUTES,
+        middleware=[Middleware(MetricsMiddleware, state=state)],
+        exception_handlers={
+            ProtocolError: _protocol_error,
+            HTTPException: _http_error,
+            Exception: _internal_error,
+        },
+    )
+    app.state.router = state
+    return app
