@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic_settings import BaseSettings
 
+from pdcore.disagg.settings import DisaggSettings
 from pdcore.router.settings import RouterSettings
 from pdcore.settings_base import (
     InvalidSettingsError,
@@ -43,8 +44,8 @@ __all__ = [
 ]
 
 
-class ServerSettings(PdcoreSettings):
-    """Model server settings (pdcore serve)."""
+class ServerSettings(DisaggSettings):
+    """Model server settings (pdcore serve), including the PD disaggregation ones."""
 
     model_path: str | None = setting(
         None,

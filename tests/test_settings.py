@@ -135,7 +135,8 @@ def test_unavailable_plugin_is_refused(capsys):
     assert expected in serve_error(["--attention-backend", "triton"], capsys)
 
 
-def test_help_lists_every_flag_and_env(capsys):
+def test_help_lists_every_flag_and_env(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")  # so argparse does not break long env var names
     with pytest.raises(SystemExit) as exc:
         parse_serve_args(["--help"])
     assert exc.value.code == 0
