@@ -1,4 +1,4 @@
-"""The `pdcore` command: `serve`, `router`, `plugins`, `version` (and later `launch`, `bench`).
+"""The `pdcore` command: `serve`, `router`, `launch`, `plugins`, `version`.
 
 Each subcommand is a pair of functions -- one adds its arguments, one runs it -- listed in
 `_COMMANDS`, so adding a subcommand touches one place. Heavy modules (the server, torch)
@@ -45,6 +45,18 @@ def _run_router(args: argparse.Namespace) -> int:
     from pdcore.router.launch import run_router
 
     return run_router(settings)
+
+
+def _add_launch(parser: argparse.ArgumentParser) -> None:
+    from pdcore.launch import add_launch_arguments
+
+    add_launch_arguments(parser)
+
+
+def _run_launch(args: argparse.Namespace) -> int:
+    from pdcore.launch import run_launch
+
+    return run_launch(args)
 
 
 def _add_plugins(parser: argparse.ArgumentParser) -> None:
@@ -105,6 +117,12 @@ Command = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[..
 _COMMANDS: list[Command] = [
     ("serve", "run a model server (unified, prefill or decode)", _add_serve, _run_serve),
     ("router", "route requests to prefill/decode server pairs", _add_router, _run_router),
+    (
+        "launch",
+        "start a router, prefill and decode servers on this machine",
+        _add_launch,
+        _run_launch,
+    ),
     ("plugins", "list installed plugins and what they offer", _add_plugins, _run_plugins),
     ("version", "print the pdcore version", _add_version, _run_version),
 ]

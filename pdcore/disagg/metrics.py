@@ -1,0 +1,72 @@
+"""Transfer counters one manager keeps, per backend, for /metrics and observation hooks."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+
+class TransferStats:
+    """Bytes, counts, failures and latency samples of one side's transfers. Latency samples
+    are handed out once (`snapshot` drains them), so a histogram observes each exactly once."""
+
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+        self._lock = threading.Lock()
+        self._bytes = 0
+        self._ok = 0
+        self._failed = 0
+        self._samples: list[float] = []
+        self._events: list[dict[str, Any]] = []
+
+    def record(
+        self, room: int, role: str, ok: bool, nbytes: int, latency_s: float, error: str | None
+    ) -> None:
+        with self._lock:
+            if ok:
+                self._ok += 1
+                self._bytes += nbytes
+                self._samples.append(latency_s)
+            else:
+                self._failed += 1
+            if len(self._events) >= 10_000:  # nobody emits them: keep memory bounded
+                del self._events[:1000]
+            self._events.append(
+                {
+                    "bootstrap_room": room,
+                    "backend": self.backend,
+                    "role": role,
+                    "success": ok,
+                    "bytes": nbytes,
+                    "latency_s": latency_s,
+                    "error": error,
+                }
+            )
+
+    def snapshot(self) -> dict[str, Any]:
+        """{"transfer": {backend: {bytes_total, transfers_total, failures_total,
+        latency_samples_s}}}; latency samples are those since the last call."""
+        with self._lock:
+            samples, self._samples = self._samples[-10_000:], []
+            return {
+                "transfer": {
+                    self.backend: {
+                        "bytes_total": self._bytes,
+                        "transfers_total": self._ok,
+                        "failures_total": self._failed,
+                        "latency_samples_s": samples,
+                    }
+                }
+            }
+
+    def emit_events(self) -> None:
+        """Call the pdcore_kv_transfer_finished hook for rooms ended since the last call; on
+        the engine thread, outside every control-plane lock, so a slow observer delays
+        nothing but itself."""
+        with self._lock:
+            events, self._events = self._events, []
+        if events:
+            from pdcore.plugins import notify
+
+            for info in events:
+                notify("pdcore_kv_transfer_finished", {"rid": None, **info})

@@ -1,0 +1,112 @@
+"""Router -> prefill -> nixl -> decode, all real processes: greedy outputs equal
+transformers' (and so unified mode's), and nothing is left held afterwards."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from pdcore.model.tokenizer import load_tokenizer
+from pdcore.plugins import get_registry
+from tests.conftest import free_port
+from tests.parity import assert_matches_hf, run_parity_requests
+from tests.server_helpers import ServerProcess, wait_until
+from tests.test_router_helpers import RouterProcess, pd_flags
+
+nixl_available = "nixl" in get_registry("transfer_backend") and all(
+    info.available for info in get_registry("transfer_backend").describe() if info.name == "nixl"
+)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not nixl_available, reason="the nixl transfer backend is not installed"),
+]
+
+# Keep PD's own settings out of whatever the caller's environment says.
+ENV = {k: v for k, v in os.environ.items() if not k.startswith(("PDCORE_", "SGLANG_"))}
+
+
+class PDDeployment:
+    def __init__(self, model: Path, tmp: Path, backend: str = "nixl") -> None:
+        self.boot_port = free_port()
+        common = ["--backend", backend]
+        self.prefill = ServerProcess(
+            model,
+            tmp / "prefill.log",
+            *common,
+            "--disaggregation-mode",
+            "prefill",
+            "--disaggregation-bootstrap-port",
+            str(self.boot_port),
+            env=ENV,
+        )
+        self.decode = ServerProcess(
+            model, tmp / "decode.log", *common, "--disaggregation-mode", "decode", env=ENV
+        )
+        self.router: RouterProcess | None = None
+        self.tmp = tmp
+
+    def start(self) -> PDDeployment:
+        self.prefill.wait_ready()
+        self.decode.wait_ready()
+        flags = pd_flags([(self.prefill.url, self.boot_port)], [self.decode.url])
+        self.router = RouterProcess(self.tmp / "router.log", *flags, env={"PDCORE_PLUGINS": ""})
+        self.router.wait_ready()
+        return self
+
+    def stop(self) -> None:
+        for proc in (self.router, self.decode, self.prefill):
+            if proc is not None:
+                proc.stop()
+
+
+@pytest.fixture(scope="module")
+def pd(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PDDeployment]:
+    deployment = PDDeployment(tiny_llama_dir, tmp_path_factory.mktemp("pd"))
+    try:
+        yield deployment.start()
+    finally:
+        deployment.stop()
+
+
+def _idle_tokens(url: str) -> int:
+    with httpx.Client(base_url=url, timeout=30) as client:
+        assert wait_until(lambda: client.get("/get_load").json()[0]["num_reqs"] == 0, 30)
+        assert client.post("/flush_cache").status_code == 200
+        return client.get("/get_load").json()[0]["num_tokens"]
+
+
+def test_pd_greedy_outputs_equal_transformers(pd: PDDeployment, tiny_llama_dir: Path) -> None:
+    tok = load_tokenizer(str(tiny_llama_dir))
+    results = run_parity_requests(pd.router.url, tok)
+    assert_matches_hf(results, str(tiny_llama_dir), tok)
+    assert _idle_tokens(pd.prefill.url) == 0
+    assert _idle_tokens(pd.decode.url) == 0
+
+
+def test_pd_server_info_names_the_mode(pd: PDDeployment) -> None:
+    assert httpx.get(pd.prefill.url + "/server_info").json()["disaggregation_mode"] == "prefill"
+    assert httpx.get(pd.decode.url + "/server_info").json()["disaggregation_mode"] == "decode"
+
+
+def test_request_without_bootstrap_is_a_clear_400(pd: PDDeployment) -> None:
+    r = httpx.post(pd.decode.url + "/generate", json={"text": "hi"}, timeout=30)
+    assert r.status_code == 400
+    assert "bootstrap" in r.json()["error"]["message"]
+
+
+def test_bootstrap_host_pointing_nowhere_fails_in_bounded_time(pd: PDDeployment) -> None:
+    body = {
+        "text": "hello",
+        "sampling_params": {"max_new_tokens": 4},
+        "bootstrap_host": "127.0.0.1",
+        "bootstrap_port": free_port(),  # nothing listens there
+        "bootstrap_room": 12345,
+    }
+    r = httpx.post(pd.decode.url + "/generate", json=body, timeout=120)
+    assert r.status_code >= 500
+    assert r.json()["error"]["message"]
+    assert _idle_tokens(pd.decode.url) == 0
