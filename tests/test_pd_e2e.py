@@ -3,7 +3,10 @@ transformers' (and so unified mode's), and nothing is left held afterwards."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,8 +32,23 @@ pytestmark = [
 ENV = {k: v for k, v in os.environ.items() if not k.startswith(("PDCORE_", "SGLANG_"))}
 
 
+class SglangRouterProcess(RouterProcess):
+    """SGLang's own router (the `sglang-router` package) in PD mode: the real client our
+    servers must stay wire-compatible with."""
+
+    def __init__(self, log_path: Path, *flags: str, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        args = [sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1"]
+        args += ["--port", str(self.port), *flags]
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=ENV)
+
+
 class PDDeployment:
-    def __init__(self, model: Path, tmp: Path, backend: str = "nixl") -> None:
+    def __init__(self, model: Path, tmp: Path, backend: str = "nixl", router=RouterProcess) -> None:
+        self.router_cls = router
         self.boot_port = free_port()
         common = ["--backend", backend]
         self.prefill = ServerProcess(
@@ -53,7 +71,7 @@ class PDDeployment:
         self.prefill.wait_ready()
         self.decode.wait_ready()
         flags = pd_flags([(self.prefill.url, self.boot_port)], [self.decode.url])
-        self.router = RouterProcess(self.tmp / "router.log", *flags, env={"PDCORE_PLUGINS": ""})
+        self.router = self.router_cls(self.tmp / "router.log", *flags, env={"PDCORE_PLUGINS": ""})
         self.router.wait_ready()
         return self
 
@@ -110,3 +128,19 @@ def test_bootstrap_host_pointing_nowhere_fails_in_bounded_time(pd: PDDeployment)
     assert r.status_code >= 500
     assert r.json()["error"]["message"]
     assert _idle_tokens(pd.decode.url) == 0
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("sglang_router") is None, reason="sglang-router is not installed"
+)
+def test_sglang_router_drives_our_pd_servers(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    deployment = PDDeployment(tiny_llama_dir, tmp_path, router=SglangRouterProcess)
+    try:
+        deployment.start()
+        tok = load_tokenizer(str(tiny_llama_dir))
+        results = run_parity_requests(deployment.router.url, tok)
+        assert_matches_hf(results, str(tiny_llama_dir), tok)
+        assert _idle_tokens(deployment.prefill.url) == 0
+        assert _idle_tokens(deployment.decode.url) == 0
+    finally:
+        deployment.stop()
