@@ -47,9 +47,20 @@ class SglangRouterProcess(RouterProcess):
 
 
 class PDDeployment:
-    def __init__(self, model: Path, tmp: Path, backend: str = "nixl", router=RouterProcess) -> None:
+    """One prefill and one decode `pdcore serve` (tiny model, fp32) and a router."""
+
+    def __init__(
+        self,
+        model: Path,
+        tmp: Path,
+        backend: str = "nixl",
+        router=RouterProcess,
+        decode_args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.router_cls = router
         self.boot_port = free_port()
+        env = env or ENV
         common = ["--backend", backend]
         self.prefill = ServerProcess(
             model,
@@ -59,10 +70,16 @@ class PDDeployment:
             "prefill",
             "--disaggregation-bootstrap-port",
             str(self.boot_port),
-            env=ENV,
+            env=env,
         )
         self.decode = ServerProcess(
-            model, tmp / "decode.log", *common, "--disaggregation-mode", "decode", env=ENV
+            model,
+            tmp / "decode.log",
+            *common,
+            "--disaggregation-mode",
+            "decode",
+            *decode_args,
+            env=env,
         )
         self.router: RouterProcess | None = None
         self.tmp = tmp
