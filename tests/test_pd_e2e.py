@@ -120,6 +120,13 @@ def test_pd_greedy_outputs_equal_transformers(pd: PDDeployment, tiny_llama_dir: 
     assert_matches_hf(results, str(tiny_llama_dir), tok)
     assert _idle_tokens(pd.prefill.url) == 0
     assert _idle_tokens(pd.decode.url) == 0
+    for url in (pd.prefill.url, pd.decode.url):
+        text = httpx.get(url + "/metrics").text
+        assert 'pdcore_kv_transfer_bytes{backend="nixl"}' in text
+        assert 'pdcore_kv_transfer_latency_seconds_count{backend="nixl"}' in text
+    sent = httpx.get(pd.prefill.url + "/metrics").text
+    line = next(x for x in sent.splitlines() if x.startswith("pdcore_kv_transfers{"))
+    assert float(line.split()[-1]) >= 48  # one transfer per request of the parity run
 
 
 def test_pd_server_info_names_the_mode(pd: PDDeployment) -> None:

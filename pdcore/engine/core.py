@@ -294,6 +294,7 @@ class EngineCore:
             "num_preemptions": self.scheduler.num_preemptions,
             "num_forward_steps": self.num_forward_steps,
             **self.pipeline.queue_sizes(),
+            **self.pipeline.metrics(),  # PD: {"transfer": {backend: {...}}}
         }
 
     def server_info(self) -> dict[str, Any]:

@@ -49,7 +49,12 @@ _STAT_GAUGES = {
     "kv_pages_total": "KV cache pages in the pool.",
     "num_tokens": "KV cache tokens held (requests and prefix cache).",
     "prefix_cache_tokens": "Tokens held by the prefix cache.",
+    "num_bootstrap_queue_reqs": "Prefill: requests waiting for their decode's page list.",
+    "num_inflight_queue_reqs": "Prefill: requests whose KV is being sent.",
+    "num_prealloc_queue_reqs": "Decode: requests waiting to pre-allocate pages.",
+    "num_transfer_queue_reqs": "Decode: requests waiting for their KV to arrive.",
 }
+_TRANSFER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -116,6 +121,31 @@ class Metrics:
             key: Gauge(f"pdcore_{key}", doc, ["model_name"], registry=r).labels(**labels)
             for key, doc in _STAT_GAUGES.items()
         }
+        self.transfer_bytes = Gauge(
+            "pdcore_kv_transfer_bytes",
+            "KV bytes moved by successful PD transfers since start, per backend.",
+            ["backend"],
+            registry=r,
+        )
+        self.transfers = Gauge(
+            "pdcore_kv_transfers",
+            "Successful PD KV transfers since start, per backend.",
+            ["backend"],
+            registry=r,
+        )
+        self.transfer_failures = Gauge(
+            "pdcore_kv_transfer_failures",
+            "Failed PD KV transfers (and rooms) since start, per backend.",
+            ["backend"],
+            registry=r,
+        )
+        self.transfer_latency = Histogram(
+            "pdcore_kv_transfer_latency_seconds",
+            "Latency of PD KV transfers, per backend.",
+            ["backend"],
+            buckets=_TRANSFER_BUCKETS,
+            registry=r,
+        )
         self.model_name = model_name
 
     def observe_request(self, route: str, status: int) -> None:
@@ -136,6 +166,12 @@ class Metrics:
             value = (stats or {}).get(key)
             if isinstance(value, (int, float)):
                 gauge.set(value)
+        for backend, t in ((stats or {}).get("transfer") or {}).items():
+            self.transfer_bytes.labels(backend=backend).set(t.get("bytes_total", 0))
+            self.transfers.labels(backend=backend).set(t.get("transfers_total", 0))
+            self.transfer_failures.labels(backend=backend).set(t.get("failures_total", 0))
+            for sample in t.get("latency_samples_s", ()):
+                self.transfer_latency.labels(backend=backend).observe(sample)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
