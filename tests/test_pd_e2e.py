@@ -168,3 +168,22 @@ def test_sglang_router_drives_our_pd_servers(tiny_llama_dir: Path, tmp_path: Pat
         assert _idle_tokens(deployment.decode.url) == 0
     finally:
         deployment.stop()
+
+
+def test_client_disconnect_mid_stream_frees_both_sides(pd: PDDeployment) -> None:
+    body = {
+        "text": "Tell me a long story.",
+        "sampling_params": {"max_new_tokens": 400, "ignore_eos": True},
+        "stream": True,
+    }
+    with httpx.Client(timeout=60) as client:
+        with client.stream("POST", pd.router.url + "/generate", json=body) as r:
+            assert r.status_code == 200
+            seen = 0
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    seen += 1
+                if seen >= 3:
+                    break  # leave mid-stream: closing the connection is the disconnect
+    assert _idle_tokens(pd.decode.url) == 0
+    assert _idle_tokens(pd.prefill.url) == 0

@@ -100,3 +100,13 @@ def fetch_route(host: str, port: int, timeout: float) -> dict[str, Any]:
         ) from exc
     finally:
         conn.close()
+
+
+def reachable_endpoint(endpoint: str, bootstrap_host: str) -> str:
+    """A prefill bound to a wildcard address (--host 0.0.0.0) advertises it as such; reach
+    it where its bootstrap server answered instead."""
+    scheme, _, rest = endpoint.partition("://")
+    host, _, port = rest.rpartition(":")
+    if host.strip("[]") in ("0.0.0.0", "::", "*", ""):
+        host = f"[{bootstrap_host}]" if ":" in bootstrap_host else bootstrap_host
+    return f"{scheme}://{host}:{port}"

@@ -20,7 +20,7 @@ from typing import Any
 
 import zmq
 
-from pdcore.disagg.bootstrap import BootstrapError, fetch_route
+from pdcore.disagg.bootstrap import BootstrapError, fetch_route, reachable_endpoint
 from pdcore.disagg.io_loop import IOLoop
 from pdcore.disagg.kv_poll import KVPoll
 from pdcore.disagg.messages import (
@@ -226,7 +226,7 @@ class DecodeKVManager:
             # aborts for the affected rooms then fail its senders too.
             sock = self.io.ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 500)  # let the last aborts leave on close
-            sock.connect(route["endpoint"])
+            sock.connect(reachable_endpoint(route["endpoint"], peer.key[0]))
             self.io.add_socket(sock, lambda s: self._on_dealer(peer, s))
             peer.sock, peer.state = sock, "registering"
             peer.backend_id, peer.instance = route["backend_id"], route["instance"]
@@ -259,7 +259,10 @@ class DecodeKVManager:
                 logger.warning("PD control plane: %s", exc)
                 continue
             with self.lock:
-                self._handle(peer, msg)
+                try:
+                    self._handle(peer, msg)
+                except (KeyError, TypeError, ValueError) as exc:  # a malformed field
+                    logger.warning("PD control plane: bad %r message: %r", msg["type"], exc)
 
     def _handle(self, peer: _Prefill, msg: dict[str, Any]) -> None:
         kind = msg["type"]

@@ -88,10 +88,16 @@ class IOLoop:
             logger.exception("PD control plane: error on the I/O thread")
 
     def close(self) -> None:
+        """Stop the thread (sending what was queued) and close everything; idempotent."""
+        if self.ctx.closed:
+            return
         self._stop = True
         self.call(lambda: None)
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
+        if not self._thread.is_alive():  # never started (a failed start): close them here
+            for sock in list(self._handlers):
+                self.remove_socket(sock)
         self._wake_r.close()
         self._wake_w.close()
         self.ctx.term()

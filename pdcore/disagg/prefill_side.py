@@ -152,9 +152,9 @@ class PrefillKVManager:
             self.backend.register_memory(self.layout.regions())
             self._router = self.io.ctx.socket(zmq.ROUTER)
             self._router.setsockopt(zmq.LINGER, 200)  # let aborts sent at close() leave
+            self.io.add_socket(self._router, self._on_router)
             port = self._router.bind_to_random_port(f"tcp://{host}")
             self.endpoint = f"tcp://{host}:{port}"
-            self.io.add_socket(self._router, self._on_router)
             self.io.start()
             self._http = BootstrapServer(host, settings.disaggregation_bootstrap_port, self.route)
         except BaseException:
@@ -222,7 +222,10 @@ class PrefillKVManager:
                 logger.warning("PD control plane: %s", exc)
                 continue
             with self.lock:
-                self._handle(identity, msg)
+                try:
+                    self._handle(identity, msg)
+                except (KeyError, TypeError, ValueError) as exc:  # a malformed field
+                    logger.warning("PD control plane: bad %r message: %r", msg["type"], exc)
 
     def _handle(self, identity: bytes, msg: dict[str, Any]) -> None:
         kind, now = msg["type"], time.monotonic()
@@ -301,7 +304,8 @@ class PrefillKVManager:
                 self._cleanup(now)
 
     def _cleanup(self, now: float) -> None:
-        """Drop page lists whose request never came, and old records of failed rooms."""
+        """Drop page lists whose request never came, old records of failed rooms, and
+        decodes that have not pinged for the bootstrap timeout (restarted or gone)."""
         limit = self.settings.disaggregation_bootstrap_timeout
         for room, (decode, _, t) in list(self._pending.items()):
             if now - t > limit:
@@ -311,6 +315,11 @@ class PrefillKVManager:
         for room, (_, t) in list(self._tombstones.items()):
             if now - t > limit:
                 del self._tombstones[room]
+        bound = {id(x.decode) for x in self.senders.values()}
+        for identity, decode in list(self._decodes.items()):
+            if now - decode.last_seen > limit and id(decode) not in bound:  # gone for good
+                del self._decodes[identity]
+                self.backend.disconnect(decode.decode_id)
 
     # --- engine-facing --------------------------------------------------------------------
 

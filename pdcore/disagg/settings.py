@@ -1,8 +1,9 @@
 """Settings of PD disaggregation (flags and env vars; DESIGN.md §6).
 
 One model, composed into the server's settings by the CLI, and read directly by the control
-plane (`PrefillKVManager`, `DecodeKVManager`), so tests can build it on its own. Each knob of
-the reference is also read under its SGLANG_ name, with the reference's default.
+plane (`PrefillKVManager`, `DecodeKVManager`), so tests can build it on its own. Every env var
+is also read under its SGLANG_ name (the reference's knobs keep the reference's defaults), so
+users moving over keep their environment.
 """
 
 from __future__ import annotations
