@@ -176,14 +176,16 @@ def test_client_disconnect_mid_stream_frees_both_sides(pd: PDDeployment) -> None
         "sampling_params": {"max_new_tokens": 400, "ignore_eos": True},
         "stream": True,
     }
-    with httpx.Client(timeout=60) as client:
-        with client.stream("POST", pd.router.url + "/generate", json=body) as r:
-            assert r.status_code == 200
-            seen = 0
-            for line in r.iter_lines():
-                if line.startswith("data: "):
-                    seen += 1
-                if seen >= 3:
-                    break  # leave mid-stream: closing the connection is the disconnect
+    with (
+        httpx.Client(timeout=60) as client,
+        client.stream("POST", pd.router.url + "/generate", json=body) as r,
+    ):
+        assert r.status_code == 200
+        seen = 0
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                seen += 1
+            if seen >= 3:
+                break  # leave mid-stream: closing the connection is the disconnect
     assert _idle_tokens(pd.decode.url) == 0
     assert _idle_tokens(pd.prefill.url) == 0
