@@ -8,7 +8,8 @@ handed out: it is the padding page attention gathers point at.
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict, deque
+import heapq
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import numpy as np
@@ -32,7 +33,9 @@ class PageAllocator:
         self.num_pages = num_pages
         self.page_size = page_size
         self.enable_prefix_cache = enable_prefix_cache
-        self._free: deque[int] = deque(range(1, num_pages))
+        # A min-heap: lowest page ids first keeps a request's pages in long contiguous runs,
+        # which a PD transfer coalesces into few large writes instead of one per page.
+        self._free: list[int] = list(range(1, num_pages))
         self._ref = [0] * num_pages
         self._hash_of_page: dict[int, int] = {}
         self._page_of_hash: dict[int, int] = {}
@@ -59,7 +62,7 @@ class PageAllocator:
         pages = []
         for _ in range(count):
             if self._free:
-                page = self._free.popleft()
+                page = heapq.heappop(self._free)
             else:
                 page, _ = self._idle_cached.popitem(last=False)
                 del self._page_of_hash[self._hash_of_page.pop(page)]
@@ -75,7 +78,7 @@ class PageAllocator:
                 if page in self._hash_of_page:
                     self._idle_cached[page] = None
                 else:
-                    self._free.append(page)
+                    heapq.heappush(self._free, page)
 
     def match_prefix(self, tokens: Sequence[int], max_pages: int) -> tuple[list[int], list[int]]:
         """Take references on the cached pages that start `tokens`; return (pages, hashes)."""
@@ -125,7 +128,7 @@ class PageAllocator:
     def flush(self) -> None:
         """Forget every cached prefix; idle cached pages become free."""
         for page in self._idle_cached:
-            self._free.append(page)
+            heapq.heappush(self._free, page)
         self._idle_cached.clear()
         self._page_of_hash.clear()
         self._hash_of_page.clear()
