@@ -13,7 +13,6 @@ from typing import Any
 
 import httpx
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -24,7 +23,8 @@ import pdcore
 from pdcore.router.metrics import CONTENT_TYPE
 from pdcore.router.pd import FORWARDED_HEADERS, RouterState, route_pd
 from pdcore.router.policies import Worker
-from pdcore.server.protocol import ProtocolError, error_body
+from pdcore.server.http_common import error_handlers
+from pdcore.server.protocol import error_body
 
 ADMIN_TIMEOUT_S = 10.0
 HEALTH_GENERATE_TIMEOUT_S = 70.0  # a worker's own /health_generate waits up to 60 s
@@ -205,38 +205,12 @@ class MetricsMiddleware:
             self.state.metrics.observe_request(route, status[0], time.monotonic() - t0)
 
 
-async def _protocol_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, ProtocolError)
-    return JSONResponse(exc.body(), status_code=exc.status)
-
-
-async def _http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    if exc.status_code == 404:
-        message = f"Not found: {request.method} {request.url.path}"
-    elif exc.status_code == 405:
-        message = f"Method {request.method} is not allowed on {request.url.path}"
-    else:
-        message = str(exc.detail)
-    body = error_body(message, code=exc.status_code)
-    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
-
-
-async def _internal_error(request: Request, exc: Exception) -> Response:
-    body = error_body(f"Router error: {type(exc).__name__}: {exc}", type="server_error")
-    return JSONResponse(body, status_code=500)
-
-
 def build_app(state: RouterState) -> Starlette:
     """The router app; `state` is reachable from routes as request.app.state.router."""
     app = Starlette(
         routes=ROUTES,
         middleware=[Middleware(MetricsMiddleware, state=state)],
-        exception_handlers={
-            ProtocolError: _protocol_error,
-            HTTPException: _http_error,
-            Exception: _internal_error,
-        },
+        exception_handlers=error_handlers("Router error"),
     )
     app.state.router = state
     return app

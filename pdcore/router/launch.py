@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import socket
 import sys
 import time
 from typing import Any
@@ -24,6 +23,7 @@ from pdcore.router.metrics import RouterMetrics
 from pdcore.router.pd import RouterState
 from pdcore.router.policies import Worker
 from pdcore.router.settings import RouterSettings
+from pdcore.server.http_common import check_port
 
 logger = logging.getLogger("pdcore.router")
 
@@ -52,7 +52,7 @@ def run_router(settings: RouterSettings) -> int:
     )
     if settings.log_level != "debug":  # httpx logs every request at INFO
         logging.getLogger("httpx").setLevel(logging.WARNING)
-    _check_port(settings.host, settings.port)
+    check_port("pdcore router", settings.host, settings.port)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         asyncio.run(_serve(settings))
@@ -141,22 +141,6 @@ async def _health(client: httpx.AsyncClient, worker: Worker) -> str | None:
     except httpx.HTTPError as exc:
         return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     return None if r.status_code == 200 else f"/health answered {r.status_code}"
-
-
-def _check_port(host: str, port: int) -> None:
-    """Exit with a clear message if host:port cannot be listened on."""
-    try:
-        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    except socket.gaierror as exc:
-        raise SystemExit(f"pdcore router: cannot resolve --host {host!r}: {exc}") from None
-    with socket.socket(family, kind, proto) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(addr)
-        except OSError as exc:
-            raise SystemExit(
-                f"pdcore router: cannot listen on {host}:{port}: {exc.strerror or exc}"
-            ) from None
 
 
 if __name__ == "__main__":  # python -m pdcore.router.launch [pdcore router flags]

@@ -14,7 +14,6 @@ import uuid
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -25,6 +24,7 @@ import pdcore
 from pdcore.server import native_api, openai_api
 from pdcore.server.engine_client import EngineDeadError
 from pdcore.server.generation import Generation, ServerState, make_job, unavailable
+from pdcore.server.http_common import error_handlers
 from pdcore.server.metrics import CONTENT_TYPE
 from pdcore.server.protocol import ProtocolError, error_body, parse_json, require_object
 
@@ -208,29 +208,6 @@ class MetricsMiddleware:
             self.state.metrics.observe_request(route, status[0])
 
 
-async def _protocol_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, ProtocolError)
-    return JSONResponse(exc.body(), status_code=exc.status)
-
-
-async def _http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    if exc.status_code == 404:
-        message = f"Not found: {request.method} {request.url.path}"
-    elif exc.status_code == 405:
-        message = f"Method {request.method} is not allowed on {request.url.path}"
-    else:
-        message = str(exc.detail)
-    body = error_body(message, code=exc.status_code)
-    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
-
-
-async def _internal_error(request: Request, exc: Exception) -> Response:
-    # Starlette re-raises after this response is sent, so uvicorn logs the traceback.
-    body = error_body(f"Internal server error: {type(exc).__name__}: {exc}", type="server_error")
-    return JSONResponse(body, status_code=500)
-
-
 def build_app(state: ServerState) -> Starlette:
     """The app for one server; `state` is reachable from routes as request.app.state.pd."""
     app = Starlette(
@@ -239,11 +216,7 @@ def build_app(state: ServerState) -> Starlette:
             Middleware(MetricsMiddleware, state=state),
             Middleware(AuthMiddleware, api_key=state.settings.api_key),
         ],
-        exception_handlers={
-            ProtocolError: _protocol_error,
-            HTTPException: _http_error,
-            Exception: _internal_error,
-        },
+        exception_handlers=error_handlers("Internal server error"),
     )
     app.state.pd = state
     return app

@@ -13,7 +13,6 @@ import logging
 import multiprocessing
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -25,6 +24,7 @@ from pdcore.server.app import build_app
 from pdcore.server.engine_client import EngineClient, EngineStartupError
 from pdcore.server.engine_process import start_engine_process, stop_engine_process
 from pdcore.server.generation import ServerState
+from pdcore.server.http_common import check_port
 from pdcore.server.metrics import Metrics
 from pdcore.settings import ServerSettings
 
@@ -51,7 +51,7 @@ def run_server(settings: ServerSettings) -> None:
         level=settings.log_level.upper(),
         format="%(asctime)s [server] %(levelname)s %(name)s: %(message)s",
     )
-    _check_port(settings.host, settings.port)
+    check_port("pdcore serve", settings.host, settings.port)
     ipc_dir = tempfile.mkdtemp(prefix="pdcore-ipc-")
     procs: list[multiprocessing.Process] = []
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
@@ -113,22 +113,6 @@ def _load_tokenizer(settings: ServerSettings) -> Any:
     from pdcore.model.tokenizer import load_tokenizer
 
     return load_tokenizer(settings.model_path, settings.tokenizer_path)
-
-
-def _check_port(host: str, port: int) -> None:
-    """Exit with a clear message if host:port cannot be listened on."""
-    try:
-        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    except socket.gaierror as exc:
-        raise SystemExit(f"pdcore serve: cannot resolve --host {host!r}: {exc}") from None
-    with socket.socket(family, kind, proto) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(addr)
-        except OSError as exc:
-            raise SystemExit(
-                f"pdcore serve: cannot listen on {host}:{port}: {exc.strerror or exc}"
-            ) from None
 
 
 if __name__ == "__main__":  # python -m pdcore.server.launch [pdcore serve flags]
