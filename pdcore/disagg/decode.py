@@ -14,6 +14,7 @@ free its pages.
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,12 @@ if TYPE_CHECKING:
     from pdcore.engine.core import EngineCore
 
 
+# After a request in the transfer queue fails or is aborted, prefill may still be writing
+# into its pages (a write cannot be recalled); they are reused only after this grace period,
+# so a late write can never land in another request's KV.
+ABORT_QUARANTINE_S = 1.0
+
+
 class DecodePipeline(Pipeline):
     mode = "decode"
 
@@ -36,6 +43,7 @@ class DecodePipeline(Pipeline):
         self.manager = DecodeKVManager(settings, core.runner.pool)
         self.prealloc_queue: OrderedDict[Request, Any] = OrderedDict()
         self.transfer_queue: dict[Request, Any] = {}
+        self.quarantine: list[tuple[float, list[int]]] = []
 
     def add(self, req: Request, bootstrap: BootstrapInfo | None) -> None:
         if bootstrap is None or bootstrap.room is None or not bootstrap.host:
@@ -48,6 +56,7 @@ class DecodePipeline(Pipeline):
 
     def advance(self) -> None:
         self.manager.tick()
+        self._release_quarantine()
         self._advance_prealloc()
         for req, receiver in list(self.transfer_queue.items()):
             state = receiver.poll()
@@ -56,7 +65,17 @@ class DecodePipeline(Pipeline):
                 self.core.start_decoding(req, receiver.first_token, receiver.first_logprob)
             elif state == KVPoll.Failed:
                 del self.transfer_queue[req]
+                self._hold_pages(req)
                 self._fail(req, receiver)
+
+    def _hold_pages(self, req: Request) -> None:
+        self.quarantine.append((time.monotonic() + ABORT_QUARANTINE_S, req.pages))
+        req.pages = []
+
+    def _release_quarantine(self) -> None:
+        now = time.monotonic()
+        while self.quarantine and self.quarantine[0][0] <= now:
+            self.core.allocator.release(self.quarantine.pop(0)[1])
 
     def _advance_prealloc(self) -> None:
         scheduler = self.core.scheduler
@@ -86,15 +105,19 @@ class DecodePipeline(Pipeline):
         self.core.finish_request(req, pd_failure(f"decode: {reason}"))
 
     def abort(self, req: Request, message: str) -> bool:
-        receiver = self.prealloc_queue.pop(req, None) or self.transfer_queue.pop(req, None)
+        receiver = self.prealloc_queue.pop(req, None)
         if receiver is None:
-            return False
+            receiver = self.transfer_queue.pop(req, None)
+            if receiver is None:
+                return False
+            self._hold_pages(req)  # prefill may be writing into them right now
         receiver.abort(message)
-        self.core.scheduler.remove(req)  # frees pre-allocated pages
+        self.core.scheduler.remove(req)
         return True
 
     def num_queued(self) -> int:
-        return len(self.prealloc_queue) + len(self.transfer_queue)
+        # Quarantined pages count as work: /flush_cache waits for them, /get_load shows them.
+        return len(self.prealloc_queue) + len(self.transfer_queue) + len(self.quarantine)
 
     def queue_sizes(self) -> dict[str, int]:
         return {
