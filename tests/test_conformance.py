@@ -129,11 +129,6 @@ def test_unknown_backend_raises_with_the_installed_names() -> None:
         run_conformance("nope")
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="pd_mooncake (work in progress) sometimes pushes a notification before its data "
-    "is visible in the receiver's memory; drop this mark once it conforms",
-)
 def test_mooncake_conforms_when_installed() -> None:
     info = {i.name: i for i in get_registry("transfer_backend").describe()}
     if "mooncake" not in info:
