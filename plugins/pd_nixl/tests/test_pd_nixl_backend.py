@@ -1,24 +1,16 @@
 """pd_nixl against a real peer process: byte-exact scattered writes with notifications, many
 batches at once, a dead peer failing in bounded time, bad blobs refused.
 
-The receiver is `nixl_peer.py` in its own process; this process is the sender. Every wait
+The receiver is pdcore.testing.backend_peer in its own process; this process is the sender. Every wait
 has a timeout and every peer is killed in a finalizer, so a broken transport fails a test
 instead of hanging the suite.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import json
-import queue
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -33,79 +25,23 @@ from pdcore.disagg.transfer import (
     create_transfer_backend,
     kv_page_runs,
 )
+from pdcore.testing.backend_harness import SIZE, Peer, make_sender, wait
 
 pytest.importorskip("nixl")
-
-PEER = Path(__file__).with_name("nixl_peer.py")
-SIZE = 8 << 20
-TIMEOUT_S = 20.0
-
-
-class Peer:
-    """A peer process; replies are read on a thread so no read can block the test."""
-
-    def __init__(self, size: int = SIZE) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, str(PEER), "nixl", str(size)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        self._replies: queue.Queue[dict[str, Any]] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-        hello = self.reply()
-        self.blob = base64.b64decode(hello["blob"])
-        self.addr: int = hello["addr"]
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            if line.startswith("@@ "):
-                self._replies.put(json.loads(line[3:]))
-
-    def reply(self) -> dict[str, Any]:
-        try:
-            return self._replies.get(timeout=TIMEOUT_S)
-        except queue.Empty:
-            raise AssertionError(f"peer gave no reply in {TIMEOUT_S} s") from None
-
-    def ask(self, **cmd: Any) -> dict[str, Any]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        self.proc.stdin.flush()
-        return self.reply()
-
-    def notifs(self, count: int) -> list[tuple[str, bytes]]:
-        got = self.ask(op="notifs", count=count, timeout=TIMEOUT_S)["notifs"]
-        return [(s, base64.b64decode(p)) for s, p in got]
-
-    def kill(self) -> None:
-        self.proc.kill()  # a no-op once it has exited
-        self.proc.wait(timeout=TIMEOUT_S)
 
 
 @pytest.fixture
 def peer() -> Iterator[Peer]:
-    p = Peer()
+    p = Peer("nixl")
     yield p
     p.kill()
 
 
 @pytest.fixture
 def sender() -> Iterator[TransferBackend]:
-    backend = create_transfer_backend("nixl", TransferConfig(local_id="sender", timeout_s=5.0))
+    backend = make_sender("nixl")
     yield backend
     backend.close()
-
-
-def wait(backend: TransferBackend, batches: list[int], limit_s: float = TIMEOUT_S) -> list[Any]:
-    deadline = time.monotonic() + limit_s
-    states = [backend.poll(b) for b in batches]
-    while not all(s.finished for s in states):
-        assert time.monotonic() < deadline, "batches still pending past the test's limit"
-        time.sleep(0.001)
-        states = [backend.poll(b) for b in batches]
-    return states
 
 
 def test_scattered_kv_pages_arrive_byte_exact(peer: Peer, sender: TransferBackend) -> None:

@@ -1,6 +1,6 @@
 """A receiving peer in its own process, driven over stdin/stdout by the tests.
 
-Run as a script (never imported by pytest): `python nixl_peer.py BACKEND SIZE`. It registers
+Run as `python -m pdcore.testing.backend_peer BACKEND SIZE` (see backend_harness.Peer). It registers
 a zeroed buffer of SIZE bytes, prints its blob, then answers JSON commands one per line:
 `{"op": "notifs", "count": N, "timeout": S}`, `{"op": "digest"}`, `{"op": "exit"}`.
 Replies start with `@@ ` so that transport libraries' own stdout logging cannot confuse them.
