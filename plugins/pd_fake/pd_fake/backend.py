@@ -19,6 +19,7 @@ from typing import Any
 import msgpack
 import zmq
 
+from pdcore.disagg.notify_channel import NotificationChannel
 from pdcore.disagg.transfer import (
     DONE,
     PENDING,
@@ -49,7 +50,7 @@ class _Peer:
 @dataclass
 class _Batch:
     peer_id: str
-    frames: list[bytes] | None  # the notification still to send, None once sent
+    payload: bytes  # the notification to send
     deadline: float
     state: BatchState
 
@@ -79,11 +80,8 @@ class FakeBackend(TransferBackend):
     def __init__(self, config: TransferConfig) -> None:
         super().__init__(config)
         self._lock = threading.Lock()
-        self._ctx: zmq.Context[Any] = zmq.Context()
-        self._pull = self._ctx.socket(zmq.PULL)
-        self._pull.setsockopt(zmq.LINGER, 0)
-        port = self._pull.bind_to_random_port(f"tcp://{config.host}")
-        self.endpoint = f"tcp://{config.host}:{port}"
+        self._channel = NotificationChannel(config.host)
+        self.endpoint = self._channel.endpoint
         self._regions = RegionTable()
         self._peers: dict[str, _Peer] = {}
         self._batches: dict[int, _Batch] = {}
@@ -113,16 +111,7 @@ class FakeBackend(TransferBackend):
                 return
             if old is not None:
                 self._drop_peer(peer_id)
-            sock = self._ctx.socket(zmq.PUSH)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.IMMEDIATE, 1)
-            try:
-                sock.connect(endpoint)
-            except zmq.ZMQError as exc:
-                sock.close()
-                raise TransferError(
-                    f"cannot connect to peer {peer_id!r} at {endpoint}: {exc}"
-                ) from exc
+            sock = self._channel.open_outbox(peer_id, endpoint)
             self._peers[peer_id] = _Peer(sock, blob, regions)
 
     def disconnect(self, peer_id: str) -> None:
@@ -143,8 +132,9 @@ class FakeBackend(TransferBackend):
             if len(arr):
                 self._regions.device_of(arr[:, 0], arr[:, 2], "local")
                 peer.regions.device_of(arr[:, 1], arr[:, 2], "remote")
-            frames = [self.local_id.encode(), bytes(notification)]
-            batch = _Batch(peer_id, frames, time.monotonic() + self.config.timeout_s, PENDING)
+            batch = _Batch(
+                peer_id, bytes(notification), time.monotonic() + self.config.timeout_s, PENDING
+            )
             batch_id = next(self._ids)
             self._batches[batch_id] = batch
             self._advance(batch)
@@ -156,17 +146,17 @@ class FakeBackend(TransferBackend):
         if peer is None:
             batch.state = failed(f"peer {batch.peer_id!r} was disconnected")
             return
-        assert batch.frames is not None
         try:
-            peer.socket.send_multipart(batch.frames, flags=zmq.NOBLOCK)
-        except zmq.Again:
-            if time.monotonic() > batch.deadline:
-                batch.state = failed(
-                    f"peer {batch.peer_id!r} unreachable for {self.config.timeout_s} s"
-                )
+            sent = self._channel.send(peer.socket, self.local_id, batch.payload)
+        except TransferError as exc:
+            batch.state = failed(f"peer {batch.peer_id!r}: {exc}")
             return
-        batch.frames = None
-        batch.state = DONE
+        if sent:
+            batch.state = DONE
+        elif time.monotonic() > batch.deadline:
+            batch.state = failed(
+                f"peer {batch.peer_id!r} unreachable for {self.config.timeout_s} s"
+            )
 
     def poll(self, batch: int) -> BatchState:
         with self._lock:
@@ -178,15 +168,8 @@ class FakeBackend(TransferBackend):
             return b.state
 
     def fetch_notifications(self) -> list[Notification]:
-        out = []
         with self._lock:
-            while True:
-                try:
-                    frames = self._pull.recv_multipart(flags=zmq.NOBLOCK)
-                except zmq.Again:
-                    return out
-                if len(frames) == 2:  # anything else is not from a pd-fake sender
-                    out.append(Notification(frames[0].decode(errors="replace"), frames[1]))
+            return self._channel.drain()
 
     def release(self, batch: int) -> None:
         with self._lock:
@@ -200,5 +183,4 @@ class FakeBackend(TransferBackend):
             for peer_id in list(self._peers):
                 self._drop_peer(peer_id)
             self._batches.clear()
-            self._pull.close()
-            self._ctx.term()
+            self._channel.close()

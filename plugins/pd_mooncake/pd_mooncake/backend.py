@@ -35,6 +35,7 @@ import msgpack
 import zmq
 
 from pd_mooncake.settings import MooncakeSettings
+from pdcore.disagg.notify_channel import NotificationChannel
 from pdcore.disagg.transfer import (
     DONE,
     PENDING,
@@ -172,12 +173,9 @@ class MooncakeBackend(TransferBackend):
             )
         self.session = f"{host}:{self._engine.get_rpc_port()}"
         self._lock = threading.Lock()
-        self._ctx: zmq.Context[Any] = zmq.Context()
-        self._pull = self._ctx.socket(zmq.PULL)
-        self._pull.setsockopt(zmq.LINGER, 0)
         bind_host = "*" if config.host in _WILDCARD else config.host
-        port = self._pull.bind_to_random_port(f"tcp://{bind_host}")
-        self.notify_endpoint = f"tcp://{host}:{port}"
+        self._channel = NotificationChannel(bind_host, advertise_host=host)
+        self.notify_endpoint = self._channel.endpoint
         self._regions = RegionTable()
         self._registered: list[int] = []
         self._peers: dict[str, _Peer] = {}
@@ -225,15 +223,7 @@ class MooncakeBackend(TransferBackend):
                     f"cannot connect to peer {peer_id!r} (Mooncake session {session}): {exc}; "
                     "is it running and reachable?"
                 ) from exc
-            sock = self._ctx.socket(zmq.PUSH)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.IMMEDIATE, 1)  # queue only to a live connection
-            sock.setsockopt(zmq.SNDHWM, 100_000)
-            try:
-                sock.connect(notify)
-            except zmq.ZMQError as exc:
-                sock.close()
-                raise TransferError(f"peer {peer_id!r} notify endpoint {notify}: {exc}") from exc
+            sock = self._channel.open_outbox(peer_id, notify)
             self._peers[peer_id] = _Peer(session, sock, blob, regions)
 
     def disconnect(self, peer_id: str) -> None:
@@ -293,14 +283,11 @@ class MooncakeBackend(TransferBackend):
                 b.state = failed(f"peer {b.peer_id!r} was disconnected before notification")
                 return
             try:
-                peer.notify.send_multipart(
-                    [self.local_id.encode(), b.notification], flags=zmq.NOBLOCK
-                )
-                b.state = DONE
-                return
-            except zmq.Again:
-                pass  # no live connection to the receiver (yet): retry until the deadline
-            except zmq.ZMQError as exc:
+                if self._channel.send(peer.notify, self.local_id, b.notification):
+                    b.state = DONE
+                    return
+                # else no live connection to the receiver (yet): retry until the deadline
+            except TransferError as exc:
                 b.state = failed(f"notifying peer {b.peer_id!r} failed: {exc}")
                 return
         if time.monotonic() > b.deadline:
@@ -347,18 +334,8 @@ class MooncakeBackend(TransferBackend):
             return b.state
 
     def fetch_notifications(self) -> list[Notification]:
-        out: list[Notification] = []
         with self._lock:
-            if self._closed:
-                return out
-            while True:
-                try:
-                    sender, payload = self._pull.recv_multipart(flags=zmq.NOBLOCK)
-                except zmq.Again:
-                    return out
-                except ValueError:  # a frame count we did not send: ignore it
-                    continue
-                out.append(Notification(sender.decode(errors="replace"), payload))
+            return [] if self._closed else self._channel.drain()
 
     def release(self, batch: int) -> None:
         with self._lock:
@@ -379,6 +356,5 @@ class MooncakeBackend(TransferBackend):
                 except Exception as exc:
                     logger.warning("Mooncake unregister failed: %s", exc)
             self._registered.clear()
-            self._pull.close(linger=0)
-            self._ctx.term()
+            self._channel.close()
             self._engine = None
