@@ -17,15 +17,57 @@ from tests.conftest import free_port
 START_TIMEOUT = 180.0
 
 
-class ServerProcess:
-    """`python -m pdcore.server.launch <flags>` on a free port, its log kept in a file."""
+class ManagedProcess:
+    """A pdcore process (server or router) on a free port, its log kept in a file; stopped
+    with SIGTERM, then SIGKILL, so no test leaves it behind."""
+
+    name = "process"
+    start_timeout = START_TIMEOUT
+
+    def __init__(self, argv: list[str], log_path: Path, env: dict[str, str]) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float | None = None):
+        timeout = timeout or self.start_timeout
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2.0).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"{self.name} not healthy after {timeout}s:\n{self.log()}")
+
+    def stop(self, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout)
+        self._log.close()
+        return self.proc.returncode
+
+
+class ServerProcess(ManagedProcess):
+    """`python -m pdcore.server.launch <flags>` on a free port."""
+
+    name = "server"
 
     def __init__(
         self, model_path: str | Path | None, log_path: Path, *extra: str, env: dict | None = None
     ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
         args = [
             sys.executable,
             "-m",
@@ -39,29 +81,7 @@ class ServerProcess:
             "4096",
             *extra,
         ]
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            args,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
-        )
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_ready(self, timeout: float = START_TIMEOUT, headers: dict | None = None) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"server not healthy after {timeout}s:\n{self.log()}")
+        super().__init__(args, log_path, {**os.environ, **(env or {})})
 
     def engine_pids(self) -> list[int]:
         """The server's spawned children (the engine; not multiprocessing's resource
@@ -73,17 +93,6 @@ class ServerProcess:
                 if b"spawn_main" in cmdline:
                     pids.append(int(pid))
         return pids
-
-    def stop(self, timeout: float = 20.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout)
-        self._log.close()
-        return self.proc.returncode
 
 
 def pid_alive(pid: int) -> bool:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +16,7 @@ from pdcore.model.tokenizer import load_tokenizer
 from pdcore.plugins import get_registry
 from tests.conftest import free_port
 from tests.parity import assert_matches_hf, run_parity_requests
-from tests.server_helpers import ServerProcess, wait_until
+from tests.server_helpers import ManagedProcess, ServerProcess, wait_until
 from tests.test_router_helpers import RouterProcess, pd_flags
 
 nixl_available = "nixl" in get_registry("transfer_backend") and all(
@@ -39,11 +38,8 @@ class SglangRouterProcess(RouterProcess):
     def __init__(self, log_path: Path, *flags: str, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
         args = [sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1"]
-        args += ["--port", str(self.port), *flags]
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=ENV)
+        ManagedProcess.__init__(self, [*args, "--port", str(self.port), *flags], log_path, ENV)
 
 
 class PDDeployment:

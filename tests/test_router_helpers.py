@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -18,7 +16,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -34,7 +31,7 @@ from pdcore.server.streaming import (
     until_disconnected,
 )
 from tests.conftest import free_port
-from tests.server_helpers import wait_until
+from tests.server_helpers import ManagedProcess, wait_until
 
 ROUTER_START_TIMEOUT = 30.0
 
@@ -46,45 +43,17 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-class RouterProcess:
-    """`python -m pdcore.cli router <flags>` on a free port, its log kept in a file."""
+class RouterProcess(ManagedProcess):
+    """`python -m pdcore.cli router <flags>` on a free port."""
+
+    name = "router"
+    start_timeout = ROUTER_START_TIMEOUT
 
     def __init__(self, log_path: Path, *flags: str, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
         args = [sys.executable, "-m", "pdcore.cli", "router", "--port", str(self.port), *flags]
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            args, stdout=self._log, stderr=subprocess.STDOUT, env=clean_env(**(env or {}))
-        )
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_ready(self, timeout: float = ROUTER_START_TIMEOUT) -> RouterProcess:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"router exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2.0).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"router not up after {timeout}s:\n{self.log()}")
-
-    def stop(self, timeout: float = 15.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout)
-        self._log.close()
-        return self.proc.returncode
+        super().__init__(args, log_path, clean_env(**(env or {})))
 
 
 def pd_flags(prefills: list[Any], decodes: list[Any], *extra: str) -> list[str]:
