@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic_settings import BaseSettings
 
 from pdcore.disagg.settings import DisaggSettings
+from pdcore.profiling import ProfileSettings
 from pdcore.router.settings import RouterSettings
 from pdcore.settings_base import (
     InvalidSettingsError,
@@ -44,7 +45,7 @@ __all__ = [
 ]
 
 
-class ServerSettings(DisaggSettings):
+class ServerSettings(DisaggSettings, ProfileSettings):
     """Model server settings (pdcore serve), including the PD disaggregation ones."""
 
     model_path: str | None = setting(
@@ -100,6 +101,19 @@ class ServerSettings(DisaggSettings):
         "--max-total-tokens is not given.",
         gt=0,
         lt=1,
+    )
+    base_gpu_id: int = setting(
+        0, "CUDA device index the engine uses (cuda:N) when it runs on a GPU.", ge=0
+    )
+    disable_cuda_graph: bool = setting(
+        False,
+        "Run CUDA decode steps eagerly instead of replaying captured CUDA graphs.",
+    )
+    cuda_graph_max_bs: int = setting(
+        64,
+        "Largest decode batch replayed from a CUDA graph (graphs are captured for batch sizes "
+        "1, 2, 4, ... up to it); larger batches run eagerly.",
+        gt=0,
     )
     api_key: str | None = setting(None, "Require `Authorization: Bearer <key>` on API routes.")
     log_level: Literal["debug", "info", "warning", "error"] = setting("info", "Logging level.")

@@ -7,6 +7,7 @@ prefix-cache publishing, freeing pages). The server and the PD pipelines drive t
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from pdcore.engine.setup import pick_device, pick_dtype, pool_pages
 from pdcore.model.llama import LlamaModel
 from pdcore.model.loader import load_state_dict, resolve_model
 from pdcore.plugins import get_registry
+from pdcore.profiling import PhaseProfiler
 
 __all__ = ["BootstrapInfo", "EngineCore", "RequestError", "RequestOutput"]
 
@@ -110,6 +112,9 @@ class EngineCore:
         self.num_forward_steps = 0
         self.last_step_ran_forward = False
         self.pipeline = _make_pipeline(self, settings)
+        self.profiler = PhaseProfiler.from_settings(
+            settings, tag=f"{settings.disaggregation_mode}-pid{os.getpid()}"
+        )
         self.startup_seconds = time.monotonic() - started
         logger.info("engine ready in %.1fs (%s, %s)", self.startup_seconds, self.device, self.dtype)
 
@@ -202,9 +207,15 @@ class EngineCore:
         if batch is None:
             return outputs
         forward = self.runner.build(batch)
-        logits = self.runner.run(forward)
+        if self.profiler is None:
+            logits = self.runner.run(forward)
+            outputs.extend(self._postprocess(batch, logits))
+        else:
+            tokens = int(forward.input_ids.numel())
+            with self.profiler.step(forward.is_decode, forward.num_seqs, tokens):
+                logits = self.runner.run(forward)
+                outputs.extend(self._postprocess(batch, logits))
         self.num_forward_steps += 1
-        outputs.extend(self._postprocess(batch, logits))
         return outputs
 
     def _postprocess(self, batch: ScheduledBatch, logits: torch.Tensor) -> list[RequestOutput]:

@@ -1,0 +1,92 @@
+"""Start and stop real pdcore processes for the benches (pinned to cores where asked)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+PDCORE = [sys.executable, "-m", "pdcore.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Proc:
+    """One `pdcore ...` process, optionally pinned to `cores`; its log goes to a file."""
+
+    def __init__(
+        self,
+        name: str,
+        args: list[str],
+        log_dir: Path,
+        url: str,
+        cores: set[int] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.name = name
+        self.url = url
+        self.log_path = log_dir / f"{name}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        preexec = (lambda: os.sched_setaffinity(0, cores)) if cores else None
+        self.proc = subprocess.Popen(
+            [*PDCORE, *args],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            preexec_fn=preexec,  # children (the engine process) inherit the affinity
+        )
+
+    def wait_healthy(self, timeout: float = 600.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited:\n{self.log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"{self.name} not healthy after {timeout}s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._log.close()
+
+
+def serve(name: str, log_dir: Path, serve_args: list[str], cores: set[int] | None = None) -> Proc:
+    port = free_port()
+    args = ["serve", "--port", str(port), *serve_args]
+    return Proc(name, args, log_dir, f"http://127.0.0.1:{port}", cores)
+
+
+def router(log_dir: Path, prefill: Proc, boot_port: int, decode: Proc) -> Proc:
+    port = free_port()
+    args = [
+        "router",
+        "--pd-disaggregation",
+        "--port",
+        str(port),
+        "--prefill",
+        prefill.url,
+        str(boot_port),
+        "--decode",
+        decode.url,
+    ]
+    return Proc("router", args, log_dir, f"http://127.0.0.1:{port}")
