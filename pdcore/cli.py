@@ -1,4 +1,4 @@
-"""The `pdcore` command: `serve`, `router`, `launch`, `plugins`, `version`.
+"""The `pdcore` command: `serve`, `router`, `launch`, `plugins`, `bench`, `version`.
 
 Each subcommand is a pair of functions -- one adds its arguments, one runs it -- listed in
 `_COMMANDS`, so adding a subcommand touches one place. Heavy modules (the server, torch)
@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from pdcore.plugins import ALLOW_ENV, PluginError, describe_plugins
-from pdcore.settings import ServerSettings, build_parser, settings_or_exit
+from pdcore.settings import ServerSettings, build_parser, serve_settings_or_exit, settings_or_exit
 
 
 def _add_serve(parser: argparse.ArgumentParser) -> None:
@@ -25,7 +25,7 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
 
 def _run_serve(args: argparse.Namespace) -> int:
     # Plugin names (--attention-backend, ...) are checked here, before any model loads.
-    settings = settings_or_exit(ServerSettings, args, args.subparser)
+    settings = serve_settings_or_exit(args, args.subparser)
     from pdcore.server.launch import run_server
 
     rc = run_server(settings)
@@ -98,6 +98,28 @@ def format_plugins(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _add_bench(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
+    p = sub.add_parser(
+        "serving",
+        help="load a running server (ours or any OpenAI/SGLang one) and report latencies",
+        description="Send many requests to a running server and report throughput, TTFT, "
+        "ITL, TPOT, E2E latency and goodput (SGLang bench_serving's metrics).",
+        prog="pdcore bench serving",
+        allow_abbrev=False,
+    )
+    from pdcore.bench.config import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(bench_parser=p)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from pdcore.bench.serving import main as bench_serving
+
+    return bench_serving(args, args.bench_parser)
+
+
 def _add_version(parser: argparse.ArgumentParser) -> None:
     pass
 
@@ -124,6 +146,7 @@ _COMMANDS: list[Command] = [
         _run_launch,
     ),
     ("plugins", "list installed plugins and what they offer", _add_plugins, _run_plugins),
+    ("bench", "benchmark a running server: `pdcore bench serving`", _add_bench, _run_bench),
     ("version", "print the pdcore version", _add_version, _run_version),
 ]
 

@@ -7,6 +7,7 @@ regenerates the tables in the docs from the models here.
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
 from typing import Literal
 
@@ -133,7 +134,24 @@ class ServerSettings(DisaggSettings, ProfileSettings):
 def parse_serve_args(argv: Sequence[str] | None = None) -> ServerSettings:
     """Settings for `pdcore serve` from `argv`, env vars and defaults; exits on bad values."""
     parser = build_parser(ServerSettings, new_parser("pdcore serve"))
-    return settings_or_exit(ServerSettings, parser.parse_args(argv), parser)
+    return serve_settings_or_exit(parser.parse_args(argv), parser)
+
+
+def serve_settings_or_exit(
+    namespace: argparse.Namespace, parser: argparse.ArgumentParser
+) -> ServerSettings:
+    """`settings_or_exit` for a server, plus what only a PD side needs: an installed,
+    available transfer backend (a unified server never loads one)."""
+    settings = settings_or_exit(ServerSettings, namespace, parser)
+    if settings.disaggregation_mode != "null":
+        # Only a PD side needs its transfer backend; checked now, before the model loads.
+        from pdcore.plugins import PluginError, get_registry
+
+        try:
+            get_registry("transfer_backend").require(settings.disaggregation_transfer_backend)
+        except PluginError as exc:
+            parser.error(f"--disaggregation-transfer-backend: {exc}")
+    return settings
 
 
 # Models whose tables the docs embed between BEGIN/END markers (docs/configuration.md;

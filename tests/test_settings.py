@@ -76,11 +76,30 @@ def test_flags_beat_env_beat_defaults(monkeypatch: pytest.MonkeyPatch):
 def test_flag_kinds():
     s = parse_serve_args(
         ["--model", "m.gguf", "--max-running-requests", "8", "--mem-fraction-static", "0.5"]
-        + ["--disable-radix-cache", "--dtype", "bfloat16", "--disaggregation-mode", "prefill"]
+        + ["--disable-radix-cache", "--dtype", "bfloat16", "--profile-decode"]
     )
     assert (s.model_path, s.max_running_requests, s.mem_fraction_static) == ("m.gguf", 8, 0.5)
-    assert s.disable_radix_cache and s.dtype == "bfloat16" and s.disaggregation_mode == "prefill"
+    assert s.disable_radix_cache and s.dtype == "bfloat16" and s.profile_decode
     assert parse_serve_args(["--model-path", "dir"]).model_path == "dir"
+
+
+def test_pd_side_needs_an_available_transfer_backend(capsys):
+    """Checked at flag parsing (before a model loads), only for a PD side."""
+    err = serve_error(["--disaggregation-mode", "prefill", "--backend", "nixl"], capsys)
+    assert err.startswith("pdcore serve: error: --disaggregation-transfer-backend: ")
+    assert "unknown transfer backend 'nixl'" in err
+    assert parse_serve_args(["--backend", "nixl"]).disaggregation_transfer_backend == "nixl"
+
+    class Unavailable:
+        @hookimpl
+        def pdcore_register_transfer_backends(self, register):
+            register("offline", object, check=lambda: "its cable is unplugged")
+
+    pm = build_plugin_manager(load_entry_points=False)
+    pm.register(Unavailable(), name="unavailable-test")
+    reset_plugin_manager(pm)
+    err = serve_error(["--disaggregation-mode", "decode", "--backend", "offline"], capsys)
+    assert "'offline'" in err and "unavailable: its cable is unplugged" in err
 
 
 def test_flag_error_names_the_flag(capsys):

@@ -27,13 +27,14 @@ class TransferError(Exception):
 
 
 def parse_device(device: str) -> tuple[str, int]:
-    """Map "cpu" to ("cpu", 0) and "cuda:N" to ("cuda", N); anything else is refused."""
+    """Map "cpu" to ("cpu", 0), "cuda:N" to ("cuda", N) and "npu:N" (Ascend) to ("npu", N);
+    anything else is refused, so a backend never guesses what memory it was handed."""
     if device == "cpu":
         return "cpu", 0
     kind, _, index = device.partition(":")
-    if kind == "cuda" and index.isdigit():
-        return "cuda", int(index)
-    raise ValueError(f"device must be 'cpu' or 'cuda:N', not {device!r}")
+    if kind in ("cuda", "npu") and index.isdigit():
+        return kind, int(index)
+    raise ValueError(f"device must be 'cpu', 'cuda:N' or 'npu:N', not {device!r}")
 
 
 @dataclass(frozen=True)

@@ -111,6 +111,7 @@ class EngineCore:
         self._ready_outputs: list[RequestOutput] = []
         self.num_forward_steps = 0
         self.last_step_ran_forward = False
+        self._sent_early = False
         self.pipeline = _make_pipeline(self, settings)
         self.profiler = PhaseProfiler.from_settings(
             settings, tag=f"{settings.disaggregation_mode}-pid{os.getpid()}"
@@ -202,6 +203,14 @@ class EngineCore:
         outputs, self._ready_outputs = self._ready_outputs, []
         outputs.extend(self._finish(req) for req in self._finished_outside_step)
         self._finished_outside_step = []
+        if outputs and not self._sent_early:
+            # Hand these out before the next forward pass instead of after it: a request
+            # that just arrived from prefill shows its first token one decode step sooner.
+            # Every other call, so a steady trickle of arrivals cannot starve the forward.
+            self._sent_early = True
+            self.last_step_ran_forward = True  # come straight back, don't poll-wait
+            return outputs
+        self._sent_early = False
         batch = self.scheduler.schedule()
         self.last_step_ran_forward = batch is not None
         if batch is None:
