@@ -14,6 +14,9 @@ class AttentionBackend(Protocol):
     """Created by a factory registered under pdcore_register_attention_backends.
 
     The factory is called as factory(num_heads=, num_kv_heads=, head_dim=, device=, dtype=).
+    A backend that also implements `pdcore.engine.cuda_graph.GraphAttentionBackend`
+    (fixed-size metadata buffers updated in place) gets its CUDA decode steps captured and
+    replayed as CUDA graphs; without it, decode runs eagerly.
     """
 
     def prepare(self, batch: ForwardBatch, pool: KVPool) -> None:

@@ -46,7 +46,7 @@ class EngineCore:
         started = time.monotonic()
         self.resolved = resolve_model(settings.model_path)
         config = self.resolved.config
-        self.device = pick_device(settings.device)
+        self.device = pick_device(settings.device, settings.base_gpu_id)
         self.dtype = pick_dtype(settings.dtype, self.device)
         self.page_size = settings.page_size
         num_pages = pool_pages(
@@ -87,7 +87,13 @@ class EngineCore:
             device=self.device,
             dtype=self.dtype,
         )
-        self.runner = ModelRunner(model, pool, attn)
+        self.runner = ModelRunner(
+            model,
+            pool,
+            attn,
+            disable_cuda_graph=settings.disable_cuda_graph,
+            cuda_graph_max_bs=settings.cuda_graph_max_bs,
+        )
         self.allocator = PageAllocator(
             num_pages, settings.page_size, not settings.disable_radix_cache
         )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from pdcore.engine.forward_batch import ForwardBatch
@@ -9,13 +11,28 @@ from pdcore.engine.kv_pool import KVPool
 from pdcore.engine.scheduler import ScheduledBatch
 from pdcore.model.llama import LlamaModel
 
+logger = logging.getLogger(__name__)
+
+DEFAULT_CUDA_GRAPH_MAX_BS = 64
+
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, pool: KVPool, attn_backend) -> None:
+    def __init__(
+        self,
+        model: LlamaModel,
+        pool: KVPool,
+        attn_backend,
+        *,
+        disable_cuda_graph: bool = False,
+        cuda_graph_max_bs: int = DEFAULT_CUDA_GRAPH_MAX_BS,
+    ) -> None:
         self.model = model
         self.pool = pool
         self.attn = attn_backend
         self.device = model.device
+        self.graphs = None  # CudaGraphRunner on CUDA; CPU engines never touch cuda_graph.py
+        if self.device.type == "cuda" and not disable_cuda_graph:
+            self.graphs = _make_graph_runner(model, pool, attn_backend, cuda_graph_max_bs)
 
     def build(self, sched: ScheduledBatch) -> ForwardBatch:
         ps = self.pool.page_size
@@ -40,6 +57,21 @@ class ModelRunner:
             if end == req.seq_len:  # the sequence is complete: sample its next token
                 logits_rows.append(row - 1)
         dev = self.device
+        if dev.type != "cpu":  # one host-to-device copy instead of four
+            t = len(ids)
+            packed = torch.tensor(ids + positions + slots + logits_rows, dtype=torch.long)
+            packed = packed.to(dev, non_blocking=True)
+            return ForwardBatch(
+                is_decode=sched.is_decode,
+                input_ids=packed[:t],
+                positions=packed[t : 2 * t],
+                out_slots=packed[2 * t : 3 * t],
+                seq_lens=seq_lens,
+                extend_lens=list(sched.extend_lens),
+                page_tables=[r.pages for r in sched.reqs],
+                logits_indices=packed[3 * t :],
+                page_size=ps,
+            )
         return ForwardBatch(
             is_decode=sched.is_decode,
             input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
@@ -54,4 +86,22 @@ class ModelRunner:
 
     def run(self, batch: ForwardBatch) -> torch.Tensor:
         """fp32 logits, one row per sequence that completed in this batch."""
+        graphs = self.graphs
+        if graphs is not None and graphs.can_run(batch):
+            return graphs.replay(batch)
         return self.model.forward(batch, self.pool, self.attn)
+
+
+def _make_graph_runner(model: LlamaModel, pool: KVPool, attn, max_bs: int):
+    from pdcore.engine.cuda_graph import CudaGraphRunner, supports_cuda_graph
+
+    if not supports_cuda_graph(attn):
+        logger.info(
+            "attention backend %s has no CUDA graph support: decode runs eagerly",
+            type(attn).__name__,
+        )
+        return None
+    # Longest sequence the engine admits: the RoPE table covers every position it allows.
+    max_positions = model.rotary.cos.shape[0]
+    max_pages = min(-(-max_positions // pool.page_size), pool.num_pages - 1)
+    return CudaGraphRunner(model, pool, attn, max_bs, max_pages)

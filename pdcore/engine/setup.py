@@ -18,12 +18,25 @@ _CPU_POOL_SHARE = 0.2
 _CPU_POOL_CAP_BYTES = 4 << 30
 
 
-def pick_device(name: str) -> torch.device:
+# On a GPU without mem_fraction_static, weights + KV pool get this share of total memory;
+# the rest is for activations, CUDA graphs and other processes' contexts (as in SGLang).
+_GPU_MEM_FRACTION = 0.85
+
+
+def pick_device(name: str, base_gpu_id: int = 0) -> torch.device:
+    """cpu, or cuda:<base_gpu_id> (made the current device, which Triton launches on)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name != "cuda":
+        return torch.device(name)
+    if not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is visible to torch")
-    return torch.device(name)
+    count = torch.cuda.device_count()
+    if base_gpu_id >= count:
+        raise ValueError(f"--base-gpu-id {base_gpu_id}: only {count} CUDA device(s) visible")
+    device = torch.device("cuda", base_gpu_id)
+    torch.cuda.set_device(device)
+    return device
 
 
 def cpu_supports_bf16() -> bool:
@@ -45,10 +58,36 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def _available_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return int(free)
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def weight_bytes(config: ModelConfig, dtype: torch.dtype) -> int:
+    """Bytes the model's weights take on the device, from its shape (before loading it)."""
+    h, q, kv = config.hidden_size, config.num_heads, config.num_kv_heads
+    q_size, kv_size = q * config.head_dim, kv * config.head_dim
+    per_layer = h * (q_size + 2 * kv_size) + q_size * h + 3 * h * config.intermediate_size
+    per_layer += 2 * h + (q_size + 2 * kv_size if config.attention_bias else 0)
+    embeddings = config.vocab_size * h * (1 if config.tie_word_embeddings else 2)
+    params = config.num_layers * per_layer + embeddings + h
+    return params * torch.tensor([], dtype=dtype).element_size()
+
+
+def _gpu_kv_budget(
+    config: ModelConfig, dtype: torch.dtype, device: torch.device, fraction: float | None
+) -> int:
+    """SGLang's rule: weights + KV pool fill `fraction` of the GPU's total memory, counting
+    what is already in use (this process's context, other processes) against it."""
+    free, total = torch.cuda.mem_get_info(device)
+    fraction = _GPU_MEM_FRACTION if fraction is None else fraction
+    weights = weight_bytes(config, dtype)
+    budget = int(total * fraction) - (total - free) - weights
+    if budget <= 0:
+        raise ValueError(
+            f"no GPU memory left for the KV cache: {total / 2**30:.1f} GiB total, "
+            f"{(total - free) / 2**30:.1f} GiB in use, weights {weights / 2**30:.1f} GiB, "
+            f"--mem-fraction-static {fraction}; raise it or use a smaller model"
+        )
+    return budget
 
 
 def pool_pages(
@@ -66,13 +105,12 @@ def pool_pages(
     if max_total_tokens is not None:
         tokens = max_total_tokens
     else:
-        available = _available_bytes(device)
-        if mem_fraction_static is not None:
-            budget = int(available * mem_fraction_static)
-        elif device.type == "cuda":
-            budget = int(available * 0.85)
+        if device.type == "cuda":
+            budget = _gpu_kv_budget(config, dtype, device, mem_fraction_static)
+        elif mem_fraction_static is not None:
+            budget = int(_available_bytes(device) * mem_fraction_static)
         else:
-            budget = min(int(available * _CPU_POOL_SHARE), _CPU_POOL_CAP_BYTES)
+            budget = min(int(_available_bytes(device) * _CPU_POOL_SHARE), _CPU_POOL_CAP_BYTES)
         tokens = budget // per_token
     pages = max(tokens // page_size, 1) + 1
     logger.info(
