@@ -76,6 +76,7 @@ def _run_plugins(args: argparse.Namespace) -> int:
 def format_plugins(report: dict[str, Any]) -> str:
     """Human-readable form of `describe_plugins()`: one block per plugin."""
     lines = []
+    width = max([12, *(len(i["name"]) for p in report["plugins"] for i in p["provides"])])
     if report.get("allow_list") is not None:
         lines.append(f"{ALLOW_ENV}={report['allow_list']} (other entry points not loaded)")
     for p in report["plugins"]:
@@ -86,7 +87,7 @@ def format_plugins(report: dict[str, Any]) -> str:
             state = (
                 item["description"] if item["available"] else f"unavailable \u2014 {item['reason']}"
             )
-            lines.append(f"  {kind:<18} {item['name']:<12} {state}")
+            lines.append(f"  {kind:<18} {item['name']:<{width}} {state}")
         observers = [h for h in p["hooks"] if not h.startswith("pdcore_register_")]
         if observers:
             lines.append(f"  {'observes':<18} {', '.join(observers)}")

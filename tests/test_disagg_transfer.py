@@ -101,3 +101,15 @@ def test_contract_version_mismatch_is_refused() -> None:
     assert create_transfer_backend("old", registry=registry).contract_version == 1
     with pytest.raises(UnknownPluginError, match="unknown transfer backend 'olf'"):
         create_transfer_backend("olf", registry=registry)
+
+
+def test_region_table_refuses_ranges_that_wrap_or_fall_between_regions():
+    table = RegionTable([MemoryRegion(4096, 4096), MemoryRegion(16384, 4096)])
+
+    def u(*xs: int) -> np.ndarray:
+        return np.array(xs, dtype=np.uint64)
+
+    assert table.device_of(u(4096, 16384), u(4096, 10), "dst") == "cpu"
+    for addr, length in [(4096, 2**64 - 16), (8192, 16), (12288, 10), (4096, 4097)]:
+        with pytest.raises(TransferError, match="outside"):
+            table.device_of(u(addr), u(length), "dst")

@@ -297,3 +297,27 @@ def test_package_exports():
     with pytest.raises(AttributeError):
         pdcore.NoSuchThing  # noqa: B018
     assert isinstance(pdcore, types.ModuleType) and "Engine" in pdcore.__all__
+
+
+def test_engine_reports_finished_requests_to_observers(tiny_llama_dir: Path):
+    seen: list[dict] = []
+
+    class Observer:
+        @staticmethod
+        @hookimpl
+        def pdcore_request_finished(info):
+            seen.append(info)
+
+    pm = build_plugin_manager(load_entry_points=False)
+    pm.register(Observer, name="observer")
+    reset_plugin_manager(pm)
+    try:
+        engine = pdcore.Engine(model_path=str(tiny_llama_dir), dtype="float32")
+        engine.generate(["a b c", "d e"], {"max_new_tokens": 3, "ignore_eos": True})
+    finally:
+        reset_plugin_manager()
+    assert sorted(i["completion_tokens"] for i in seen) == [3, 3]
+    info = seen[0]
+    assert info["finish_reason"] == {"type": "length", "length": 3}
+    assert info["disaggregation_mode"] == "null" and info["e2e_latency_s"] > 0
+    assert info["rid"].startswith("offline-") and info["prompt_tokens"] > 0

@@ -180,7 +180,9 @@ class RegionTable:
         per side per batch)."""
         idx = np.searchsorted(self._starts, addrs, side="right").astype(np.int64) - 1
         inside = idx >= 0
-        inside[inside] = addrs[inside] + lengths[inside] <= self._ends[idx[inside]]
+        # lengths <= end - addr, not addr + length <= end: the sum can wrap around in uint64
+        a, ends = addrs[inside], self._ends[idx[inside]]
+        inside[inside] = (a < ends) & (lengths[inside] <= ends - np.minimum(a, ends))
         if not inside.all():
             i = int(np.flatnonzero(~inside)[0])
             raise TransferError(

@@ -26,7 +26,7 @@ from pdcore.engine.scheduler import ScheduledBatch, Scheduler
 from pdcore.engine.setup import pick_device, pick_dtype, pool_pages
 from pdcore.model.llama import LlamaModel
 from pdcore.model.loader import load_state_dict, resolve_model
-from pdcore.plugins import get_registry
+from pdcore.plugins import get_plugin_manager, get_registry, notify
 from pdcore.profiling import PhaseProfiler
 
 __all__ = ["BootstrapInfo", "EngineCore", "RequestError", "RequestOutput"]
@@ -118,6 +118,9 @@ class EngineCore:
         self.num_forward_steps = 0
         self.last_step_ran_forward = False
         self._sent_early = False
+        self._observe_finish = bool(
+            get_plugin_manager().hook.pdcore_request_finished.get_hookimpls()
+        )
         self.pipeline = _make_pipeline(self, settings)
         self.profiler = PhaseProfiler.from_settings(
             settings, tag=f"{settings.disaggregation_mode}-pid{os.getpid()}"
@@ -291,7 +294,21 @@ class EngineCore:
 
     def _finish(self, req: Request) -> RequestOutput:
         self._requests.pop(req.rid, None)
-        return req.take_output()
+        out = req.take_output()
+        if self._observe_finish:
+            notify(
+                "pdcore_request_finished",
+                {
+                    "rid": req.rid,
+                    "disaggregation_mode": self.pipeline.mode,
+                    "prompt_tokens": out.prompt_tokens,
+                    "completion_tokens": out.completion_tokens,
+                    "cached_tokens": out.cached_tokens,
+                    "finish_reason": out.finish_reason,
+                    "e2e_latency_s": time.monotonic() - req.arrival_time,
+                },
+            )
+        return out
 
     # ----- introspection -----------------------------------------------------------------
     def flush_cache(self) -> bool:

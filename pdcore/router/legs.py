@@ -131,6 +131,10 @@ class Leg:
         self.failure: str | None = None
         self._started = False
         self._closed = False
+        # Counted from the moment the router picks the worker, not when the request is
+        # sent: requests arriving together must see each other's choices, or a policy
+        # reading `in_flight` sends a whole burst to one worker.
+        worker.in_flight += 1
 
     def _fail(self, reason: str, detail: str, **kwargs: Any) -> LegError:
         self.failure = reason
@@ -154,7 +158,6 @@ class Leg:
     async def open(self) -> httpx.Response:
         """Send the request and wait for the head; a non-2xx answer raises LegError."""
         self._started = True
-        self.worker.in_flight += 1
         self.metrics.leg_started(self.worker.url, self.worker.role)
         try:
             self.response = await self.client.send(self.request, stream=True)
@@ -225,8 +228,8 @@ class Leg:
         if self._closed:
             return
         self._closed = True
+        self.worker.in_flight -= 1
         if self._started:
-            self.worker.in_flight -= 1
             self.metrics.leg_ended(self.worker.url, self.worker.role, self.failure)
         if self.response is not None:
             with contextlib.suppress(Exception):
