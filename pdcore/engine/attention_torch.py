@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from pdcore.engine.forward_batch import ForwardBatch
 from pdcore.engine.kv_pool import KVPool
+from pdcore.model import native_cpu
 
 
 def slot_indices(page_table: list[int], length: int, page_size: int) -> torch.Tensor:
@@ -35,6 +36,14 @@ class TorchAttentionBackend:
         self.group = num_heads // num_kv_heads
         self.device = torch.device(device)
         self.scale = head_dim**-0.5
+        # bf16 on a CPU with AVX512-BF16: decode reads K/V straight from the pool in C
+        self._native = None
+        if (
+            self.device.type == "cpu"
+            and dtype == torch.bfloat16
+            and native_cpu.decode_attention_applies(num_heads, num_kv_heads, head_dim)
+        ):
+            self._native = native_cpu.load()
 
     def prepare(self, batch: ForwardBatch, pool: KVPool) -> None:
         meta = batch.attn_meta
@@ -49,7 +58,9 @@ class TorchAttentionBackend:
             lens = torch.tensor(batch.seq_lens, dtype=torch.long)
             valid = cols[None, :] < lens[:, None]
             slots = table[:, cols // batch.page_size] * batch.page_size + cols % batch.page_size
-            meta["kv_index"] = torch.where(valid, slots, 0).reshape(-1).to(self.device)
+            meta["slots"] = torch.where(valid, slots, 0).to(self.device)
+            meta["kv_index"] = meta["slots"].view(-1)
+            meta["lens"] = lens
             meta["max_len"] = max_len
             meta["mask"] = valid[:, None, None, :].to(self.device)
             meta["all_full"] = bool(valid.all())
@@ -78,6 +89,11 @@ class TorchAttentionBackend:
     ) -> torch.Tensor:
         k_cache = pool.k_flat(layer)
         v_cache = pool.v_flat(layer)
+        if batch.is_decode and self._native is not None:
+            meta = batch.attn_meta
+            return native_cpu.decode_attention(
+                self._native, q, k, v, k_cache, v_cache, meta["slots"], meta["lens"], self.scale
+            )
         k_cache.index_copy_(0, batch.out_slots, k)
         v_cache.index_copy_(0, batch.out_slots, v)
         if batch.is_decode:

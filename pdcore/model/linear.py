@@ -2,8 +2,11 @@
 
 On CPUs, a decode step is a handful of skinny matmuls per layer; packing each weight once
 (MKL's packed sgemm for fp32, oneDNN's blocked layout for bf16/fp16) removes the per-call
-re-layout that plain F.linear pays, roughly halving matmul time at batch 8-32 here.
-Anywhere the packed ops are missing (CUDA, other builds), it is plain F.linear.
+re-layout that plain F.linear pays, roughly halving matmul time at batch 8-32 here. On CPUs
+with AVX512-BF16, bf16 weights instead go to our own skinny GEMM (`native_cpu`) for
+decode-sized inputs, and to plain F.linear for prefill-sized ones (one re-layout per call is
+nothing next to a large matmul). Anywhere the packed ops are missing (CUDA, other builds),
+it is plain F.linear.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import os
 
 import torch
 import torch.nn.functional as F
+
+from pdcore.model import native_cpu
 
 
 def _packing_enabled(device: torch.device) -> bool:
@@ -29,6 +34,10 @@ class Linear:
         self._packed = None
         self._kind = "plain"
         if not _packing_enabled(weight.device):
+            return
+        lib = native_cpu.load() if native_cpu.can_pack(weight) else None
+        if lib is not None:
+            self._packed, self._kind = (lib, native_cpu.pack(weight)), "native"
             return
         try:
             if weight.dtype == torch.float32 and torch._C.has_mkl:
@@ -48,6 +57,10 @@ class Linear:
         return self.weight.shape[0]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._kind == "native" and x.dim() == 2 and x.shape[0] <= native_cpu.MAX_ROWS:
+            lib, packed = self._packed
+            y = native_cpu.skinny_gemm(lib, x, packed, self.weight.shape[0])
+            return y if self.bias is None else y.add_(self.bias)
         if self._kind == "mkl":
             return torch.ops.mkl._mkl_linear(x, self._packed, self.weight, self.bias, x.shape[0])
         if self._kind == "mkldnn":

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from pdcore.engine.attention import AttentionBackend
 from pdcore.engine.forward_batch import ForwardBatch
 from pdcore.engine.kv_pool import KVPool
+from pdcore.model import native_cpu
 from pdcore.model.config import ModelConfig
 from pdcore.model.linear import Linear
 from pdcore.model.rope import RotaryTable, apply_rotary
@@ -70,6 +71,14 @@ class LlamaModel:
         self.q_size = config.num_heads * config.head_dim
         self.kv_size = config.num_kv_heads * config.head_dim
         self._norm_shape = (config.hidden_size,)
+        self._native = None  # our fused bf16 CPU kernels, where they apply
+        if (
+            device.type == "cpu"
+            and dtype == torch.bfloat16
+            and config.hidden_size % 16 == 0
+            and config.intermediate_size % 16 == 0
+        ):
+            self._native = native_cpu.load()
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # One fused op; in fp32 it equals transformers' step-by-step version bit for bit.
@@ -78,25 +87,46 @@ class LlamaModel:
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, pool: KVPool, attn: AttentionBackend) -> torch.Tensor:
         """Return fp32 logits for the rows in batch.logits_indices: [S, vocab]."""
-        cfg = self.config
         attn.prepare(batch, pool)
         hidden = F.embedding(batch.input_ids, self.embed)
         cos, sin = self.rotary.lookup(batch.positions)
         t = hidden.shape[0]
-        for i, layer in enumerate(self.layers):
-            x = self._rms_norm(hidden, layer.input_norm)
-            qkv = layer.qkv(x)
-            # RoPE on q and k in one pass: they sit side by side in the fused projection.
-            qk = apply_rotary(
-                qkv[:, : self.q_size + self.kv_size].view(t, -1, cfg.head_dim), cos, sin
-            )
-            q, k = qk.split([cfg.num_heads, cfg.num_kv_heads], dim=1)
-            v = qkv[:, self.q_size + self.kv_size :].view(t, cfg.num_kv_heads, cfg.head_dim)
-            out = attn.forward(i, q, k, v, batch, pool)
-            hidden = hidden + layer.o_proj(out)
-            x = self._rms_norm(hidden, layer.post_norm)
-            gate, up = layer.gate_up(x).chunk(2, dim=-1)
-            hidden = hidden + layer.down(F.silu(gate) * up)
+        lib = self._native if t <= native_cpu.MAX_ROWS else None
+        if lib is not None:
+            hidden = self._layers_native(lib, hidden, cos, sin, batch, pool, attn)
+        else:
+            for i, layer in enumerate(self.layers):
+                x = self._rms_norm(hidden, layer.input_norm)
+                out = self._attention(i, layer, x, cos, sin, batch, pool, attn)
+                hidden = hidden + layer.o_proj(out)
+                x = self._rms_norm(hidden, layer.post_norm)
+                gate, up = layer.gate_up(x).chunk(2, dim=-1)
+                hidden = hidden + layer.down(F.silu(gate) * up)
         hidden = hidden.index_select(0, batch.logits_indices)
         hidden = self._rms_norm(hidden, self.norm)
         return self.lm_head(hidden).float()
+
+    def _attention(self, i, layer, x, cos, sin, batch, pool, attn) -> torch.Tensor:
+        cfg, t = self.config, x.shape[0]
+        qkv = layer.qkv(x)
+        # RoPE on q and k in one pass: they sit side by side in the fused projection.
+        qk = apply_rotary(qkv[:, : self.q_size + self.kv_size].view(t, -1, cfg.head_dim), cos, sin)
+        q, k = qk.split([cfg.num_heads, cfg.num_kv_heads], dim=1)
+        v = qkv[:, self.q_size + self.kv_size :].view(t, cfg.num_kv_heads, cfg.head_dim)
+        return attn.forward(i, q, k, v, batch, pool)
+
+    def _layers_native(self, lib, hidden, cos, sin, batch, pool, attn) -> torch.Tensor:
+        """The same layers with our fused bf16 CPU kernels: each residual add is folded
+        into the RMSNorm that follows it, and SiLU-and-mul is one pass (decode sizes)."""
+        eps = self.config.rms_norm_eps
+        x = native_cpu.rms_norm(lib, hidden, self.layers[0].input_norm, eps)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            out = self._attention(i, layer, x, cos, sin, batch, pool, attn)
+            x = native_cpu.rms_norm(lib, hidden, layer.post_norm, eps, delta=layer.o_proj(out))
+            mlp = layer.down(native_cpu.silu_mul(lib, layer.gate_up(x)))
+            if i < last:
+                x = native_cpu.rms_norm(lib, hidden, self.layers[i + 1].input_norm, eps, mlp)
+            else:
+                hidden.add_(mlp)
+        return hidden

@@ -1,0 +1,104 @@
+"""Our bf16 CPU kernels against fp32 references (fresh random inputs each run).
+
+bf16 keeps 8 bits of mantissa, so results are compared with a relative tolerance of a few
+bf16 ulps (2^-8 = 0.4%) against fp32 math on the same bf16 inputs."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pdcore.engine.attention_torch import TorchAttentionBackend
+from pdcore.engine.forward_batch import ForwardBatch
+from pdcore.engine.kv_pool import KVPool
+from pdcore.model import native_cpu
+
+LIB = native_cpu.load()
+pytestmark = pytest.mark.skipif(LIB is None, reason="needs a CPU with AVX512-BF16 and a C compiler")
+TOL = 1.5e-2
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+
+
+def bf16(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("m", [1, 3, 8, 13, 32])
+@pytest.mark.parametrize("n,k", [(96, 64), (80, 576), (576, 1536)])
+def test_skinny_gemm(m: int, n: int, k: int) -> None:
+    w, x = bf16(n, k), bf16(m, k)
+    y = native_cpu.skinny_gemm(LIB, x, native_cpu.pack(w), n)
+    assert y.shape == (m, n) and y.dtype == torch.bfloat16
+    assert rel_err(y, x.float() @ w.float().T) < TOL
+    # strided rows (a slice of a wider activation) give the same answer
+    wide = bf16(m, k + 32)
+    wide[:, :k] = x
+    assert torch.equal(native_cpu.skinny_gemm(LIB, wide[:, :k], native_cpu.pack(w), n), y)
+
+
+def test_rms_norm_with_and_without_residual() -> None:
+    h, eps = 576, 1e-5
+    x, delta, w = bf16(5, h), bf16(5, h), bf16(h)
+
+    def ref(v: torch.Tensor) -> torch.Tensor:  # transformers' LlamaRMSNorm, in fp32
+        v = v.float()
+        return w.float() * (v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps))
+
+    assert rel_err(native_cpu.rms_norm(LIB, x.clone(), w, eps), ref(x)) < TOL
+    residual = x.clone()
+    out = native_cpu.rms_norm(LIB, residual, w, eps, delta=delta)
+    assert torch.equal(residual, x + delta)  # bf16 add, written back in place
+    assert rel_err(out, ref(x + delta)) < TOL
+
+
+def test_silu_mul() -> None:
+    gate_up = bf16(7, 2 * 1536) * 4
+    want = F.silu(gate_up[:, :1536].float()) * gate_up[:, 1536:].float()
+    assert rel_err(native_cpu.silu_mul(LIB, gate_up), want) < TOL
+
+
+@pytest.mark.parametrize(
+    "heads,kv_heads,dim,page", [(9, 3, 64, 16), (8, 8, 64, 1), (32, 8, 128, 4)]
+)
+def test_decode_attention_matches_sdpa(heads: int, kv_heads: int, dim: int, page: int) -> None:
+    pool = KVPool(
+        num_layers=1, num_pages=400, page_size=page, num_kv_heads=kv_heads, head_dim=dim,
+        dtype=torch.bfloat16, device=torch.device("cpu"),
+    )  # fmt: skip
+    pool.k.normal_()
+    pool.v.normal_()
+    lens = [random.randint(1, 70) for _ in range(6)]
+    free = random.sample(range(1, 400), 399)
+    tables = [[free.pop() for _ in range(-(-n // page))] for n in lens]
+    out_slots = torch.tensor(
+        [t[(n - 1) // page] * page + (n - 1) % page for t, n in zip(tables, lens)]
+    )
+    b = len(lens)
+    qkv = bf16(b, heads + 2 * kv_heads, dim)
+    q, k, v = qkv[:, :heads], qkv[:, heads : heads + kv_heads], qkv[:, heads + kv_heads :]
+    batch = ForwardBatch(
+        is_decode=True, input_ids=torch.zeros(b, dtype=torch.long),
+        positions=torch.zeros(b, dtype=torch.long), out_slots=out_slots, seq_lens=lens,
+        extend_lens=[1] * b, page_tables=tables, logits_indices=torch.arange(b), page_size=page,
+    )  # fmt: skip
+    backend = TorchAttentionBackend(heads, kv_heads, dim, "cpu", torch.bfloat16)
+    assert backend._native is not None
+    backend.prepare(batch, pool)
+    got = backend.forward(0, q, k, v, batch, pool)
+    # the new K/V rows landed in their slots
+    assert torch.equal(pool.k_flat(0)[out_slots], k) and torch.equal(pool.v_flat(0)[out_slots], v)
+    # reference: fp32 attention over each sequence's slots
+    group = heads // kv_heads
+    for i, (table, n) in enumerate(zip(tables, lens)):
+        slots = torch.tensor([table[t // page] * page + t % page for t in range(n)])
+        keys = pool.k_flat(0)[slots].float().repeat_interleave(group, dim=1)  # [n, H, D]
+        vals = pool.v_flat(0)[slots].float().repeat_interleave(group, dim=1)
+        scores = torch.einsum("hd,nhd->hn", q[i].float(), keys) * dim**-0.5
+        want = torch.einsum("hn,nhd->hd", scores.softmax(-1), vals).reshape(-1)
+        assert rel_err(got[i], want) < TOL, (i, n)
