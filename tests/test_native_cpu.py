@@ -102,3 +102,19 @@ def test_decode_attention_matches_sdpa(heads: int, kv_heads: int, dim: int, page
         scores = torch.einsum("hd,nhd->hn", q[i].float(), keys) * dim**-0.5
         want = torch.einsum("hn,nhd->hd", scores.softmax(-1), vals).reshape(-1)
         assert rel_err(got[i], want) < TOL, (i, n)
+
+
+def test_rope_in_place_matches_transformers_form() -> None:
+    from pdcore.model.rope import RotaryTable, apply_rotary
+
+    heads, kv_heads, dim = 9, 3, 64
+    table = RotaryTable(dim, 10000.0, None, 256, torch.bfloat16, torch.device("cpu"))
+    positions = torch.tensor([0, 7, 200, 31])
+    qkv = bf16(4, (heads + 2 * kv_heads) * dim)
+    want = apply_rotary(
+        qkv[:, : (heads + kv_heads) * dim].view(4, -1, dim), *table.lookup(positions)
+    )
+    got = qkv.clone()
+    native_cpu.rope_(LIB, got, heads + kv_heads, dim, table.cos, table.sin, positions)
+    assert torch.equal(got[:, : (heads + kv_heads) * dim].view(4, -1, dim), want)
+    assert torch.equal(got[:, (heads + kv_heads) * dim :], qkv[:, (heads + kv_heads) * dim :])

@@ -77,6 +77,7 @@ class LlamaModel:
             and dtype == torch.bfloat16
             and config.hidden_size % 16 == 0
             and config.intermediate_size % 16 == 0
+            and config.head_dim % 32 == 0
         ):
             self._native = native_cpu.load()
 
@@ -89,12 +90,11 @@ class LlamaModel:
         """Return fp32 logits for the rows in batch.logits_indices: [S, vocab]."""
         attn.prepare(batch, pool)
         hidden = F.embedding(batch.input_ids, self.embed)
-        cos, sin = self.rotary.lookup(batch.positions)
-        t = hidden.shape[0]
-        lib = self._native if t <= native_cpu.MAX_ROWS else None
+        lib = self._native if hidden.shape[0] <= native_cpu.MAX_ROWS else None
         if lib is not None:
-            hidden = self._layers_native(lib, hidden, cos, sin, batch, pool, attn)
+            hidden = self._layers_native(lib, hidden, batch, pool, attn)
         else:
+            cos, sin = self.rotary.lookup(batch.positions)
             for i, layer in enumerate(self.layers):
                 x = self._rms_norm(hidden, layer.input_norm)
                 out = self._attention(i, layer, x, cos, sin, batch, pool, attn)
@@ -115,14 +115,22 @@ class LlamaModel:
         v = qkv[:, self.q_size + self.kv_size :].view(t, cfg.num_kv_heads, cfg.head_dim)
         return attn.forward(i, q, k, v, batch, pool)
 
-    def _layers_native(self, lib, hidden, cos, sin, batch, pool, attn) -> torch.Tensor:
-        """The same layers with our fused bf16 CPU kernels: each residual add is folded
-        into the RMSNorm that follows it, and SiLU-and-mul is one pass (decode sizes)."""
-        eps = self.config.rms_norm_eps
+    def _layers_native(self, lib, hidden, batch, pool, attn) -> torch.Tensor:
+        """The same layers with our fused bf16 CPU kernels (decode sizes): RoPE in place on
+        the fused projection, each residual add folded into the RMSNorm that follows it,
+        SiLU-and-mul in one pass."""
+        cfg, eps, t = self.config, self.config.rms_norm_eps, hidden.shape[0]
+        rotary, positions = self.rotary, batch.positions
         x = native_cpu.rms_norm(lib, hidden, self.layers[0].input_norm, eps)
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            out = self._attention(i, layer, x, cos, sin, batch, pool, attn)
+            qkv = layer.qkv(x)
+            heads = cfg.num_heads + cfg.num_kv_heads
+            native_cpu.rope_(lib, qkv, heads, cfg.head_dim, rotary.cos, rotary.sin, positions)
+            q = qkv[:, : self.q_size].view(t, cfg.num_heads, cfg.head_dim)
+            k = qkv[:, self.q_size : self.q_size + self.kv_size].view(t, -1, cfg.head_dim)
+            v = qkv[:, self.q_size + self.kv_size :].view(t, -1, cfg.head_dim)
+            out = attn.forward(i, q, k, v, batch, pool)
             x = native_cpu.rms_norm(lib, hidden, layer.post_norm, eps, delta=layer.o_proj(out))
             mlp = layer.down(native_cpu.silu_mul(lib, layer.gate_up(x)))
             if i < last:

@@ -82,6 +82,7 @@ def load() -> ctypes.CDLL | None:
     _declare(lib.pdcore_bf16_skinny_gemm, [p, i64, i64, p, i64, i64, p, i64, ctypes.c_int])
     _declare(lib.pdcore_bf16_rms_norm, [p, p, p, p, i64, i64, i64, i64, i64, ctypes.c_float])
     _declare(lib.pdcore_bf16_silu_mul, [p, p, i64, i64, i64, i64])
+    _declare(lib.pdcore_bf16_rope, [p, i64, i64, i64, i64, p, p, p])
     f32, i32 = ctypes.c_float, ctypes.c_int
     attn_args = [p, i64, p, i64, p, i64, p, p, p, i64, p, i64, i64, i64, i64, f32, p, i32]
     _declare(lib.pdcore_bf16_decode_attention, attn_args)
@@ -95,13 +96,13 @@ def _declare(fn: ctypes._CFuncPtr, argtypes: list) -> None:
 
 def can_pack(weight: torch.Tensor) -> bool:
     n, k = weight.shape
-    return weight.dtype == torch.bfloat16 and n % 16 == 0 and k % 2 == 0
+    return weight.dtype == torch.bfloat16 and n % 16 == 0 and k % 16 == 0
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
-    """[N, K] -> [N/16, K/2, 16, 2]: one 64-byte line = 16 output features x 2 k."""
+    """[N, K] -> [N/16, K, 16]: one 32-byte line = 16 output features at one k."""
     n, k = weight.shape
-    return weight.reshape(n // 16, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+    return weight.reshape(n // 16, 16, k).permute(0, 2, 1).contiguous()
 
 
 def skinny_gemm(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
@@ -174,5 +175,22 @@ def decode_attention(
 
 
 def decode_attention_applies(num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
-    """Shapes the kernel handles (its register tiles are sized for these bounds)."""
-    return head_dim % 32 == 0 and head_dim <= 256 and num_heads // num_kv_heads <= 16
+    """Shapes the kernel handles (its register tiles are sized for head_dim <= 256)."""
+    return head_dim % 32 == 0 and head_dim <= 256 and num_heads % num_kv_heads == 0
+
+
+def rope_(
+    lib: ctypes.CDLL,
+    qkv: torch.Tensor,
+    heads: int,
+    head_dim: int,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: torch.Tensor,
+) -> None:
+    """Rotary embedding in place on the first `heads` heads of each qkv row (q then k
+    heads, as the fused projection lays them out); cos/sin are [max_pos, head_dim]."""
+    lib.pdcore_bf16_rope(
+        qkv.data_ptr(), qkv.shape[0], qkv.stride(0), heads, head_dim, cos.data_ptr(),
+        sin.data_ptr(), positions.data_ptr(),
+    )  # fmt: skip

@@ -59,3 +59,28 @@ void pdcore_bf16_silu_mul(const uint16_t *gate_up, uint16_t *out, int64_t rows, 
         }
     }
 }
+
+/* Rotary embedding (Llama's rotate-half form), in place on the first `heads` heads of each
+ * row of qkv, with cos/sin rows looked up by position: out = x*cos + rotate_half(x)*sin,
+ * rounded after each op as transformers' bf16 modules do. (head_dim / 2) % 16 == 0. */
+void pdcore_bf16_rope(uint16_t *qkv, int64_t rows, int64_t ldq, int64_t heads, int64_t d,
+                      const uint16_t *cos, const uint16_t *sin, const int64_t *positions) {
+    const int64_t half = d / 2;
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *c = cos + positions[r] * d;
+        const uint16_t *s = sin + positions[r] * d;
+        for (int64_t hd = 0; hd < heads; hd++) {
+            uint16_t *x = qkv + r * ldq + hd * d;
+            for (int64_t i = 0; i < half; i += 16) {
+                const __m512 x1 = load_bf16(x + i), x2 = load_bf16(x + half + i);
+                const __m512 lo = _mm512_sub_ps(round_bf16(_mm512_mul_ps(x1, load_bf16(c + i))),
+                                                round_bf16(_mm512_mul_ps(x2, load_bf16(s + i))));
+                const __m512 hi =
+                    _mm512_add_ps(round_bf16(_mm512_mul_ps(x2, load_bf16(c + half + i))),
+                                  round_bf16(_mm512_mul_ps(x1, load_bf16(s + half + i))));
+                store_bf16(x + i, lo);
+                store_bf16(x + half + i, hi);
+            }
+        }
+    }
+}
