@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +118,6 @@ class EngineCore:
         self._ready_outputs: list[RequestOutput] = []
         self.num_forward_steps = 0
         self.last_step_ran_forward = False
-        self._sent_early = False
         self._observe_finish = bool(
             get_plugin_manager().hook.pdcore_request_finished.get_hookimpls()
         )
@@ -207,19 +207,19 @@ class EngineCore:
             or self.pipeline.num_queued() > 0
         )
 
-    def step(self) -> list[RequestOutput]:
+    def step(
+        self, send_early: Callable[[list[RequestOutput]], None] | None = None
+    ) -> list[RequestOutput]:
+        """One iteration. Outputs that exist before the forward pass (a request that just
+        arrived from prefill with its first token, aborts, failures) go to `send_early`
+        when given, so they reach the client now instead of one forward pass later."""
         self.pipeline.advance()
         outputs, self._ready_outputs = self._ready_outputs, []
         outputs.extend(self._finish(req) for req in self._finished_outside_step)
         self._finished_outside_step = []
-        if outputs and not self._sent_early:
-            # Hand these out before the next forward pass instead of after it: a request
-            # that just arrived from prefill shows its first token one decode step sooner.
-            # Every other call, so a steady trickle of arrivals cannot starve the forward.
-            self._sent_early = True
-            self.last_step_ran_forward = True  # come straight back, don't poll-wait
-            return outputs
-        self._sent_early = False
+        if outputs and send_early is not None:
+            send_early(outputs)
+            outputs = []
         batch = self.scheduler.schedule()
         self.last_step_ran_forward = batch is not None
         if batch is None:

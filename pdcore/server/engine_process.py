@@ -182,7 +182,7 @@ class EngineLoop:
                 self._drain()
             if self.core.has_work():
                 idle_iterations = 0
-                for out in self.core.step():
+                for out in self.core.step(self._send_now):
                     self.outbox.append({"type": "output", **out.to_dict()})
             else:
                 idle_iterations += 1
@@ -192,6 +192,12 @@ class EngineLoop:
             if self.outbox:
                 self.push.send(pack(self.outbox))
                 self.outbox = []
+
+    def _send_now(self, outputs: list[Any]) -> None:
+        """Outputs ready before a forward pass: flush them (and anything queued) at once."""
+        self.outbox.extend({"type": "output", **out.to_dict()} for out in outputs)
+        self.push.send(pack(self.outbox))
+        self.outbox = []
 
     def _orphaned(self) -> bool:
         return self.parent_pid is not None and os.getppid() != self.parent_pid
