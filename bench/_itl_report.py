@@ -100,6 +100,7 @@ def plot_timelines(raw: dict[str, dict[str, Any]], path: Path, workload: Any) ->
     titles = {
         "unified": "unified: one instance, 2 cores",
         "pd": "PD: prefill on core 0, decode on core 1, router in front",
+        "unified_chunked": "unified with a smaller --chunked-prefill-size, 2 cores",
     }
     for ax, name in zip(axes, names):
         t0, traces = raw[name]["t0"], raw[name]["traces"]

@@ -154,8 +154,10 @@ def warm_up(url: str, w: Workload) -> None:
         client.post(url + "/flush_cache")
 
 
-def deploy_unified(log_dir: Path, common: list[str]) -> tuple[str, list[Proc]]:
-    server = serve("unified", log_dir, [*common, "--cpu-threads", "2"])
+def deploy_unified(
+    log_dir: Path, common: list[str], name: str = "unified"
+) -> tuple[str, list[Proc]]:
+    server = serve(name, log_dir, [*common, "--cpu-threads", "2"])
     server.wait_healthy()
     return server.url, [server]
 
@@ -218,7 +220,14 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=60.0, help="seconds of load per deployment")
     ap.add_argument("--slo-ttft-ms", type=float, default=3000.0)
     ap.add_argument("--slo-tpot-ms", type=float, default=100.0)
-    ap.add_argument("--only", choices=["unified", "pd"], default=None)
+    ap.add_argument(
+        "--unified-chunked",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also run unified with --chunked-prefill-size N (the usual mitigation short of PD)",
+    )
+    ap.add_argument("--only", choices=["unified", "pd", "unified_chunked"], default=None)
     ap.add_argument("--plot", default="docs/pd_vs_unified_itl.png", help="PNG path ('' = none)")
     ap.add_argument("--output-file", default=None, help="also write the JSON here")
     args = ap.parse_args()
@@ -242,6 +251,9 @@ def main() -> None:
         "unified": lambda: deploy_unified(log_dir, common),
         "pd": lambda: deploy_pd(log_dir, common, args.backend),
     }
+    if args.unified_chunked:
+        chunked = [*common, "--chunked-prefill-size", str(args.unified_chunked)]
+        deployments["unified_chunked"] = lambda: deploy_unified(log_dir, chunked, "chunked")
     slo = (args.slo_ttft_ms / 1000, args.slo_tpot_ms / 1000)
     raw, result = {}, {"workload": vars(w), "backend": args.backend, "logs": str(log_dir)}
     for name, deploy in deployments.items():
@@ -251,8 +263,9 @@ def main() -> None:
         result[name] = summarize(raw[name]["t0"], raw[name]["traces"], slo)
     if "unified" in result and "pd" in result:
         result["itl_p99_burst_over_quiet"] = {
-            n: result[n]["itl_ms"]["p99_burst_over_quiet"] for n in ("unified", "pd")
+            n: result[n]["itl_ms"].get("p99_burst_over_quiet") for n in raw
         }
+        result["goodput_fraction"] = {n: result[n]["goodput"]["fraction"] for n in raw}
     if args.plot:
         plot_timelines(raw, Path(args.plot), w)
         result["plot"] = args.plot
