@@ -178,6 +178,8 @@ class RegionTable:
         """The one device all these ranges lie on; raises TransferError when a range falls
         outside every region or the ranges span devices (a transport moves one memory type
         per side per batch)."""
+        if not self._regions:
+            raise TransferError(f"{side} side has no registered memory")
         idx = np.searchsorted(self._starts, addrs, side="right").astype(np.int64) - 1
         inside = idx >= 0
         # lengths <= end - addr, not addr + length <= end: the sum can wrap around in uint64

@@ -121,6 +121,8 @@ class LlamaModel:
         SiLU-and-mul in one pass."""
         cfg, eps, t = self.config, self.config.rms_norm_eps, hidden.shape[0]
         rotary, positions = self.rotary, batch.positions
+        if int(positions.max()) >= rotary.cos.shape[0]:  # the kernel reads cos/sin unchecked
+            raise IndexError(f"position {int(positions.max())} is past the rotary table")
         x = native_cpu.rms_norm(lib, hidden, self.layers[0].input_norm, eps)
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):

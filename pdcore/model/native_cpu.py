@@ -189,7 +189,8 @@ def rope_(
     positions: torch.Tensor,
 ) -> None:
     """Rotary embedding in place on the first `heads` heads of each qkv row (q then k
-    heads, as the fused projection lays them out); cos/sin are [max_pos, head_dim]."""
+    heads, as the fused projection lays them out); cos/sin are [max_pos, head_dim]. The
+    caller guarantees positions < max_pos (the C side does not check)."""
     lib.pdcore_bf16_rope(
         qkv.data_ptr(), qkv.shape[0], qkv.stride(0), heads, head_dim, cos.data_ptr(),
         sin.data_ptr(), positions.data_ptr(),

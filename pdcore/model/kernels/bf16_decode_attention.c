@@ -66,6 +66,7 @@ static float *scratch(int64_t n) {
         free(buf);
         cap = n * 2;
         buf = (float *)malloc(sizeof(float) * cap);
+        if (buf == NULL) abort(); /* out of memory: fail loudly, never write through NULL */
     }
     return buf;
 }
@@ -149,6 +150,10 @@ void pdcore_bf16_decode_attention(const uint16_t *q, int64_t ldq, const uint16_t
         const int64_t s = item / kvh, kh = item % kvh;
         const int64_t len = lens[s];
         const int64_t *sl = slots + s * max_len;
+        if (len <= 0) { /* no tokens: nothing to attend to (the engine never sends this) */
+            memset(out + s * h * d + kh * group * d, 0, group * d * sizeof(uint16_t));
+            continue;
+        }
         /* this step's K/V row goes into its slot (the sequence's last token) first */
         const int64_t last = sl[len - 1];
         memcpy(kc + last * row + kh * d, k_new + s * ldk + kh * d, d * sizeof(uint16_t));

@@ -92,6 +92,7 @@ static void tile_dispatch(const float *x, int64_t ldx, int mt, int64_t k, const 
 void pdcore_bf16_skinny_gemm(const uint16_t *x, int64_t m, int64_t ldx, const uint16_t *packed,
                              int64_t n, int64_t k, uint16_t *y, int64_t ldy, int threads) {
     float *xf = (float *)aligned_alloc(64, sizeof(float) * (size_t)(m * k));
+    if (xf == NULL && m * k > 0) abort(); /* out of memory: fail loudly */
     for (int64_t r = 0; r < m; r++)
         for (int64_t i = 0; i < k; i += 16) _mm512_store_ps(xf + r * k + i, load_bf16(x + r * ldx + i));
     const int64_t blocks = n / 16;

@@ -230,6 +230,9 @@ class KernelConfig:
         self.block_d = max(16, triton.next_power_of_2(head_dim))
         self.precision = "ieee" if dtype == torch.float32 else "tf32"
         wide = dtype.itemsize >= 4 or self.block_d > 128
+        # 2 pipeline stages: q + double-buffered K/V tiles stay under the ~99 KB of shared
+        # memory of sm_86/sm_89 cards (Triton's default of 3 may not; unverified on a GPU)
+        self.stages = 2
         if interpret:
             self.decode_block_n, self.block_m, self.block_n, self.warps = 16, 16, 16, 1
         elif wide:
@@ -352,5 +355,6 @@ def extend_attention(
         BLOCK_N=cfg.block_n,
         PRECISION=cfg.precision,
         num_warps=cfg.warps,
+        num_stages=cfg.stages,
     )
     return out

@@ -1,9 +1,8 @@
 """Pure parts of the Ascend backend: NPU device names, registered regions, run checks and the
 peer blob. No transport, no NPU: all of it is tested on any machine.
 
-pdcore's core `MemoryRegion`/`RegionTable` know "cpu" and "cuda:N" only, so this module keeps
-its own table that also knows "npu:N" (the device torch_npu gives NPU tensors) and refuses
-"cuda:N", which no Ascend transport can move.
+Regions are pdcore's `RegionTable` (which knows "npu:N", the device torch_npu gives NPU
+tensors) restricted to "cpu" and "npu:N": "cuda:N" is refused, no Ascend transport moves it.
 """
 
 from __future__ import annotations
@@ -13,9 +12,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgpack
-import numpy as np
 
-from pdcore.disagg.kv_runs import RunArray, RunsLike, TransferError, coalesce_runs
+from pdcore.disagg.kv_runs import (
+    RegionTable,
+    RunArray,
+    RunsLike,
+    TransferError,
+    coalesce_runs,
+)
 
 BLOB_TAG = "pd-ascend"
 BLOB_VERSION = 1
@@ -49,59 +53,20 @@ class Region:
         return r
 
 
-class Regions:
-    """Registered regions of one side; checks runs before a transport sees them."""
+class Regions(RegionTable):
+    """Registered regions of one side (pdcore's table: overlap refusal, bounds checks that
+    cannot wrap, one device per batch), restricted to the memory an Ascend transport moves."""
 
-    def __init__(self, regions: Iterable[Region] = ()) -> None:
-        self._regions: list[Region] = []
-        self._starts = np.empty(0, dtype=np.uint64)
-        self._ends = np.empty(0, dtype=np.uint64)
-        self.add(regions)
-
-    def add(self, regions: Iterable[Region]) -> None:
-        merged = sorted([*self._regions, *regions], key=lambda r: r.addr)
-        for a, b in zip(merged, merged[1:]):
-            if a.addr + a.length > b.addr:
-                raise ValueError(f"memory regions overlap: {a} and {b}")
-        self._regions = merged
-        self._starts = np.array([r.addr for r in merged], dtype=np.uint64)
-        self._ends = np.array([r.addr + r.length for r in merged], dtype=np.uint64)
-
-    def __iter__(self):  # type: ignore[no-untyped-def]
-        return iter(self._regions)
-
-    def __len__(self) -> int:
-        return len(self._regions)
+    def add(self, regions: Iterable[Any]) -> None:
+        super().add([Region.of(r) for r in regions])
 
     def devices(self) -> set[str]:
-        return {r.device for r in self._regions}
-
-    def device_of(self, addrs: RunArray, lengths: RunArray, side: str) -> str:
-        """The one device these ranges lie on; TransferError when one falls outside every
-        region or they span devices."""
-        if not self._regions:
-            raise TransferError(f"{side} side has no registered memory")
-        idx = np.searchsorted(self._starts, addrs, side="right").astype(np.int64) - 1
-        inside = idx >= 0
-        inside[inside] = addrs[inside] + lengths[inside] <= self._ends[idx[inside]]
-        if not inside.all():
-            i = int(np.flatnonzero(~inside)[0])
-            raise TransferError(
-                f"{side} range {int(addrs[i]):#x}+{int(lengths[i])} is outside the "
-                f"{len(self._regions)} registered region(s)"
-            )
-        devices = {self._regions[j].device for j in np.unique(idx)}
-        if len(devices) != 1:
-            raise TransferError(f"a batch must stay on one {side} device, got {sorted(devices)}")
-        return devices.pop()
-
-    def to_wire(self) -> list[list[Any]]:
-        return [[r.addr, r.length, r.device] for r in self._regions]
+        return {r.device for r in self}
 
     @classmethod
     def from_wire(cls, data: Any) -> Regions:
         try:
-            return cls(Region.of(Region(int(a), int(n), str(d))) for a, n, d in data)
+            return cls(Region(int(a), int(n), str(d)) for a, n, d in data)
         except (TypeError, ValueError) as exc:
             raise TransferError(f"peer blob has malformed memory regions: {exc}") from exc
 
