@@ -118,3 +118,10 @@ def test_rope_in_place_matches_transformers_form() -> None:
     native_cpu.rope_(LIB, got, heads + kv_heads, dim, table.cos, table.sin, positions)
     assert torch.equal(got[:, : (heads + kv_heads) * dim].view(4, -1, dim), want)
     assert torch.equal(got[:, (heads + kv_heads) * dim :], qkv[:, (heads + kv_heads) * dim :])
+
+
+def test_skinny_gemm_adds_bias_before_rounding() -> None:
+    n, k = 96, 64
+    w, x, bias = bf16(n, k), bf16(5, k), bf16(n)
+    y = native_cpu.skinny_gemm(LIB, x, native_cpu.pack(w), n, bias)
+    assert rel_err(y, x.float() @ w.float().T + bias.float()) < TOL

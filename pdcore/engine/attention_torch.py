@@ -92,7 +92,16 @@ class TorchAttentionBackend:
         if batch.is_decode and self._native is not None:
             meta = batch.attn_meta
             return native_cpu.decode_attention(
-                self._native, q, k, v, k_cache, v_cache, meta["slots"], meta["lens"], self.scale
+                self._native,
+                q,
+                k,
+                v,
+                k_cache,
+                v_cache,
+                meta["slots"],
+                batch.out_slots,
+                meta["lens"],
+                self.scale,
             )
         k_cache.index_copy_(0, batch.out_slots, k)
         v_cache.index_copy_(0, batch.out_slots, v)

@@ -59,8 +59,7 @@ class Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self._kind == "native" and x.dim() == 2 and x.shape[0] <= native_cpu.MAX_ROWS:
             lib, packed = self._packed
-            y = native_cpu.skinny_gemm(lib, x, packed, self.weight.shape[0])
-            return y if self.bias is None else y.add_(self.bias)
+            return native_cpu.skinny_gemm(lib, x, packed, self.weight.shape[0], self.bias)
         if self._kind == "mkl":
             return torch.ops.mkl._mkl_linear(x, self._packed, self.weight, self.bias, x.shape[0])
         if self._kind == "mkldnn":

@@ -79,12 +79,12 @@ def load() -> ctypes.CDLL | None:
         logger.warning("native bf16 kernels unavailable (%s) %s", exc, detail.decode()[-500:])
         return None
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    _declare(lib.pdcore_bf16_skinny_gemm, [p, i64, i64, p, i64, i64, p, i64, ctypes.c_int])
+    _declare(lib.pdcore_bf16_skinny_gemm, [p, i64, i64, p, p, i64, i64, p, i64, ctypes.c_int])
     _declare(lib.pdcore_bf16_rms_norm, [p, p, p, p, i64, i64, i64, i64, i64, ctypes.c_float])
     _declare(lib.pdcore_bf16_silu_mul, [p, p, i64, i64, i64, i64])
     _declare(lib.pdcore_bf16_rope, [p, i64, i64, i64, i64, p, p, p])
     f32, i32 = ctypes.c_float, ctypes.c_int
-    attn_args = [p, i64, p, i64, p, i64, p, p, p, i64, p, i64, i64, i64, i64, f32, p, i32]
+    attn_args = [p, i64, p, i64, p, i64, p, p, p, i64, p, p, i64, i64, i64, i64, f32, p, i32]
     _declare(lib.pdcore_bf16_decode_attention, attn_args)
     return lib
 
@@ -105,15 +105,22 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     return weight.reshape(n // 16, 16, k).permute(0, 2, 1).contiguous()
 
 
-def skinny_gemm(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
-    """x [M, K] bf16 (contiguous rows) @ W.T -> [M, N] bf16."""
+def skinny_gemm(
+    lib: ctypes.CDLL,
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    n: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x [M, K] bf16 (contiguous rows) @ W.T (+ bias, added before the one rounding to
+    bf16, as F.linear does) -> [M, N] bf16."""
     m, k = x.shape
     if x.stride(1) != 1:
         x = x.contiguous()
     y = torch.empty((m, n), dtype=torch.bfloat16)
     lib.pdcore_bf16_skinny_gemm(
-        x.data_ptr(), m, x.stride(0), packed.data_ptr(), n, k, y.data_ptr(), n,
-        torch.get_num_threads(),
+        x.data_ptr(), m, x.stride(0), packed.data_ptr(), 0 if bias is None else bias.data_ptr(),
+        n, k, y.data_ptr(), n, torch.get_num_threads(),
     )  # fmt: skip
     return y
 
@@ -153,6 +160,7 @@ def decode_attention(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slots: torch.Tensor,
+    out_slots: torch.Tensor,
     lens: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
@@ -160,7 +168,8 @@ def decode_attention(
 
     q [B, H, D], k/v [B, KVH, D] (rows may be strided, heads packed); k_cache/v_cache the
     layer's flat [slots, KVH, D] pool (the new k/v rows are written into it here); slots
-    [B, max_len] int64; lens [B] int64. Returns [B, H * D] bf16.
+    [B, max_len] int64; out_slots [B] int64 (where the new rows go); lens [B] int64.
+    Returns [B, H * D] bf16.
     """
     b, h, d = q.shape
     kvh = k.shape[1]
@@ -169,7 +178,7 @@ def decode_attention(
     lib.pdcore_bf16_decode_attention(
         q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
         k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(), slots.shape[1],
-        lens.data_ptr(), b, h, kvh, d, scale, out.data_ptr(), torch.get_num_threads(),
+        out_slots.data_ptr(), lens.data_ptr(), b, h, kvh, d, scale, out.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return out
 

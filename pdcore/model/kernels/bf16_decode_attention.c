@@ -134,12 +134,14 @@ static inline __attribute__((always_inline)) void attend_one(
  * k_new:  [b, kvh, d] rows of stride ldk; v_new likewise ldv -- this step's keys/values
  * kc, vc: the layer's pool as flat slots [slots, kvh, d]
  * slots:  [b, max_len] flat slot of every token of each sequence (new token included)
+ * out_slots: [b] where this step's K/V rows go (the batch's out_slots; = slots[len - 1])
  * lens:   [b] tokens per sequence (new token included)
  * out:    [b, h * d]
  * d % 32 == 0, d <= MAX_DIM (the caller checks). */
 void pdcore_bf16_decode_attention(const uint16_t *q, int64_t ldq, const uint16_t *k_new,
                                   int64_t ldk, const uint16_t *v_new, int64_t ldv, uint16_t *kc,
                                   uint16_t *vc, const int64_t *slots, int64_t max_len,
+                                  const int64_t *out_slots,
                                   const int64_t *lens, int64_t b, int64_t h, int64_t kvh,
                                   int64_t d, float scale, uint16_t *out, int threads) {
     const int64_t group = h / kvh;
@@ -155,7 +157,7 @@ void pdcore_bf16_decode_attention(const uint16_t *q, int64_t ldq, const uint16_t
             continue;
         }
         /* this step's K/V row goes into its slot (the sequence's last token) first */
-        const int64_t last = sl[len - 1];
+        const int64_t last = out_slots[s];
         memcpy(kc + last * row + kh * d, k_new + s * ldk + kh * d, d * sizeof(uint16_t));
         memcpy(vc + last * row + kh * d, v_new + s * ldv + kh * d, d * sizeof(uint16_t));
         const uint16_t *qs = q + s * ldq;

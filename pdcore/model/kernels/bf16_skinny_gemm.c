@@ -27,13 +27,15 @@ static inline __m512 load_w(const uint16_t *p) { return load_bf16(p); }
 
 static inline __attribute__((always_inline)) void tile(const float *x, int64_t ldx, int mt,
                                                         int64_t k, const uint16_t *p0,
-                                                        const uint16_t *p1, uint16_t *y,
-                                                        int64_t ldy, int two) {
+                                                        const uint16_t *p1, const uint16_t *bias,
+                                                        uint16_t *y, int64_t ldy, int two) {
     __m512 acc0[MT_MAX], acc1[MT_MAX];
+    const __m512 b0 = bias ? load_bf16(bias) : _mm512_setzero_ps();
+    const __m512 b1 = bias && two ? load_bf16(bias + 16) : _mm512_setzero_ps();
 #pragma GCC unroll 12
     for (int m = 0; m < MT_MAX; m++) {
-        acc0[m] = _mm512_setzero_ps();
-        acc1[m] = _mm512_setzero_ps();
+        acc0[m] = b0;
+        acc1[m] = b1;
     }
     for (int64_t kk = 0; kk < k; kk++) {
         if ((kk & 1) == 0) { /* one 64-byte line per two k; fetch well ahead of use */
@@ -64,13 +66,14 @@ static inline __attribute__((always_inline)) void tile(const float *x, int64_t l
 #define TILE_CASE(MT)                                               \
     case MT:                                                        \
         if (two)                                                    \
-            tile(x, ldx, MT, k, p0, p1, y, ldy, 1);                 \
+            tile(x, ldx, MT, k, p0, p1, bias, y, ldy, 1);           \
         else                                                        \
-            tile(x, ldx, MT, k, p0, p1, y, ldy, 0);                 \
+            tile(x, ldx, MT, k, p0, p1, bias, y, ldy, 0);           \
         break;
 
 static void tile_dispatch(const float *x, int64_t ldx, int mt, int64_t k, const uint16_t *p0,
-                          const uint16_t *p1, uint16_t *y, int64_t ldy, int two) {
+                          const uint16_t *p1, const uint16_t *bias, uint16_t *y, int64_t ldy,
+                          int two) {
     switch (mt) {
         TILE_CASE(1)
         TILE_CASE(2)
@@ -87,10 +90,11 @@ static void tile_dispatch(const float *x, int64_t ldx, int mt, int64_t k, const 
     }
 }
 
-/* x: [m, k] bf16 (row stride ldx); packed: [n/16][k][16] bf16; y: [m, n] bf16 (row stride
- * ldy). n % 16 == 0 and k % 16 == 0 (the caller checks). */
+/* x: [m, k] bf16 (row stride ldx); packed: [n/16][k][16] bf16; bias: [n] bf16 or NULL;
+ * y: [m, n] bf16 (row stride ldy). n % 16 == 0 and k % 16 == 0 (the caller checks). */
 void pdcore_bf16_skinny_gemm(const uint16_t *x, int64_t m, int64_t ldx, const uint16_t *packed,
-                             int64_t n, int64_t k, uint16_t *y, int64_t ldy, int threads) {
+                             const uint16_t *bias, int64_t n, int64_t k, uint16_t *y,
+                             int64_t ldy, int threads) {
     float *xf = (float *)aligned_alloc(64, sizeof(float) * (size_t)(m * k));
     if (xf == NULL && m * k > 0) abort(); /* out of memory: fail loudly */
     for (int64_t r = 0; r < m; r++)
@@ -106,7 +110,8 @@ void pdcore_bf16_skinny_gemm(const uint16_t *x, int64_t m, int64_t ldx, const ui
         const uint16_t *p1 = two ? p0 + block_elems : p0;
         for (int64_t m0 = 0; m0 < m; m0 += MT_MAX) {
             int mt = (int)(m - m0 < MT_MAX ? m - m0 : MT_MAX);
-            tile_dispatch(xf + m0 * k, k, mt, k, p0, p1, y + m0 * ldy + b0 * 16, ldy, two);
+            tile_dispatch(xf + m0 * k, k, mt, k, p0, p1, bias ? bias + b0 * 16 : NULL,
+                          y + m0 * ldy + b0 * 16, ldy, two);
         }
     }
     free(xf);
