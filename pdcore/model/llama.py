@@ -6,6 +6,8 @@ dominated by per-op overhead, so q/k/v and gate/up are fused into single matmuls
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 
@@ -16,6 +18,8 @@ from pdcore.model import native_cpu
 from pdcore.model.config import ModelConfig
 from pdcore.model.linear import Linear
 from pdcore.model.rope import RotaryTable, apply_rotary
+
+logger = logging.getLogger(__name__)
 
 
 class _Layer:
@@ -80,6 +84,10 @@ class LlamaModel:
             and config.head_dim % 32 == 0
         ):
             self._native = native_cpu.load()
+            logger.info(
+                "bf16 CPU kernels: %s",
+                "on" if self._native else "off (no AVX512-BF16, no C compiler, or disabled)",
+            )
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # One fused op; in fp32 it equals transformers' step-by-step version bit for bit.
