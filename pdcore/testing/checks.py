@@ -104,6 +104,21 @@ def run_all(c: Conformance, rx: Receiver, doomed: Receiver) -> None:
         state["arrival_digest"] = mine[0][2]
         return "payload (binary) and sender exact, delivered once"
 
+    def notify_only() -> str:
+        """A batch with no runs carries just its notification (the contract says so; the
+        control plane uses it for rooms whose KV is already in place)."""
+        assert c.sender is not None
+        payload = b"notify-only:\x00\xff"
+        batch = c.sender.submit(PEER, np.empty((0, 3), dtype=np.uint64), payload)
+        c.batches.append(batch)
+        [st] = wait_batches(c.sender, [batch], c.limit_s)
+        if st.status is not BatchStatus.DONE:
+            raise CheckFailed(f"a batch with no runs ended {st.status.value}: {st.reason}")
+        mine = [g for g in rx.notifs({payload}, c.limit_s) if g[1] == payload]
+        if len(mine) != 1:
+            raise CheckFailed(f"its notification arrived {len(mine)} times, not once")
+        return "done, notification delivered once"
+
     def byte_exact() -> str:
         _, runs, want = state["scattered"]
         got = np.frombuffer(rx.ask("chunk", chunk=0), dtype=np.uint8)
@@ -247,6 +262,7 @@ def run_all(c: Conformance, rx: Receiver, doomed: Receiver) -> None:
     c.check("connect", connect, setup=True)
     c.check("scattered_writes", scattered, setup=True)
     c.check("notification", notification)
+    c.check("notify_only", notify_only)
     c.check("byte_exact", byte_exact)
     c.check("notify_after_data", after_data)
     c.check("concurrent_rooms", concurrent)

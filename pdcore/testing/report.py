@@ -17,6 +17,7 @@ CHECKS: tuple[str, ...] = (
     "connect",
     "scattered_writes",
     "notification",
+    "notify_only",
     "byte_exact",
     "notify_after_data",
     "concurrent_rooms",
