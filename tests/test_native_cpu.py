@@ -29,6 +29,14 @@ def bf16(*shape: int) -> torch.Tensor:
     return torch.randn(*shape).to(torch.bfloat16)
 
 
+def test_fp32_skinny_gemm_with_bias() -> None:
+    """The fp32 model path: same kernel, fp32 weights and outputs, fp32 accuracy."""
+    for m, n, k in [(1, 96, 64), (13, 80, 576), (32, 576, 1536)]:
+        w, x, bias = torch.randn(n, k), torch.randn(m, k), torch.randn(n)
+        y = native_cpu.skinny_gemm(LIB, x, native_cpu.pack(w), n, bias)
+        assert y.dtype == torch.float32 and rel_err(y, x @ w.T + bias) < 1e-5
+
+
 @pytest.mark.parametrize("m", [1, 3, 8, 13, 32])
 @pytest.mark.parametrize("n,k", [(96, 64), (80, 576), (576, 1536)])
 def test_skinny_gemm(m: int, n: int, k: int) -> None:
@@ -63,13 +71,16 @@ def test_silu_mul() -> None:
     assert rel_err(native_cpu.silu_mul(LIB, gate_up), want) < TOL
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize(
     "heads,kv_heads,dim,page", [(9, 3, 64, 16), (8, 8, 64, 1), (32, 8, 128, 4)]
 )
-def test_decode_attention_matches_sdpa(heads: int, kv_heads: int, dim: int, page: int) -> None:
+def test_decode_attention_matches_sdpa(
+    heads: int, kv_heads: int, dim: int, page: int, dtype: torch.dtype
+) -> None:
     pool = KVPool(
         num_layers=1, num_pages=400, page_size=page, num_kv_heads=kv_heads, head_dim=dim,
-        dtype=torch.bfloat16, device=torch.device("cpu"),
+        dtype=dtype, device=torch.device("cpu"),
     )  # fmt: skip
     pool.k.normal_()
     pool.v.normal_()
@@ -80,14 +91,14 @@ def test_decode_attention_matches_sdpa(heads: int, kv_heads: int, dim: int, page
         [t[(n - 1) // page] * page + (n - 1) % page for t, n in zip(tables, lens)]
     )
     b = len(lens)
-    qkv = bf16(b, heads + 2 * kv_heads, dim)
+    qkv = torch.randn(b, heads + 2 * kv_heads, dim).to(dtype)
     q, k, v = qkv[:, :heads], qkv[:, heads : heads + kv_heads], qkv[:, heads + kv_heads :]
     batch = ForwardBatch(
         is_decode=True, input_ids=torch.zeros(b, dtype=torch.long),
         positions=torch.zeros(b, dtype=torch.long), out_slots=out_slots, seq_lens=lens,
         extend_lens=[1] * b, page_tables=tables, logits_indices=torch.arange(b), page_size=page,
     )  # fmt: skip
-    backend = TorchAttentionBackend(heads, kv_heads, dim, "cpu", torch.bfloat16)
+    backend = TorchAttentionBackend(heads, kv_heads, dim, "cpu", dtype)
     assert backend._native is not None
     backend.prepare(batch, pool)
     got = backend.forward(0, q, k, v, batch, pool)
@@ -101,7 +112,7 @@ def test_decode_attention_matches_sdpa(heads: int, kv_heads: int, dim: int, page
         vals = pool.v_flat(0)[slots].float().repeat_interleave(group, dim=1)
         scores = torch.einsum("hd,nhd->hn", q[i].float(), keys) * dim**-0.5
         want = torch.einsum("hn,nhd->hd", scores.softmax(-1), vals).reshape(-1)
-        assert rel_err(got[i], want) < TOL, (i, n)
+        assert rel_err(got[i], want) < (TOL if dtype == torch.bfloat16 else 1e-5), (i, n)
 
 
 def test_rope_in_place_matches_transformers_form() -> None:
@@ -125,3 +136,23 @@ def test_skinny_gemm_adds_bias_before_rounding() -> None:
     w, x, bias = bf16(n, k), bf16(5, k), bf16(n)
     y = native_cpu.skinny_gemm(LIB, x, native_cpu.pack(w), n, bias)
     assert rel_err(y, x.float() @ w.float().T + bias.float()) < TOL
+
+
+def test_fp32_fused_ops_match_torch() -> None:
+    from pdcore.model.rope import RotaryTable, apply_rotary
+
+    h, eps = 576, 1e-5
+    x, delta, w = torch.randn(5, h), torch.randn(5, h), torch.randn(h)
+    want = F.rms_norm(x + delta, (h,), w, eps)
+    residual = x.clone()
+    got = native_cpu.rms_norm(LIB, residual, w, eps, delta=delta)
+    assert torch.equal(residual, x + delta) and rel_err(got, want) < 1e-6
+    gate_up = torch.randn(3, 2 * 64) * 4
+    want = F.silu(gate_up[:, :64]) * gate_up[:, 64:]
+    assert rel_err(native_cpu.silu_mul(LIB, gate_up), want) < 1e-6
+    table = RotaryTable(64, 10000.0, None, 64, torch.float32, torch.device("cpu"))
+    positions = torch.tensor([0, 5, 63])
+    qkv = torch.randn(3, 5 * 64)
+    want = apply_rotary(qkv[:, : 4 * 64].view(3, 4, 64), *table.lookup(positions))
+    native_cpu.rope_(LIB, qkv, 4, 64, table.cos, table.sin, positions)
+    assert rel_err(qkv[:, : 4 * 64].view(3, 4, 64), want) < 1e-6

@@ -36,11 +36,11 @@ class TorchAttentionBackend:
         self.group = num_heads // num_kv_heads
         self.device = torch.device(device)
         self.scale = head_dim**-0.5
-        # bf16 on a CPU with AVX512-BF16: decode reads K/V straight from the pool in C
+        # on a CPU with AVX512-BF16: decode reads K/V straight from the pool in C
         self._native = None
         if (
             self.device.type == "cpu"
-            and dtype == torch.bfloat16
+            and dtype in (torch.bfloat16, torch.float32)
             and native_cpu.decode_attention_applies(num_heads, num_kv_heads, head_dim)
         ):
             self._native = native_cpu.load()

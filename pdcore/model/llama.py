@@ -75,17 +75,17 @@ class LlamaModel:
         self.q_size = config.num_heads * config.head_dim
         self.kv_size = config.num_kv_heads * config.head_dim
         self._norm_shape = (config.hidden_size,)
-        self._native = None  # our fused bf16 CPU kernels, where they apply
+        self._native = None  # our fused CPU kernels (bf16 or fp32), where they apply
         if (
             device.type == "cpu"
-            and dtype == torch.bfloat16
+            and dtype in (torch.bfloat16, torch.float32)
             and config.hidden_size % 16 == 0
             and config.intermediate_size % 16 == 0
             and config.head_dim % 32 == 0
         ):
             self._native = native_cpu.load()
             logger.info(
-                "bf16 CPU kernels: %s",
+                "CPU kernels: %s",
                 "on" if self._native else "off (no AVX512-BF16, no C compiler, or disabled)",
             )
 
@@ -124,7 +124,7 @@ class LlamaModel:
         return attn.forward(i, q, k, v, batch, pool)
 
     def _layers_native(self, lib, hidden, batch, pool, attn) -> torch.Tensor:
-        """The same layers with our fused bf16 CPU kernels (decode sizes): RoPE in place on
+        """The same layers with our fused CPU kernels (decode sizes): RoPE in place on
         the fused projection, each residual add folded into the RMSNorm that follows it,
         SiLU-and-mul in one pass."""
         cfg, eps, t = self.config, self.config.rms_norm_eps, hidden.shape[0]

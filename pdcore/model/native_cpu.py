@@ -20,6 +20,7 @@ import subprocess
 import tempfile
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -80,12 +81,15 @@ def load() -> ctypes.CDLL | None:
         return None
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     _declare(lib.pdcore_bf16_skinny_gemm, [p, i64, i64, p, p, i64, i64, p, i64, ctypes.c_int])
-    _declare(lib.pdcore_bf16_rms_norm, [p, p, p, p, i64, i64, i64, i64, i64, ctypes.c_float])
-    _declare(lib.pdcore_bf16_silu_mul, [p, p, i64, i64, i64, i64])
-    _declare(lib.pdcore_bf16_rope, [p, i64, i64, i64, i64, p, p, p])
+    _declare(lib.pdcore_f32_skinny_gemm, [p, i64, i64, p, p, i64, i64, p, i64, ctypes.c_int])
+    for kind in ("bf16", "f32"):
+        _declare(getattr(lib, f"pdcore_{kind}_rms_norm"), [p, p, p, p, *[i64] * 5, ctypes.c_float])
+        _declare(getattr(lib, f"pdcore_{kind}_silu_mul"), [p, p, i64, i64, i64, i64])
+        _declare(getattr(lib, f"pdcore_{kind}_rope"), [p, i64, i64, i64, i64, p, p, p])
     f32, i32 = ctypes.c_float, ctypes.c_int
     attn_args = [p, i64, p, i64, p, i64, p, p, p, i64, p, p, i64, i64, i64, i64, f32, p, i32]
     _declare(lib.pdcore_bf16_decode_attention, attn_args)
+    _declare(lib.pdcore_f32_decode_attention, attn_args)
     return lib
 
 
@@ -96,11 +100,11 @@ def _declare(fn: ctypes._CFuncPtr, argtypes: list) -> None:
 
 def can_pack(weight: torch.Tensor) -> bool:
     n, k = weight.shape
-    return weight.dtype == torch.bfloat16 and n % 16 == 0 and k % 16 == 0
+    return weight.dtype in (torch.bfloat16, torch.float32) and n % 16 == 0 and k % 16 == 0
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
-    """[N, K] -> [N/16, K, 16]: one 32-byte line = 16 output features at one k."""
+    """[N, K] -> [N/16, K, 16]: 16 output features at one k per 32 (bf16) or 64 (fp32) bytes."""
     n, k = weight.shape
     return weight.reshape(n // 16, 16, k).permute(0, 2, 1).contiguous()
 
@@ -112,17 +116,23 @@ def skinny_gemm(
     n: int,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x [M, K] bf16 (contiguous rows) @ W.T (+ bias, added before the one rounding to
-    bf16, as F.linear does) -> [M, N] bf16."""
+    """x [M, K] (bf16 or fp32, the weights' dtype; rows may be strided) @ W.T (+ bias, added
+    before the one rounding, as F.linear does) -> [M, N] in that dtype."""
     m, k = x.shape
     if x.stride(1) != 1:
         x = x.contiguous()
-    y = torch.empty((m, n), dtype=torch.bfloat16)
-    lib.pdcore_bf16_skinny_gemm(
+    y = torch.empty((m, n), dtype=x.dtype)
+    fn = lib.pdcore_f32_skinny_gemm if x.dtype == torch.float32 else lib.pdcore_bf16_skinny_gemm
+    fn(
         x.data_ptr(), m, x.stride(0), packed.data_ptr(), 0 if bias is None else bias.data_ptr(),
         n, k, y.data_ptr(), n, torch.get_num_threads(),
     )  # fmt: skip
     return y
+
+
+def _fn(lib: ctypes.CDLL, name: str, like: torch.Tensor) -> Any:
+    """The kernel for `like`'s dtype: pdcore_bf16_<name> or pdcore_f32_<name>."""
+    return getattr(lib, f"pdcore_{'f32' if like.dtype == torch.float32 else 'bf16'}_{name}")
 
 
 def rms_norm(
@@ -132,11 +142,11 @@ def rms_norm(
     eps: float,
     delta: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """RMSNorm of x's rows (bf16, hidden % 16 == 0). With `delta`, x += delta first, in
+    """RMSNorm of x's rows (bf16 or fp32, hidden % 16 == 0). With `delta`, x += delta first, in
     place: the residual add and the next norm in one pass."""
     rows, h = x.shape
-    out = torch.empty((rows, h), dtype=torch.bfloat16)
-    lib.pdcore_bf16_rms_norm(
+    out = torch.empty((rows, h), dtype=x.dtype)
+    _fn(lib, "rms_norm", x)(
         x.data_ptr(), 0 if delta is None else delta.data_ptr(), weight.data_ptr(),
         out.data_ptr(), rows, h, x.stride(0), 0 if delta is None else delta.stride(0), h, eps,
     )  # fmt: skip
@@ -144,11 +154,11 @@ def rms_norm(
 
 
 def silu_mul(lib: ctypes.CDLL, gate_up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up for gate_up = [gate | up] per row (bf16, contiguous rows)."""
+    """silu(gate) * up for gate_up = [gate | up] per row (bf16 or fp32, contiguous rows)."""
     rows, two_i = gate_up.shape
     i = two_i // 2
-    out = torch.empty((rows, i), dtype=torch.bfloat16)
-    lib.pdcore_bf16_silu_mul(gate_up.data_ptr(), out.data_ptr(), rows, i, gate_up.stride(0), i)
+    out = torch.empty((rows, i), dtype=gate_up.dtype)
+    _fn(lib, "silu_mul", gate_up)(gate_up.data_ptr(), out.data_ptr(), rows, i, gate_up.stride(0), i)
     return out
 
 
@@ -169,13 +179,18 @@ def decode_attention(
     q [B, H, D], k/v [B, KVH, D] (rows may be strided, heads packed); k_cache/v_cache the
     layer's flat [slots, KVH, D] pool (the new k/v rows are written into it here); slots
     [B, max_len] int64; out_slots [B] int64 (where the new rows go); lens [B] int64.
-    Returns [B, H * D] bf16.
+    Returns [B, H * D] in q's dtype (bf16 or fp32; every tensor the same dtype).
     """
     b, h, d = q.shape
     kvh = k.shape[1]
     q, k, v = (t if t.stride(2) == 1 and t.stride(1) == d else t.contiguous() for t in (q, k, v))
-    out = torch.empty((b, h * d), dtype=torch.bfloat16)
-    lib.pdcore_bf16_decode_attention(
+    out = torch.empty((b, h * d), dtype=q.dtype)
+    fn = (
+        lib.pdcore_f32_decode_attention
+        if q.dtype == torch.float32
+        else lib.pdcore_bf16_decode_attention
+    )
+    fn(
         q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
         k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(), slots.shape[1],
         out_slots.data_ptr(), lens.data_ptr(), b, h, kvh, d, scale, out.data_ptr(), torch.get_num_threads(),
@@ -200,7 +215,7 @@ def rope_(
     """Rotary embedding in place on the first `heads` heads of each qkv row (q then k
     heads, as the fused projection lays them out); cos/sin are [max_pos, head_dim]. The
     caller guarantees positions < max_pos (the C side does not check)."""
-    lib.pdcore_bf16_rope(
+    _fn(lib, "rope", qkv)(
         qkv.data_ptr(), qkv.shape[0], qkv.stride(0), heads, head_dim, cos.data_ptr(),
         sin.data_ptr(), positions.data_ptr(),
     )  # fmt: skip

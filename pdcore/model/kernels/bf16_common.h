@@ -35,4 +35,16 @@ static inline __m512 exp_ps(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
+/* bf16 or fp32 element access; `f32` is a compile-time constant at every call site, so
+ * each kernel is specialised per element type (an fp32 model gets the same kernels). */
+static inline __m512 load_w(const void *p, int64_t i, int f32) {
+    return f32 ? _mm512_loadu_ps((const float *)p + i) : load_bf16((const uint16_t *)p + i);
+}
+
+static inline void store_y(void *p, int64_t i, __m512 v, int f32) {
+    if (f32)
+        _mm512_storeu_ps((float *)p + i, v);
+    else
+        store_bf16((uint16_t *)p + i, v);
+}
 #endif

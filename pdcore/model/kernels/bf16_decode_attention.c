@@ -71,39 +71,40 @@ static float *scratch(int64_t n) {
     return buf;
 }
 
-/* One (sequence, KV head): its group's query heads against its tokens. `d` is a constant
- * in the specialised calls below, so the per-row loops unroll and stay in registers. */
-static inline __attribute__((always_inline)) void attend_one(
-    const uint16_t *q, const uint16_t *kc, const uint16_t *vc, const int64_t *sl, int64_t len,
-    int64_t row, int64_t kh, int64_t group, const int64_t d, float scale, __m512i order,
-    uint16_t *out) {
-    float *scores = scratch(group * (len + 16));
-    /* pass 1: scores = q . k * scale; 16 tokens at a time share one tree reduction */
-    for (int64_t g = 0; g < group; g++) {
-        __m512bh qv[MAX_DIM / 32];
+/* q . k for one key row: VDPBF16PS on bf16 pairs, or fp32 FMAs for an fp32 model. */
+static inline __m512 dot_row(const void *qv, const void *kr, const int64_t d, int f32) {
+    __m512 a = _mm512_setzero_ps();
+    if (f32) {
+        for (int64_t c = 0; c < d / 16; c++)
+            a = _mm512_fmadd_ps(_mm512_loadu_ps((const float *)qv + c * 16),
+                                _mm512_loadu_ps((const float *)kr + c * 16), a);
+    } else {
         for (int64_t c = 0; c < d / 32; c++)
-            qv[c] = (__m512bh)_mm512_loadu_si512((const void *)(q + (kh * group + g) * d + c * 32));
+            a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512((const uint16_t *)qv + c * 32),
+                                 (__m512bh)_mm512_loadu_si512((const uint16_t *)kr + c * 32));
+    }
+    return a;
+}
+
+/* One (sequence, KV head): its group's query heads against its tokens. `d` and `f32` are
+ * constants in the specialised calls below, so the per-row loops unroll into registers. */
+static inline __attribute__((always_inline)) void attend_one(
+    const char *q, const char *kc, const char *vc, const int64_t *sl, int64_t len, int64_t row,
+    int64_t kh, int64_t group, const int64_t d, float scale, __m512i order, char *out, int f32) {
+    const int64_t es = f32 ? 4 : 2, rowb = row * es;
+    float *scores = scratch(group * (len + 16));
+    for (int64_t g = 0; g < group; g++) {
+        const char *qv = q + (kh * group + g) * d * es;
         float *sc = scores + g * len;
+        /* pass 1: scores = q . k * scale; 16 tokens at a time share one tree reduction */
         int64_t t = 0;
         for (; t + 16 <= len; t += 16) {
             __m512 acc[16];
-            for (int j = 0; j < 16; j++) {
-                const uint16_t *kr = kc + sl[t + j] * row + kh * d;
-                __m512 a = _mm512_setzero_ps();
-                for (int64_t c = 0; c < d / 32; c++)
-                    a = _mm512_dpbf16_ps(a, qv[c],
-                                         (__m512bh)_mm512_loadu_si512((const void *)(kr + c * 32)));
-                acc[j] = a;
-            }
+            for (int j = 0; j < 16; j++) acc[j] = dot_row(qv, kc + sl[t + j] * rowb + kh * d * es, d, f32);
             _mm512_storeu_ps(sc + t, _mm512_mul_ps(reduce16(acc, order), _mm512_set1_ps(scale)));
         }
-        for (; t < len; t++) {
-            const uint16_t *kr = kc + sl[t] * row + kh * d;
-            __m512 a = _mm512_setzero_ps();
-            for (int64_t c = 0; c < d / 32; c++)
-                a = _mm512_dpbf16_ps(a, qv[c], (__m512bh)_mm512_loadu_si512((const void *)(kr + c * 32)));
-            sc[t] = _mm512_reduce_add_ps(a) * scale;
-        }
+        for (; t < len; t++)
+            sc[t] = _mm512_reduce_add_ps(dot_row(qv, kc + sl[t] * rowb + kh * d * es, d, f32)) * scale;
         /* softmax, in place */
         float mx = -INFINITY;
         for (int64_t i = 0; i < len; i++) mx = sc[i] > mx ? sc[i] : mx;
@@ -119,14 +120,54 @@ static inline __attribute__((always_inline)) void attend_one(
         __m512 acc[MAX_DIM / 16];
         for (int64_t c = 0; c < d / 16; c++) acc[c] = _mm512_setzero_ps();
         for (t = 0; t < len; t++) {
-            const uint16_t *vr = vc + sl[t] * row + kh * d;
+            const char *vr = vc + sl[t] * rowb + kh * d * es;
             const __m512 p = _mm512_set1_ps(sc[t]);
-            for (int64_t c = 0; c < d / 16; c++)
-                acc[c] = _mm512_fmadd_ps(p, load_bf16(vr + c * 16), acc[c]);
+            for (int64_t c = 0; c < d / 16; c++) acc[c] = _mm512_fmadd_ps(p, load_w(vr, c * 16, f32), acc[c]);
         }
         const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(vsum));
-        uint16_t *o = out + (kh * group + g) * d;
-        for (int64_t c = 0; c < d / 16; c++) store_bf16(o + c * 16, _mm512_mul_ps(acc[c], inv));
+        char *o = out + (kh * group + g) * d * es;
+        for (int64_t c = 0; c < d / 16; c++) store_y(o, c * 16, _mm512_mul_ps(acc[c], inv), f32);
+    }
+}
+
+static void decode_attention(const char *q, int64_t ldq, const char *k_new, int64_t ldk,
+                             const char *v_new, int64_t ldv, char *kc, char *vc,
+                             const int64_t *slots, int64_t max_len, const int64_t *out_slots,
+                             const int64_t *lens, int64_t b, int64_t h, int64_t kvh, int64_t d,
+                             float scale, char *out, int threads, int f32) {
+    const int64_t group = h / kvh, es = f32 ? 4 : 2;
+    const int64_t row = kvh * d; /* elements per slot */
+    const __m512i order = reduce16_order();
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t item = 0; item < b * kvh; item++) {
+        const int64_t s = item / kvh, kh = item % kvh;
+        const int64_t len = lens[s];
+        const int64_t *sl = slots + s * max_len;
+        char *os = out + s * h * d * es;
+        if (len <= 0) { /* no tokens: nothing to attend to (the engine never sends this) */
+            memset(os + kh * group * d * es, 0, group * d * es);
+            continue;
+        }
+        /* this step's K/V row goes into its slot first */
+        const int64_t last = out_slots[s];
+        memcpy(kc + (last * row + kh * d) * es, k_new + (s * ldk + kh * d) * es, d * es);
+        memcpy(vc + (last * row + kh * d) * es, v_new + (s * ldv + kh * d) * es, d * es);
+        const char *qs = q + s * ldq * es;
+        if (f32) {
+            if (d == 64)
+                attend_one(qs, kc, vc, sl, len, row, kh, group, 64, scale, order, os, 1);
+            else if (d == 128)
+                attend_one(qs, kc, vc, sl, len, row, kh, group, 128, scale, order, os, 1);
+            else
+                attend_one(qs, kc, vc, sl, len, row, kh, group, d, scale, order, os, 1);
+        } else {
+            if (d == 64)
+                attend_one(qs, kc, vc, sl, len, row, kh, group, 64, scale, order, os, 0);
+            else if (d == 128)
+                attend_one(qs, kc, vc, sl, len, row, kh, group, 128, scale, order, os, 0);
+            else
+                attend_one(qs, kc, vc, sl, len, row, kh, group, d, scale, order, os, 0);
+        }
     }
 }
 
@@ -137,36 +178,25 @@ static inline __attribute__((always_inline)) void attend_one(
  * out_slots: [b] where this step's K/V rows go (the batch's out_slots; = slots[len - 1])
  * lens:   [b] tokens per sequence (new token included)
  * out:    [b, h * d]
- * d % 32 == 0, d <= MAX_DIM (the caller checks). */
+ * Strides are in elements. d % 32 == 0, d <= MAX_DIM (the caller checks). */
 void pdcore_bf16_decode_attention(const uint16_t *q, int64_t ldq, const uint16_t *k_new,
                                   int64_t ldk, const uint16_t *v_new, int64_t ldv, uint16_t *kc,
                                   uint16_t *vc, const int64_t *slots, int64_t max_len,
-                                  const int64_t *out_slots,
-                                  const int64_t *lens, int64_t b, int64_t h, int64_t kvh,
-                                  int64_t d, float scale, uint16_t *out, int threads) {
-    const int64_t group = h / kvh;
-    const int64_t row = kvh * d; /* elements per slot */
-    const __m512i order = reduce16_order();
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t item = 0; item < b * kvh; item++) {
-        const int64_t s = item / kvh, kh = item % kvh;
-        const int64_t len = lens[s];
-        const int64_t *sl = slots + s * max_len;
-        if (len <= 0) { /* no tokens: nothing to attend to (the engine never sends this) */
-            memset(out + s * h * d + kh * group * d, 0, group * d * sizeof(uint16_t));
-            continue;
-        }
-        /* this step's K/V row goes into its slot (the sequence's last token) first */
-        const int64_t last = out_slots[s];
-        memcpy(kc + last * row + kh * d, k_new + s * ldk + kh * d, d * sizeof(uint16_t));
-        memcpy(vc + last * row + kh * d, v_new + s * ldv + kh * d, d * sizeof(uint16_t));
-        const uint16_t *qs = q + s * ldq;
-        uint16_t *os = out + s * h * d;
-        if (d == 64)
-            attend_one(qs, kc, vc, sl, len, row, kh, group, 64, scale, order, os);
-        else if (d == 128)
-            attend_one(qs, kc, vc, sl, len, row, kh, group, 128, scale, order, os);
-        else
-            attend_one(qs, kc, vc, sl, len, row, kh, group, d, scale, order, os);
-    }
+                                  const int64_t *out_slots, const int64_t *lens, int64_t b,
+                                  int64_t h, int64_t kvh, int64_t d, float scale, uint16_t *out,
+                                  int threads) {
+    decode_attention((const char *)q, ldq, (const char *)k_new, ldk, (const char *)v_new, ldv,
+                     (char *)kc, (char *)vc, slots, max_len, out_slots, lens, b, h, kvh, d, scale,
+                     (char *)out, threads, 0);
+}
+
+/* The same for an fp32 model (every tensor fp32). */
+void pdcore_f32_decode_attention(const float *q, int64_t ldq, const float *k_new, int64_t ldk,
+                                 const float *v_new, int64_t ldv, float *kc, float *vc,
+                                 const int64_t *slots, int64_t max_len, const int64_t *out_slots,
+                                 const int64_t *lens, int64_t b, int64_t h, int64_t kvh,
+                                 int64_t d, float scale, float *out, int threads) {
+    decode_attention((const char *)q, ldq, (const char *)k_new, ldk, (const char *)v_new, ldv,
+                     (char *)kc, (char *)vc, slots, max_len, out_slots, lens, b, h, kvh, d, scale,
+                     (char *)out, threads, 1);
 }
