@@ -10,6 +10,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -225,14 +226,14 @@ class EngineCore:
         if batch is None:
             return outputs
         forward = self.runner.build(batch)
-        if self.profiler is None:
+        profile = (
+            nullcontext()
+            if self.profiler is None
+            else self.profiler.step(forward.is_decode, forward.num_seqs, len(forward.input_ids))
+        )
+        with profile:
             logits = self.runner.run(forward)
             outputs.extend(self._postprocess(batch, logits))
-        else:
-            tokens = int(forward.input_ids.numel())
-            with self.profiler.step(forward.is_decode, forward.num_seqs, tokens):
-                logits = self.runner.run(forward)
-                outputs.extend(self._postprocess(batch, logits))
         self.num_forward_steps += 1
         return outputs
 
