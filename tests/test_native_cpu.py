@@ -16,8 +16,11 @@ from pdcore.engine.forward_batch import ForwardBatch
 from pdcore.engine.kv_pool import KVPool
 from pdcore.model import native_cpu
 
-LIB = native_cpu.load()
-pytestmark = pytest.mark.skipif(LIB is None, reason="needs a CPU with AVX512-BF16 and a C compiler")
+BF16 = native_cpu.kernels(torch.bfloat16)
+F32 = native_cpu.kernels(torch.float32)
+pytestmark = pytest.mark.skipif(
+    BF16 is None or F32 is None, reason="needs a CPU with AVX512-BF16 and a C compiler"
+)
 TOL = 1.5e-2
 
 
@@ -33,7 +36,7 @@ def test_fp32_skinny_gemm_with_bias() -> None:
     """The fp32 model path: same kernel, fp32 weights and outputs, fp32 accuracy."""
     for m, n, k in [(1, 96, 64), (13, 80, 576), (32, 576, 1536)]:
         w, x, bias = torch.randn(n, k), torch.randn(m, k), torch.randn(n)
-        y = native_cpu.skinny_gemm(LIB, x, native_cpu.pack(w), n, bias)
+        y = F32.gemm(x, native_cpu.pack(w), n, bias)
         assert y.dtype == torch.float32 and rel_err(y, x @ w.T + bias) < 1e-5
 
 
@@ -41,13 +44,13 @@ def test_fp32_skinny_gemm_with_bias() -> None:
 @pytest.mark.parametrize("n,k", [(96, 64), (80, 576), (576, 1536)])
 def test_skinny_gemm(m: int, n: int, k: int) -> None:
     w, x = bf16(n, k), bf16(m, k)
-    y = native_cpu.skinny_gemm(LIB, x, native_cpu.pack(w), n)
+    y = BF16.gemm(x, native_cpu.pack(w), n)
     assert y.shape == (m, n) and y.dtype == torch.bfloat16
     assert rel_err(y, x.float() @ w.float().T) < TOL
     # strided rows (a slice of a wider activation) give the same answer
     wide = bf16(m, k + 32)
     wide[:, :k] = x
-    assert torch.equal(native_cpu.skinny_gemm(LIB, wide[:, :k], native_cpu.pack(w), n), y)
+    assert torch.equal(BF16.gemm(wide[:, :k], native_cpu.pack(w), n), y)
 
 
 def test_rms_norm_with_and_without_residual() -> None:
@@ -58,9 +61,9 @@ def test_rms_norm_with_and_without_residual() -> None:
         v = v.float()
         return w.float() * (v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps))
 
-    assert rel_err(native_cpu.rms_norm(LIB, x.clone(), w, eps), ref(x)) < TOL
+    assert rel_err(BF16.rms_norm(x.clone(), w, eps), ref(x)) < TOL
     residual = x.clone()
-    out = native_cpu.rms_norm(LIB, residual, w, eps, delta=delta)
+    out = BF16.rms_norm(residual, w, eps, delta=delta)
     assert torch.equal(residual, x + delta)  # bf16 add, written back in place
     assert rel_err(out, ref(x + delta)) < TOL
 
@@ -68,7 +71,7 @@ def test_rms_norm_with_and_without_residual() -> None:
 def test_silu_mul() -> None:
     gate_up = bf16(7, 2 * 1536) * 4
     want = F.silu(gate_up[:, :1536].float()) * gate_up[:, 1536:].float()
-    assert rel_err(native_cpu.silu_mul(LIB, gate_up), want) < TOL
+    assert rel_err(BF16.silu_mul(gate_up), want) < TOL
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -126,16 +129,20 @@ def test_rope_in_place_matches_transformers_form() -> None:
         qkv[:, : (heads + kv_heads) * dim].view(4, -1, dim), *table.lookup(positions)
     )
     got = qkv.clone()
-    native_cpu.rope_(LIB, got, heads + kv_heads, dim, table.cos, table.sin, positions)
+    BF16.rope_(got, heads + kv_heads, dim, table.cos, table.sin, positions)
     assert torch.equal(got[:, : (heads + kv_heads) * dim].view(4, -1, dim), want)
     assert torch.equal(got[:, (heads + kv_heads) * dim :], qkv[:, (heads + kv_heads) * dim :])
 
 
 def test_skinny_gemm_adds_bias_before_rounding() -> None:
-    n, k = 96, 64
-    w, x, bias = bf16(n, k), bf16(5, k), bf16(n)
-    y = native_cpu.skinny_gemm(LIB, x, native_cpu.pack(w), n, bias)
-    assert rel_err(y, x.float() @ w.float().T + bias.float()) < TOL
+    """Exact: 256 + 1 (+ bias 1) is 258, which bf16 holds; rounding 257 to bf16 first
+    (256) and then adding 1 would give 256 again."""
+    m, n, k = 3, 32, 16
+    w = torch.zeros(n, k, dtype=torch.bfloat16)
+    w[:, 0], w[:, 1] = 256, 1
+    x, bias = torch.ones(m, k, dtype=torch.bfloat16), torch.ones(n, dtype=torch.bfloat16)
+    y = BF16.gemm(x, native_cpu.pack(w), n, bias)
+    assert torch.equal(y, torch.full((m, n), 258.0, dtype=torch.bfloat16))
 
 
 def test_fp32_fused_ops_match_torch() -> None:
@@ -145,14 +152,14 @@ def test_fp32_fused_ops_match_torch() -> None:
     x, delta, w = torch.randn(5, h), torch.randn(5, h), torch.randn(h)
     want = F.rms_norm(x + delta, (h,), w, eps)
     residual = x.clone()
-    got = native_cpu.rms_norm(LIB, residual, w, eps, delta=delta)
+    got = F32.rms_norm(residual, w, eps, delta=delta)
     assert torch.equal(residual, x + delta) and rel_err(got, want) < 1e-6
     gate_up = torch.randn(3, 2 * 64) * 4
     want = F.silu(gate_up[:, :64]) * gate_up[:, 64:]
-    assert rel_err(native_cpu.silu_mul(LIB, gate_up), want) < 1e-6
+    assert rel_err(F32.silu_mul(gate_up), want) < 1e-6
     table = RotaryTable(64, 10000.0, None, 64, torch.float32, torch.device("cpu"))
     positions = torch.tensor([0, 5, 63])
     qkv = torch.randn(3, 5 * 64)
     want = apply_rotary(qkv[:, : 4 * 64].view(3, 4, 64), *table.lookup(positions))
-    native_cpu.rope_(LIB, qkv, 4, 64, table.cos, table.sin, positions)
+    F32.rope_(qkv, 4, 64, table.cos, table.sin, positions)
     assert rel_err(qkv[:, : 4 * 64].view(3, 4, 64), want) < 1e-6

@@ -43,7 +43,7 @@ class TorchAttentionBackend:
             and dtype in (torch.bfloat16, torch.float32)
             and native_cpu.decode_attention_applies(num_heads, num_kv_heads, head_dim)
         ):
-            self._native = native_cpu.load()
+            self._native = native_cpu.kernels(dtype)
 
     def prepare(self, batch: ForwardBatch, pool: KVPool) -> None:
         meta = batch.attn_meta
@@ -59,8 +59,10 @@ class TorchAttentionBackend:
             valid = cols[None, :] < lens[:, None]
             slots = table[:, cols // batch.page_size] * batch.page_size + cols % batch.page_size
             meta["slots"] = torch.where(valid, slots, 0).to(self.device)
-            meta["kv_index"] = meta["slots"].view(-1)
             meta["lens"] = lens
+            if self._native is not None:
+                return  # the C kernel needs nothing else
+            meta["kv_index"] = meta["slots"].view(-1)
             meta["max_len"] = max_len
             meta["mask"] = valid[:, None, None, :].to(self.device)
             meta["all_full"] = bool(valid.all())
@@ -91,17 +93,8 @@ class TorchAttentionBackend:
         v_cache = pool.v_flat(layer)
         if batch.is_decode and self._native is not None:
             meta = batch.attn_meta
-            return native_cpu.decode_attention(
-                self._native,
-                q,
-                k,
-                v,
-                k_cache,
-                v_cache,
-                meta["slots"],
-                batch.out_slots,
-                meta["lens"],
-                self.scale,
+            return self._native.decode_attention(
+                q, k, v, k_cache, v_cache, meta["slots"], batch.out_slots, meta["lens"], self.scale
             )
         k_cache.index_copy_(0, batch.out_slots, k)
         v_cache.index_copy_(0, batch.out_slots, v)

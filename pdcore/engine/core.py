@@ -326,7 +326,9 @@ class EngineCore:
             "num_tokens": self.allocator.num_used() * self.page_size,
         }
 
-    def get_stats(self) -> dict[str, Any]:
+    def get_stats(self, drain_samples: bool = False) -> dict[str, Any]:
+        """Gauges and counters; `drain_samples` (only /metrics) also hands out the transfer
+        latency samples gathered since the last drain."""
         return {
             "num_running_reqs": len(self.scheduler.running),
             "num_waiting_reqs": len(self.scheduler.waiting),
@@ -338,7 +340,7 @@ class EngineCore:
             "num_preemptions": self.scheduler.num_preemptions,
             "num_forward_steps": self.num_forward_steps,
             **self.pipeline.queue_sizes(),
-            **self.pipeline.metrics(),  # PD: {"transfer": {backend: {...}}}
+            **self.pipeline.metrics(drain_samples),  # PD: {"transfer": {backend: {...}}}
         }
 
     def server_info(self) -> dict[str, Any]:

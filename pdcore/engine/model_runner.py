@@ -56,31 +56,20 @@ class ModelRunner:
             row += n
             if end == req.seq_len:  # the sequence is complete: sample its next token
                 logits_rows.append(row - 1)
-        dev = self.device
-        if dev.type != "cpu":  # one host-to-device copy instead of four
-            t = len(ids)
-            packed = torch.tensor(ids + positions + slots + logits_rows, dtype=torch.long)
-            packed = packed.to(dev, non_blocking=True)
-            return ForwardBatch(
-                is_decode=sched.is_decode,
-                input_ids=packed[:t],
-                positions=packed[t : 2 * t],
-                out_slots=packed[2 * t : 3 * t],
-                seq_lens=seq_lens,
-                extend_lens=list(sched.extend_lens),
-                page_tables=[r.pages for r in sched.reqs],
-                logits_indices=packed[3 * t :],
-                page_size=ps,
-            )
+        # one tensor, one host-to-device copy where there is a device; views of it below
+        t = len(ids)
+        packed = torch.tensor(ids + positions + slots + logits_rows, dtype=torch.long)
+        if self.device.type != "cpu":
+            packed = packed.to(self.device, non_blocking=True)
         return ForwardBatch(
             is_decode=sched.is_decode,
-            input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
-            positions=torch.tensor(positions, dtype=torch.long, device=dev),
-            out_slots=torch.tensor(slots, dtype=torch.long, device=dev),
+            input_ids=packed[:t],
+            positions=packed[t : 2 * t],
+            out_slots=packed[2 * t : 3 * t],
             seq_lens=seq_lens,
             extend_lens=list(sched.extend_lens),
             page_tables=[r.pages for r in sched.reqs],
-            logits_indices=torch.tensor(logits_rows, dtype=torch.long, device=dev),
+            logits_indices=packed[3 * t :],
             page_size=ps,
         )
 

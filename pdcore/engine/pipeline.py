@@ -63,7 +63,8 @@ class Pipeline:
     def queue_sizes(self) -> dict[str, int]:
         return {}
 
-    def metrics(self) -> dict[str, Any]:
+    def metrics(self, drain_samples: bool = False) -> dict[str, Any]:
+        """Transfer counters; latency samples only with `drain_samples` (for /metrics)."""
         return {}
 
     def close(self) -> None:

@@ -83,7 +83,7 @@ class LlamaModel:
             and config.intermediate_size % 16 == 0
             and config.head_dim % 32 == 0
         ):
-            self._native = native_cpu.load()
+            self._native = native_cpu.kernels(dtype)
             logger.info(
                 "CPU kernels: %s",
                 "on" if self._native else "off (no AVX512-BF16, no C compiler, or disabled)",
@@ -98,9 +98,8 @@ class LlamaModel:
         """Return fp32 logits for the rows in batch.logits_indices: [S, vocab]."""
         attn.prepare(batch, pool)
         hidden = F.embedding(batch.input_ids, self.embed)
-        lib = self._native if hidden.shape[0] <= native_cpu.MAX_ROWS else None
-        if lib is not None:
-            hidden = self._layers_native(lib, hidden, batch, pool, attn)
+        if self._native is not None and hidden.shape[0] <= native_cpu.MAX_ROWS:
+            hidden = self._layers_native(self._native, hidden, batch, pool, attn)
         else:
             cos, sin = self.rotary.lookup(batch.positions)
             for i, layer in enumerate(self.layers):
@@ -123,28 +122,28 @@ class LlamaModel:
         v = qkv[:, self.q_size + self.kv_size :].view(t, cfg.num_kv_heads, cfg.head_dim)
         return attn.forward(i, q, k, v, batch, pool)
 
-    def _layers_native(self, lib, hidden, batch, pool, attn) -> torch.Tensor:
+    def _layers_native(self, kern, hidden, batch, pool, attn) -> torch.Tensor:
         """The same layers with our fused CPU kernels (decode sizes): RoPE in place on
         the fused projection, each residual add folded into the RMSNorm that follows it,
         SiLU-and-mul in one pass."""
         cfg, eps, t = self.config, self.config.rms_norm_eps, hidden.shape[0]
-        rotary, positions = self.rotary, batch.positions
-        if int(positions.max()) >= rotary.cos.shape[0]:  # the kernel reads cos/sin unchecked
-            raise IndexError(f"position {int(positions.max())} is past the rotary table")
-        x = native_cpu.rms_norm(lib, hidden, self.layers[0].input_norm, eps)
+        cos, sin, positions = self.rotary.cos, self.rotary.sin, batch.positions
+        if max(batch.seq_lens) > cos.shape[0]:  # the kernel reads cos/sin unchecked
+            raise IndexError(f"a sequence of {max(batch.seq_lens)} is past the rotary table")
+        heads, qk_size = cfg.num_heads + cfg.num_kv_heads, self.q_size + self.kv_size
+        x = kern.rms_norm(hidden, self.layers[0].input_norm, eps)
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             qkv = layer.qkv(x)
-            heads = cfg.num_heads + cfg.num_kv_heads
-            native_cpu.rope_(lib, qkv, heads, cfg.head_dim, rotary.cos, rotary.sin, positions)
+            kern.rope_(qkv, heads, cfg.head_dim, cos, sin, positions)
             q = qkv[:, : self.q_size].view(t, cfg.num_heads, cfg.head_dim)
-            k = qkv[:, self.q_size : self.q_size + self.kv_size].view(t, -1, cfg.head_dim)
-            v = qkv[:, self.q_size + self.kv_size :].view(t, -1, cfg.head_dim)
+            k = qkv[:, self.q_size : qk_size].view(t, -1, cfg.head_dim)
+            v = qkv[:, qk_size:].view(t, -1, cfg.head_dim)
             out = attn.forward(i, q, k, v, batch, pool)
-            x = native_cpu.rms_norm(lib, hidden, layer.post_norm, eps, delta=layer.o_proj(out))
-            mlp = layer.down(native_cpu.silu_mul(lib, layer.gate_up(x)))
+            x = kern.rms_norm(hidden, layer.post_norm, eps, delta=layer.o_proj(out))
+            mlp = layer.down(kern.silu_mul(layer.gate_up(x)))
             if i < last:
-                x = native_cpu.rms_norm(lib, hidden, self.layers[i + 1].input_norm, eps, mlp)
+                x = kern.rms_norm(hidden, self.layers[i + 1].input_norm, eps, mlp)
             else:
                 hidden.add_(mlp)
         return hidden
