@@ -45,20 +45,16 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
 
 def pick_backend(requested: str) -> str:
     """The transfer backend to use, or SystemExit naming --backend and what is installed."""
-    from pdcore.plugins import get_registry
+    from pdcore.plugins import PluginError, get_registry
 
     registry = get_registry("transfer_backend")
-    infos = {info.name: info for info in registry.describe()}
     if requested != "auto":
-        if requested not in infos:
-            raise SystemExit(
-                f"pdcore launch: error: --backend: {registry.unknown_message(requested)}"
-            )
-        if not infos[requested].available:
-            raise SystemExit(
-                f"pdcore launch: error: --backend {requested} is unavailable: {infos[requested].reason}"
-            )
+        try:
+            registry.require(requested)  # unknown or unavailable: the registry says why
+        except PluginError as exc:
+            raise SystemExit(f"pdcore launch: error: --backend: {exc}") from None
         return requested
+    infos = {info.name: info for info in registry.describe()}
     for name in PREFERRED_BACKENDS:
         if name in infos and infos[name].available:
             return name

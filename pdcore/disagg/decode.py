@@ -125,8 +125,8 @@ class DecodePipeline(Pipeline):
             "num_transfer_queue_reqs": len(self.transfer_queue),
         }
 
-    def metrics(self) -> dict[str, Any]:
-        return self.manager.metrics()
+    def metrics(self, drain_samples: bool = False) -> dict[str, Any]:
+        return self.manager.metrics(drain_samples)
 
     def close(self) -> None:
         self.manager.close()

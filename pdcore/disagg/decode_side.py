@@ -77,8 +77,8 @@ class KVReceiver:
         self._prealloc_at = 0.0
 
     def poll(self) -> KVPoll:
-        if self.state == KVPoll.Transferring:
-            self._m.drain_notifications()
+        """The room's state; notifications are drained once per engine step by the
+        manager's `tick`, not once per room."""
         return self.state
 
     def prealloc(self, page_ids: list[int]) -> None:
@@ -336,8 +336,8 @@ class DecodeKVManager:
         self.drain_notifications()
         self.stats.emit_events()
 
-    def metrics(self) -> dict[str, Any]:
-        return self.stats.snapshot()
+    def metrics(self, drain_samples: bool = False) -> dict[str, Any]:
+        return self.stats.snapshot(drain_samples)
 
     def close(self) -> None:
         with self.lock:

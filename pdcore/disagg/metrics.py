@@ -8,7 +8,8 @@ from typing import Any
 
 class TransferStats:
     """Bytes, counts, failures and latency samples of one side's transfers. Latency samples
-    are handed out once (`snapshot` drains them), so a histogram observes each exactly once."""
+    are handed out once (`snapshot(drain_samples=True)`, which only /metrics asks for), so
+    a histogram observes each exactly once and other readers (/server_info) take none."""
 
     def __init__(self, backend: str) -> None:
         self.backend = backend
@@ -43,11 +44,14 @@ class TransferStats:
                 }
             )
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, drain_samples: bool = False) -> dict[str, Any]:
         """{"transfer": {backend: {bytes_total, transfers_total, failures_total,
-        latency_samples_s}}}; latency samples are those since the last call."""
+        latency_samples_s}}}; with `drain_samples`, the samples since the last drain (and
+        they are handed out), else none."""
         with self._lock:
-            samples, self._samples = self._samples[-10_000:], []
+            samples: list[float] = []
+            if drain_samples:
+                samples, self._samples = self._samples[-10_000:], []
             return {
                 "transfer": {
                     self.backend: {

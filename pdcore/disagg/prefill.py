@@ -102,8 +102,8 @@ class PrefillPipeline(Pipeline):
             "num_inflight_queue_reqs": len(self.inflight),
         }
 
-    def metrics(self) -> dict[str, Any]:
-        return self.manager.metrics()
+    def metrics(self, drain_samples: bool = False) -> dict[str, Any]:
+        return self.manager.metrics(drain_samples)
 
     def close(self) -> None:
         self.manager.close()

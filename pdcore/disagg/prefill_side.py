@@ -328,8 +328,8 @@ class PrefillKVManager:
         thread runs the timeouts)."""
         self.stats.emit_events()
 
-    def metrics(self) -> dict[str, Any]:
-        return self.stats.snapshot()
+    def metrics(self, drain_samples: bool = False) -> dict[str, Any]:
+        return self.stats.snapshot(drain_samples)
 
     def close(self) -> None:
         if self._http is not None:

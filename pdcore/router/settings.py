@@ -28,8 +28,6 @@ from pdcore.settings_base import (
     settings_or_exit,
 )
 
-DEFAULT_BOOTSTRAP_PORT = 8998  # what a prefill server uses when the router sends null
-
 
 def _invalid(message: str) -> PydanticCustomError:
     # A custom error keeps pydantic's "Value error, " prefix out of the message.

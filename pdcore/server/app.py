@@ -137,7 +137,7 @@ async def abort_request(request: Request) -> Response:
 async def metrics(request: Request) -> Response:
     state = _state(request)
     try:
-        stats = await state.client.control("stats", 5.0)
+        stats = await state.client.control("metrics", 5.0)
     except Exception:  # a scrape must still answer; the gauges say the engine is down
         stats = None
     state.metrics.set_engine_stats(stats)

@@ -7,7 +7,7 @@ send, in both directions.
 
 frontend -> engine: {"type": "generate", "rid", "input_ids", "sampling_params", "return_logprob"}
                     {"type": "abort", "rid"}
-                    {"type": "control", "id", "op": "ping"|"get_load"|"flush_cache"|"server_info"|"stats"}
+                    {"type": "control", "id", "op": "ping"|"get_load"|"flush_cache"|"server_info"|"stats"|"metrics"}
 engine -> frontend: {"type": "ready", "model_name", "max_context_len", "server_info"}   (once)
                     {"type": "startup_error", "message"}                                  (then exit)
                     {"type": "output", **RequestOutput.to_dict()}
@@ -174,7 +174,7 @@ class EngineLoop:
         while True:
             if not self.core.has_work():
                 timeout = IDLE_POLL_MS
-            elif getattr(self.core, "last_step_ran_forward", True):
+            elif self.core.last_step_ran_forward:
                 timeout = 0
             else:  # only waiting on network (PD handshakes, transfers): don't spin a core
                 timeout = WAITING_POLL_MS
@@ -258,4 +258,6 @@ class EngineLoop:
             return core.server_info()
         if op == "stats":
             return core.get_stats()
+        if op == "metrics":  # like stats, and hands out the latency samples (once)
+            return core.get_stats(drain_samples=True)
         return {"error": f"unknown control op {op!r}"}
