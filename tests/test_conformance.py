@@ -86,11 +86,10 @@ def test_nixl_passes_every_check() -> None:
     assert "SIGKILL" in report["dead_peer"].reason
 
 
-def test_fake_passes_the_checks_that_mean_something_for_it(monkeypatch: Any) -> None:
+def test_fake_passes_the_checks_that_mean_something_for_it() -> None:
     from pd_fake.backend import FakeBackend
 
-    # fake moves no bytes; it should declare so itself (raising=False: a no-op once it does).
-    monkeypatch.setattr(FakeBackend, "moves_bytes", False, raising=False)
+    assert FakeBackend.moves_bytes is False  # fake declares itself; nothing patched here
     report = run_conformance("fake", timeout_s=2.0)
     assert_conforms(report, skipped=DATA_CHECKS)
     assert report["byte_exact"].reason.startswith("skipped: FakeBackend declares moves_bytes")

@@ -13,7 +13,6 @@ import contextlib
 import multiprocessing as mp
 import os
 import random
-import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import pytest
 
 from pdcore.disagg.kv_poll import KVPoll
+from tests.conftest import free_port
 
 BACKEND = "nixl"
 try:
@@ -197,12 +197,6 @@ def decode() -> Iterator[Peer]:
     peer = Peer("decode", DECODE_ENV)
     yield peer
     peer.stop()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def rooms(n: int) -> list[int]:

@@ -16,6 +16,7 @@ from pdcore.disagg.transfer import (
     RegionTable,
     TransferConfig,
     TransferError,
+    checked_runs,
     coalesce_runs,
     create_transfer_backend,
     kv_page_runs,
@@ -113,3 +114,16 @@ def test_region_table_refuses_ranges_that_wrap_or_fall_between_regions():
     for addr, length in [(4096, 2**64 - 16), (8192, 16), (12288, 10), (4096, 4097)]:
         with pytest.raises(TransferError, match="outside"):
             table.device_of(u(addr), u(length), "dst")
+
+
+def test_checked_runs_turns_caller_mistakes_into_transfer_errors():
+    local = RegionTable([MemoryRegion(4096, 4096)])
+    remote = RegionTable([MemoryRegion(65536, 4096)])
+    arr = checked_runs([(4096, 65536, 16), (4112, 65552, 16)], local, remote)
+    assert arr.tolist() == [[4096, 65536, 32]]  # coalesced
+    assert checked_runs([], local, remote).shape == (0, 3)
+    for bad in ([(4096, 65536, 0)], [(1, 2)], [(4096, 65536 + 4090, 16)]):
+        with pytest.raises(TransferError):
+            checked_runs(bad, local, remote)
+    with pytest.raises(TransferError, match="remote side has no registered memory"):
+        checked_runs([(4096, 65536, 16)], local, RegionTable())

@@ -205,3 +205,17 @@ class RegionTable:
             return cls(MemoryRegion(int(a), int(n), str(d)) for a, n, d in data)
         except (TypeError, ValueError) as exc:
             raise TransferError(f"peer blob has malformed memory regions: {exc}") from exc
+
+
+def checked_runs(runs: RunsLike, local: RegionTable, remote: RegionTable) -> RunArray:
+    """What every backend's `submit` needs first: the runs coalesced, each inside
+    registered memory on both sides. A caller's mistake (bad shape, zero length, a range
+    outside every region) is a TransferError, as the contract says, never a ValueError."""
+    try:
+        arr = coalesce_runs(runs)
+    except ValueError as exc:
+        raise TransferError(str(exc)) from exc
+    if len(arr):
+        local.device_of(arr[:, 0], arr[:, 2], "local")
+        remote.device_of(arr[:, 1], arr[:, 2], "remote")
+    return arr

@@ -8,14 +8,35 @@ thread-safe (zmq sockets are not): callers hold their own lock.
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 import zmq
 
 from pdcore.disagg.transfer import Notification, TransferError
 
+WILDCARD_HOSTS = ("0.0.0.0", "::", "", "*")
+
+
+def advertised_host(host: str) -> str:
+    """The address peers reach us at: `host`, or this machine's address for a wildcard
+    (a peer cannot connect to 0.0.0.0)."""
+    if host in WILDCARD_HOSTS:
+        try:
+            return socket.gethostbyname(socket.gethostname())
+        except OSError:
+            return "127.0.0.1"
+    return host
+
 
 class NotificationChannel:
+    @classmethod
+    def for_host(cls, host: str) -> NotificationChannel:
+        """Bound to `host` (all interfaces for a wildcard), advertising an address peers
+        can reach (`advertised_host`)."""
+        bind = "*" if host in WILDCARD_HOSTS else host
+        return cls(bind, advertise_host=advertised_host(host))
+
     def __init__(self, bind_host: str, advertise_host: str | None = None) -> None:
         self._ctx: zmq.Context[Any] = zmq.Context()
         self._inbox = self._ctx.socket(zmq.PULL)

@@ -39,7 +39,6 @@ from pd_ascend.wire import (
     PeerInfo,
     Region,
     Regions,
-    build_runs,
     check_peer_matches,
     decode_blob,
     encode_blob,
@@ -47,7 +46,7 @@ from pd_ascend.wire import (
     parse_ascend_device,
     split_calls,
 )
-from pdcore.disagg.notify_channel import NotificationChannel
+from pdcore.disagg.notify_channel import NotificationChannel, advertised_host
 from pdcore.disagg.transfer import (
     DONE,
     PENDING,
@@ -60,21 +59,11 @@ from pdcore.disagg.transfer import (
     TransferBackend,
     TransferConfig,
     TransferError,
+    checked_runs,
     failed,
 )
 
 logger = logging.getLogger(__name__)
-
-_WILDCARD = ("0.0.0.0", "::", "", "*")
-
-
-def advertised_host(host: str) -> str:
-    if host in _WILDCARD:
-        try:
-            return socket.gethostbyname(socket.gethostname())
-        except OSError:
-            return "127.0.0.1"
-    return host
 
 
 def npu_index_of(regions: Sequence[Region]) -> int:
@@ -129,9 +118,7 @@ class AscendBackend(TransferBackend):
         self.role = mf_role(self.settings.ascend_mf_role, config.local_id)
         self.host = advertised_host(config.host)
         self._lock = threading.Lock()
-        self._channel = NotificationChannel(
-            "*" if config.host in _WILDCARD else config.host, advertise_host=self.host
-        )
+        self._channel = NotificationChannel.for_host(config.host)
         self._engine: Engine | None = None
         self._device: int | None = None
         self._pool: cf.ThreadPoolExecutor | None = None
@@ -218,7 +205,7 @@ class AscendBackend(TransferBackend):
             peer = self._peers.get(peer_id)
             if peer is None:
                 raise TransferError(f"peer {peer_id!r} is not connected; call connect() first")
-            arr = build_runs(runs, self._regions, peer.info.regions)
+            arr = checked_runs(runs, self._regions, peer.info.regions)
             b = _Batch(peer_id, bytes(notification), time.monotonic() + self.config.timeout_s, None)
             if len(arr):
                 assert self._pool is not None and self._engine is not None

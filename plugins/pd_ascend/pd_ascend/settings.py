@@ -6,13 +6,14 @@ transfer library. Every field is also read as PDCORE_<FIELD NAME> (DESIGN.md §6
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from typing import Literal
 
 import pydantic
 
-from pdcore.settings_base import PdcoreSettings, setting
+from pdcore.settings_base import PdcoreSettings, env_names, setting
 
 MEMFABRIC = "memfabric"
 MOONCAKE = "mooncake"
@@ -113,6 +114,12 @@ class AscendSettings(PdcoreSettings):
         return MOONCAKE if self.enable_ascend_transfer_with_mooncake else MEMFABRIC
 
 
+def _env_name(field: str) -> str:
+    """The variable the bad value came from: a set SGLang-era name, else PDCORE_<FIELD>."""
+    names = env_names(AscendSettings, field)
+    return next((n for n in reversed(names) if n in os.environ), names[0])
+
+
 def load_settings() -> AscendSettings:
     """The settings from the environment; ValueError with one line per bad variable."""
     try:
@@ -121,7 +128,7 @@ def load_settings() -> AscendSettings:
         lines = []
         for err in exc.errors():
             field = str(err["loc"][0]) if err["loc"] else ""
-            env = field.upper() if field else "setting"
+            env = _env_name(field) if field in AscendSettings.model_fields else "setting"
             msg = str(err["msg"]).removeprefix("Value error, ")
             lines.append(msg if msg.startswith(env) else f"{env}: {msg}")
         raise ValueError("; ".join(lines)) from None

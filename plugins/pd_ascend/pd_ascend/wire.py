@@ -16,9 +16,7 @@ import msgpack
 from pdcore.disagg.kv_runs import (
     RegionTable,
     RunArray,
-    RunsLike,
     TransferError,
-    coalesce_runs,
 )
 
 BLOB_TAG = "pd-ascend"
@@ -60,27 +58,12 @@ class Regions(RegionTable):
     def add(self, regions: Iterable[Any]) -> None:
         super().add([Region.of(r) for r in regions])
 
-    def devices(self) -> set[str]:
-        return {r.device for r in self}
-
     @classmethod
     def from_wire(cls, data: Any) -> Regions:
         try:
             return cls(Region(int(a), int(n), str(d)) for a, n, d in data)
         except (TypeError, ValueError) as exc:
             raise TransferError(f"peer blob has malformed memory regions: {exc}") from exc
-
-
-def build_runs(runs: RunsLike, local: Regions, remote: Regions) -> RunArray:
-    """Coalesced runs, each checked against both sides' registered memory."""
-    try:
-        arr = coalesce_runs(runs)
-    except ValueError as exc:
-        raise TransferError(str(exc)) from exc
-    if len(arr):
-        local.device_of(arr[:, 0], arr[:, 2], "local")
-        remote.device_of(arr[:, 1], arr[:, 2], "remote")
-    return arr
 
 
 def split_calls(runs: RunArray, per_call: int = MAX_RUNS_PER_CALL) -> list[RunArray]:

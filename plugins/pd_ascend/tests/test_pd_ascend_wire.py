@@ -12,7 +12,6 @@ from pd_ascend.wire import (
     PeerInfo,
     Region,
     Regions,
-    build_runs,
     check_peer_matches,
     decode_blob,
     encode_blob,
@@ -21,7 +20,7 @@ from pd_ascend.wire import (
     split_calls,
 )
 
-from pdcore.disagg.transfer import MemoryRegion, TransferError
+from pdcore.disagg.transfer import MemoryRegion, TransferError, checked_runs
 
 NPU = 0x1_0000_0000  # addresses only: nothing is dereferenced
 
@@ -58,24 +57,24 @@ def test_runs_are_coalesced_and_checked_on_both_sides() -> None:
         (NPU + 200, 2 * NPU + 1174, 50),  # continues remote only: kept apart
         (NPU + 250, 2 * NPU + 3000, 8),
     ]
-    out = build_runs(runs, local, remote)
+    out = checked_runs(runs, local, remote)
     assert out.dtype == np.uint64
     assert out.tolist() == [
         [NPU, 2 * NPU + 1024, 150],
         [NPU + 200, 2 * NPU + 1174, 50],
         [NPU + 250, 2 * NPU + 3000, 8],
     ]
-    assert build_runs([], local, remote).shape == (0, 3)
+    assert checked_runs([], local, remote).shape == (0, 3)
     with pytest.raises(TransferError, match=r"remote range .* outside"):
-        build_runs([(NPU, 2 * NPU + 4090, 16)], local, remote)
+        checked_runs([(NPU, 2 * NPU + 4090, 16)], local, remote)
     with pytest.raises(TransferError, match=r"remote range .* outside"):
-        build_runs([(NPU, 2 * NPU - 8, 16)], local, remote)
+        checked_runs([(NPU, 2 * NPU - 8, 16)], local, remote)
     with pytest.raises(TransferError, match=r"local range .* outside"):
-        build_runs([(NPU + 4090, 2 * NPU, 16)], local, remote)
+        checked_runs([(NPU + 4090, 2 * NPU, 16)], local, remote)
     with pytest.raises(TransferError, match="length 0"):
-        build_runs([(NPU, 2 * NPU, 0)], local, remote)
+        checked_runs([(NPU, 2 * NPU, 0)], local, remote)
     with pytest.raises(TransferError, match="remote side has no registered memory"):
-        build_runs([(NPU, 2 * NPU, 8)], local, Regions())
+        checked_runs([(NPU, 2 * NPU, 8)], local, Regions())
 
 
 def test_regions_refuse_overlap_and_device_spanning_batches() -> None:

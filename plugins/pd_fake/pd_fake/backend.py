@@ -32,7 +32,7 @@ from pdcore.disagg.transfer import (
     TransferBackend,
     TransferConfig,
     TransferError,
-    as_runs,
+    checked_runs,
     failed,
 )
 
@@ -80,7 +80,7 @@ class FakeBackend(TransferBackend):
     def __init__(self, config: TransferConfig) -> None:
         super().__init__(config)
         self._lock = threading.Lock()
-        self._channel = NotificationChannel(config.host)
+        self._channel = NotificationChannel.for_host(config.host)
         self.endpoint = self._channel.endpoint
         self._regions = RegionTable()
         self._peers: dict[str, _Peer] = {}
@@ -124,14 +124,11 @@ class FakeBackend(TransferBackend):
             peer.socket.close()
 
     def submit(self, peer_id: str, runs: RunsLike, notification: bytes) -> int:
-        arr = as_runs(runs)
         with self._lock:
             peer = self._peers.get(peer_id)
             if peer is None:
                 raise TransferError(f"peer {peer_id!r} is not connected; call connect() first")
-            if len(arr):
-                self._regions.device_of(arr[:, 0], arr[:, 2], "local")
-                peer.regions.device_of(arr[:, 1], arr[:, 2], "remote")
+            checked_runs(runs, self._regions, peer.regions)
             batch = _Batch(
                 peer_id, bytes(notification), time.monotonic() + self.config.timeout_s, PENDING
             )
@@ -163,13 +160,13 @@ class FakeBackend(TransferBackend):
             b = self._batches.get(batch)
             if b is None:
                 raise TransferError(f"unknown batch {batch}")
-            if not b.state.finished:
+            if not b.state.finished and not self._closed:
                 self._advance(b)
             return b.state
 
     def fetch_notifications(self) -> list[Notification]:
         with self._lock:
-            return self._channel.drain()
+            return [] if self._closed else self._channel.drain()
 
     def release(self, batch: int) -> None:
         with self._lock:

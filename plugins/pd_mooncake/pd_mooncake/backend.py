@@ -35,7 +35,7 @@ import msgpack
 import zmq
 
 from pd_mooncake.settings import MooncakeSettings
-from pdcore.disagg.notify_channel import NotificationChannel
+from pdcore.disagg.notify_channel import NotificationChannel, advertised_host
 from pdcore.disagg.transfer import (
     DONE,
     PENDING,
@@ -49,7 +49,7 @@ from pdcore.disagg.transfer import (
     TransferBackend,
     TransferConfig,
     TransferError,
-    coalesce_runs,
+    checked_runs,
     failed,
 )
 
@@ -57,7 +57,6 @@ logger = logging.getLogger(__name__)
 
 BLOB_TAG = "pd-mooncake"
 BLOB_VERSION = 1
-_WILDCARD = ("0.0.0.0", "::", "", "*")
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _PROTOCOLS = {"NVLINK": "nvlink", "INTRA_NODE_NVLINK": "nvlink", "BAREX": "barex"}
 MAX_RUNS_IN_FLIGHT = 512
@@ -118,16 +117,6 @@ def choose_protocol(custom_mem_pool: str, ib_device: str | None) -> tuple[str, s
     return "tcp", ""
 
 
-def advertised_host(host: str) -> str:
-    """The address peers reach us at: `host`, or this machine's address for a wildcard."""
-    if host in _WILDCARD:
-        try:
-            return socket.gethostbyname(socket.gethostname())
-        except OSError:
-            return "127.0.0.1"
-    return host
-
-
 def parse_blob(blob: bytes) -> tuple[str, str, RegionTable]:
     """(Mooncake session id, zmq notify endpoint, regions) from a peer blob; TransferError
     if it is not one."""
@@ -173,8 +162,7 @@ class MooncakeBackend(TransferBackend):
             )
         self.session = f"{host}:{self._engine.get_rpc_port()}"
         self._lock = threading.Lock()
-        bind_host = "*" if config.host in _WILDCARD else config.host
-        self._channel = NotificationChannel(bind_host, advertise_host=host)
+        self._channel = NotificationChannel.for_host(config.host)
         self.notify_endpoint = self._channel.endpoint
         self._regions = RegionTable()
         self._registered: list[int] = []
@@ -238,18 +226,11 @@ class MooncakeBackend(TransferBackend):
     # --- batches --------------------------------------------------------------------------
 
     def submit(self, peer_id: str, runs: RunsLike, notification: bytes) -> int:
-        arr = coalesce_runs(runs)
         with self._lock:
             peer = self._peers.get(peer_id)
             if peer is None:
                 raise TransferError(f"peer {peer_id!r} is not connected; call connect() first")
-            if len(arr):
-                if not len(self._regions):
-                    raise TransferError("local side has no registered memory")
-                if not len(peer.regions):
-                    raise TransferError("remote side has no registered memory")
-                self._regions.device_of(arr[:, 0], arr[:, 2], "local")
-                peer.regions.device_of(arr[:, 1], arr[:, 2], "remote")
+            arr = checked_runs(runs, self._regions, peer.regions)
             batch_id = next(self._ids)
             b = _Batch(
                 peer_id,
