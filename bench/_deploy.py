@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,13 +11,9 @@ from pathlib import Path
 
 import httpx
 
+from pdcore.launch import free_port
+
 PDCORE = [sys.executable, "-m", "pdcore.cli"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Proc:
@@ -31,7 +26,6 @@ class Proc:
         log_dir: Path,
         url: str,
         cores: set[int] | None = None,
-        env: dict[str, str] | None = None,
     ) -> None:
         self.name = name
         self.url = url
@@ -42,7 +36,6 @@ class Proc:
             [*PDCORE, *args],
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
             preexec_fn=preexec,  # children (the engine process) inherit the affinity
         )
 

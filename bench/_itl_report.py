@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from pdcore.bench.metrics import RequestResult, meets_slo
+
 
 def _pct(values: list[float]) -> dict[str, float | int]:
     if not values:
@@ -63,9 +65,13 @@ def summarize(t0: float, traces: list[Any], slo: tuple[float, float]) -> dict[st
     for t in done:
         first = t.token_times[0] - t.sent
         ttft[t.kind].append(first)
-        n = len(t.token_times)
-        tpot = (t.token_times[-1] - t.token_times[0]) / (n - 1) if n > 1 else 0.0
-        good += first <= slo_ttft and tpot <= slo_tpot
+        result = RequestResult(  # pdcore bench serving's definitions of TPOT and the SLOs
+            success=True,
+            ttft=first,
+            latency=t.token_times[-1] - t.sent,
+            output_tokens=len(t.token_times),
+        )
+        good += meets_slo(result, slo_ttft * 1000, slo_tpot * 1000)
     elapsed = max(end - t0, 1e-9)
     return {
         "requests": len(traces),

@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,15 +18,11 @@ import time
 
 import httpx
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from pdcore.launch import free_port
 
 
 def time_to_healthy(cache_dir: str, model_args: list[str], timeout: float = 300.0) -> float:
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "pdcore.cli", "serve", "--port", str(port), *model_args]
     env = {**os.environ, "PDCORE_CACHE_DIR": cache_dir}
     start = time.perf_counter()

@@ -64,7 +64,9 @@ def pick_backend(requested: str) -> str:
     )
 
 
-def _free_port(host: str) -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on `host` right now (for the processes we start; also used by tests
+    and benches)."""
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
@@ -113,12 +115,12 @@ class Deployment:
         host = self.args.host
         prefills, decodes = [], []
         for i in range(self.args.prefill):
-            port, boot = _free_port(host), _free_port(host)
+            port, boot = free_port(host), free_port(host)
             argv = ["serve", *self.common, "--port", str(port), "--disaggregation-mode", "prefill"]
             argv += ["--disaggregation-bootstrap-port", str(boot)]
             prefills.append(self._spawn(f"prefill-{i}", argv, f"http://{host}:{port}", boot=boot))
         for i in range(self.args.decode):
-            port = _free_port(host)
+            port = free_port(host)
             argv = ["serve", *self.common, "--port", str(port), "--disaggregation-mode", "decode"]
             decodes.append(self._spawn(f"decode-{i}", argv, f"http://{host}:{port}"))
         self._wait_healthy(prefills + decodes)

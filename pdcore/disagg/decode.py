@@ -22,6 +22,7 @@ from pdcore.disagg.kv_poll import KVPoll
 from pdcore.disagg.prefill import pd_failure
 from pdcore.engine.pipeline import BootstrapInfo, Pipeline
 from pdcore.engine.request import Request, RequestError
+from pdcore.engine.scheduler import pages_for
 
 if TYPE_CHECKING:
     from pdcore.engine.core import EngineCore
@@ -89,7 +90,7 @@ class DecodePipeline(Pipeline):
             if state != KVPoll.WaitingForInput:
                 continue
             in_flight = len(scheduler.running) + len(self.transfer_queue)
-            need = -(-len(req.prompt_ids) // self.core.page_size)
+            need = pages_for(len(req.prompt_ids), self.core.page_size)
             # Keep a page per running request so pre-allocation never starves decoding.
             if in_flight >= scheduler.max_running or need > allocator.num_available() - len(
                 scheduler.running

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from pdcore.disagg.kv_poll import KVPoll
 from pdcore.engine.pipeline import BootstrapInfo, Pipeline
 from pdcore.engine.request import Request, RequestError
+from pdcore.engine.scheduler import pages_for
 
 if TYPE_CHECKING:
     from pdcore.engine.core import EngineCore
@@ -72,7 +73,7 @@ class PrefillPipeline(Pipeline):
 
     def after_prefill(self, req: Request, logprob: float | None) -> bool:
         sender = self._senders[req]
-        prompt_pages = req.pages[: -(-len(req.prompt_ids) // self.core.page_size)]
+        prompt_pages = req.pages[: pages_for(len(req.prompt_ids), self.core.page_size)]
         sender.send(prompt_pages, req.output_ids[0], logprob)
         self.core.scheduler.detach(req)
         self.inflight[req] = sender

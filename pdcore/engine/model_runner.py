@@ -8,7 +8,7 @@ import torch
 
 from pdcore.engine.forward_batch import ForwardBatch
 from pdcore.engine.kv_pool import KVPool
-from pdcore.engine.scheduler import ScheduledBatch
+from pdcore.engine.scheduler import ScheduledBatch, pages_for
 from pdcore.model.llama import LlamaModel
 
 logger = logging.getLogger(__name__)
@@ -92,5 +92,5 @@ def _make_graph_runner(model: LlamaModel, pool: KVPool, attn, max_bs: int):
         return None
     # Longest sequence the engine admits: the RoPE table covers every position it allows.
     max_positions = model.rotary.cos.shape[0]
-    max_pages = min(-(-max_positions // pool.page_size), pool.num_pages - 1)
+    max_pages = min(pages_for(max_positions, pool.page_size), pool.num_pages - 1)
     return CudaGraphRunner(model, pool, attn, max_bs, max_pages)

@@ -22,7 +22,8 @@ class ScheduledBatch:
     extend_lens: list[int]
 
 
-def _pages_for(tokens: int, page_size: int) -> int:
+def pages_for(tokens: int, page_size: int) -> int:
+    """Pages that hold `tokens` tokens (the last one may be partly filled)."""
     return (tokens + page_size - 1) // page_size
 
 
@@ -106,7 +107,7 @@ class Scheduler:
     def _schedule_decode(self, ready: list[Request]) -> ScheduledBatch:
         ready = sorted(ready, key=lambda r: r.arrival_time)
         while True:
-            need = sum(_pages_for(r.num_computed + 1, self.page_size) - len(r.pages) for r in ready)
+            need = sum(pages_for(r.num_computed + 1, self.page_size) - len(r.pages) for r in ready)
             victims = [r for r in self.running if r is not ready[0]]
             if need <= self.allocator.num_available() or not victims:
                 break
@@ -128,7 +129,7 @@ class Scheduler:
         return min(n, max_tokens)
 
     def allocator_grow(self, req: Request, tokens: int) -> None:
-        extra = _pages_for(tokens, self.page_size) - len(req.pages)
+        extra = pages_for(tokens, self.page_size) - len(req.pages)
         if extra > 0:
             req.pages.extend(self.allocator.allocate(extra))
 
