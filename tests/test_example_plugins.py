@@ -20,10 +20,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT
 from tests.hf_reference import PROMPTS, hf_greedy, load_hf_model
-from tests.server_helpers import ServerProcess, sse_events, wait_until
-from tests.test_router_helpers import RouterProcess, pd_flags
+from tests.server_helpers import sse_events
+from tests.test_pd_e2e import PDDeployment, _idle_tokens
 
 EXAMPLE = ROOT / "examples" / "pdcore-example-plugins"
 ENTRY_POINT = "example"  # [project.entry-points.pdcore] example = "pdcore_example_plugins"
@@ -224,60 +224,23 @@ def test_engine_with_reference_attention_and_sjf_equals_transformers(
 # --- prefill + decode over "tcp", routed by "least_inflight" ------------------------------
 
 
-class Deployment:
-    """A prefill and a decode `pdcore serve` on the tiny model with transfer backend "tcp"
-    (decode also runs the "reference" attention on the KV it received), and `pdcore router
-    --policy least_inflight`; all with the example found only through its entry point."""
-
-    def __init__(self, model: Path, tmp: Path, env: dict[str, str]) -> None:
-        boot = free_port()
-        common = ["--backend", "tcp", "--page-size", "4"]
-        self.prefill = ServerProcess(
-            model,
-            tmp / "prefill.log",
-            *common,
-            "--disaggregation-mode",
-            "prefill",
-            "--disaggregation-bootstrap-port",
-            str(boot),
-            env=env,
-        )
-        self.decode = ServerProcess(
-            model,
-            tmp / "decode.log",
-            *common,
-            "--disaggregation-mode",
-            "decode",
-            "--attention-backend",
-            "reference",
-            "--schedule-policy",
-            "sjf",
-            env=env,
-        )
-        self.router: RouterProcess | None = None
-        self.boot, self.tmp, self.env = boot, tmp, env
-
-    def start(self) -> None:
-        self.prefill.wait_ready()
-        self.decode.wait_ready()
-        flags = pd_flags(
-            [(self.prefill.url, self.boot)], [self.decode.url], "--policy", "least_inflight"
-        )
-        env = {"PYTHONPATH": self.env["PYTHONPATH"], "PDCORE_PLUGINS": ENTRY_POINT}
-        self.router = RouterProcess(self.tmp / "router.log", *flags, env=env)
-        self.router.wait_ready()
-
-    def stop(self) -> None:
-        for proc in (self.router, self.decode, self.prefill):
-            if proc is not None:
-                proc.stop()
-
-
 @pytest.fixture(scope="module")
 def pd(
     plugin_env: dict[str, str], tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Deployment]:
-    deployment = Deployment(tiny_llama_dir, tmp_path_factory.mktemp("example-pd"), plugin_env)
+) -> Iterator[PDDeployment]:
+    """Prefill and decode over transfer backend "tcp" (decode also runs the "reference"
+    attention and "sjf"), behind `pdcore router --policy least_inflight`; the example is
+    found only through its entry point."""
+    deployment = PDDeployment(
+        tiny_llama_dir,
+        tmp_path_factory.mktemp("example-pd"),
+        backend="tcp",
+        env=plugin_env,
+        common_args=("--page-size", "4"),
+        decode_args=("--attention-backend", "reference", "--schedule-policy", "sjf"),
+        router_args=("--policy", "least_inflight"),
+        router_env={"PYTHONPATH": plugin_env["PYTHONPATH"], "PDCORE_PLUGINS": ENTRY_POINT},
+    )
     try:
         deployment.start()
         yield deployment
@@ -301,15 +264,8 @@ def _generate(url: str, ids: list[int], stream: bool) -> list[int]:
             return sse_events(r)[-2]["output_ids"]
 
 
-def _idle_tokens(url: str) -> int:
-    with httpx.Client(base_url=url, timeout=30) as client:
-        assert wait_until(lambda: client.get("/get_load").json()[0]["num_reqs"] == 0, 30)
-        assert client.post("/flush_cache").status_code == 200
-        return client.get("/get_load").json()[0]["num_tokens"]
-
-
 def test_pd_over_tcp_with_least_inflight_equals_transformers(
-    pd: Deployment, tiny_llama_dir: Path
+    pd: PDDeployment, tiny_llama_dir: Path
 ) -> None:
     from pdcore.model.tokenizer import load_tokenizer
 

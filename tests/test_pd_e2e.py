@@ -53,11 +53,15 @@ class PDDeployment:
         router=RouterProcess,
         decode_args: tuple[str, ...] = (),
         env: dict[str, str] | None = None,
+        common_args: tuple[str, ...] = (),
+        router_args: tuple[str, ...] = (),
+        router_env: dict[str, str] | None = None,
     ) -> None:
         self.router_cls = router
+        self.router_args, self.router_env = router_args, router_env or {"PDCORE_PLUGINS": ""}
         self.boot_port = free_port()
         env = env or ENV
-        common = ["--backend", backend]
+        common = ["--backend", backend, *common_args]
         self.prefill = ServerProcess(
             model,
             tmp / "prefill.log",
@@ -83,8 +87,8 @@ class PDDeployment:
     def start(self) -> PDDeployment:
         self.prefill.wait_ready()
         self.decode.wait_ready()
-        flags = pd_flags([(self.prefill.url, self.boot_port)], [self.decode.url])
-        self.router = self.router_cls(self.tmp / "router.log", *flags, env={"PDCORE_PLUGINS": ""})
+        flags = pd_flags([(self.prefill.url, self.boot_port)], [self.decode.url], *self.router_args)
+        self.router = self.router_cls(self.tmp / "router.log", *flags, env=self.router_env)
         self.router.wait_ready()
         return self
 
