@@ -339,31 +339,31 @@ def test_sglang_stream_parsing_counts_multi_token_chunks():
     assert r.generated_text == "abcd" and r.ttft > 0 and r.latency >= r.ttft
 
 
-def test_openai_stream_without_usage_counts_chunks_and_errors_are_reasons():
-    def handler(request: httpx.Request) -> httpx.Response:
-        if json.loads(request.content)["prompt"] == "bad":
-            return httpx.Response(400, json={"error": {"message": "'max_tokens' is too big"}})
-        chunks = [{"choices": [{"index": 0, "text": t}]} for t in ("x", "y", "z")]
-        return httpx.Response(200, content=_sse(*chunks))
+def test_openai_stream_without_usage_counts_chunks_and_errors_are_reasons(server) -> None:
+    """Against the real server: with usage switched off, tokens are counted per chunk; an
+    HTTP error becomes the request's failure reason."""
 
-    async def go(prompt: str):
-        async with _mock_client(handler) as client:
-            return await request_func("openai")(client, RequestSpec("http://x/v1", prompt, 1, 3))
+    async def go(spec: RequestSpec):
+        async with httpx.AsyncClient(timeout=60) as client:
+            return await request_func("openai")(client, spec)
 
-    r = asyncio.run(go("ok"))
+    url = server.url + "/v1/completions"
+    no_usage = {"stream_options": {"include_usage": False}}
+    r = asyncio.run(go(RequestSpec(url, "hello there", 2, 3, extra_body=no_usage)))
     assert r.success and r.output_tokens == 3 and not r.output_tokens_reported
-    assert len(r.itl) == 2 and r.generated_text == "xyz"
-    bad = asyncio.run(go("bad"))
-    assert not bad.success and bad.error == "HTTP 400: 'max_tokens' is too big"
+    assert len(r.itl) == 2 and r.ttft > 0
+    bad = asyncio.run(go(RequestSpec(url, "hello", 1, 3, extra_body={"max_tokens": -1})))
+    assert not bad.success and bad.error.startswith("HTTP 400: ") and "max_tokens" in bad.error
 
 
 def test_probe_reports_a_refused_api_key():
-    def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(401, json={"error": {"message": "no"}})
+    """The server's real auth middleware (in-process ASGI) refuses the probe."""
+    from tests.test_server_app import offline_app
 
     async def go():
-        async with _mock_client(handler) as client:
-            return await probe_server(client, "http://x")
+        transport = httpx.ASGITransport(app=offline_app(api_key="secret"))
+        async with httpx.AsyncClient(transport=transport) as client:
+            return await probe_server(client, "http://server")
 
     with pytest.raises(BenchmarkError, match="--api-key"):
         asyncio.run(go())

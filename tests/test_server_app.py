@@ -25,7 +25,8 @@ class _BrokenClient:
         return []
 
 
-def _app(api_key: str | None = None) -> TestClient:
+def offline_app(api_key: str | None = None):
+    """The real ASGI app with an engine that never answers (for routes and middleware)."""
     state = ServerState(
         settings=ServerSettings(api_key=api_key),
         client=_BrokenClient(),  # type: ignore[arg-type]
@@ -36,7 +37,11 @@ def _app(api_key: str | None = None) -> TestClient:
         metrics=Metrics("m"),
         vocab_size=10,
     )
-    return TestClient(build_app(state), raise_server_exceptions=False)
+    return build_app(state)
+
+
+def _app(api_key: str | None = None) -> TestClient:
+    return TestClient(offline_app(api_key), raise_server_exceptions=False)
 
 
 def test_unexpected_exception_is_a_json_500_and_counted() -> None:
