@@ -99,3 +99,29 @@ def test_server_flags_write_traces(tiny_llama_dir: Path, tmp_path: Path) -> None
     for path in out.glob("*.trace.json"):
         phase = path.name.split("-")[0]
         assert_valid_trace(path, phase, min_steps=2)
+
+
+@pytest.mark.timeout(180)
+def test_a_profile_still_recording_is_written_when_the_server_stops(
+    tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    """SIGTERM to the server reaches the engine's shutdown path (EngineCore.close)."""
+    out = tmp_path / "profiles"
+    server = ServerProcess(
+        tiny_llama_dir,
+        tmp_path / "server.log",
+        "--profile-decode",
+        "--profile-num-steps",
+        "1000",
+        "--profile-dir",
+        str(out),
+    )
+    try:
+        server.wait_ready()
+        body = {"text": "hello", "sampling_params": {"max_new_tokens": 4}}
+        assert httpx.post(server.url + "/generate", json=body, timeout=60).status_code == 200
+        assert not list(out.glob("*.trace.json"))  # 1000 passes not reached yet
+    finally:
+        server.stop()
+    [path] = out.glob("decode-*.trace.json")
+    assert_valid_trace(path, "decode", min_steps=3)

@@ -311,6 +311,15 @@ class EngineCore:
             )
         return out
 
+    def close(self) -> None:
+        """Shutdown: the pipeline ends its rooms and transport; a profile still recording
+        is written as it is. Safe to call once the loop has stopped."""
+        try:
+            if self.profiler is not None:
+                self.profiler.finish()
+        finally:
+            self.pipeline.close()
+
     # ----- introspection -----------------------------------------------------------------
     def flush_cache(self) -> bool:
         if self.scheduler.has_work() or self.pipeline.num_queued():

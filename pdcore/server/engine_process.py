@@ -97,6 +97,14 @@ def _die_with_parent() -> None:
         pass
 
 
+class _Shutdown(BaseException):
+    """Raised by our SIGTERM handler so the engine loop unwinds into `core.close()`."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise _Shutdown()
+
+
 def _load_factory(path: str) -> Any:
     module_name, _, attr = path.partition(":")
     return getattr(importlib.import_module(module_name), attr)
@@ -146,14 +154,22 @@ def engine_main(
             ]
         )
     )
+    signal.signal(signal.SIGTERM, _on_sigterm)  # the frontend stops us: shut down cleanly
     try:
         EngineLoop(core, pull, push, parent_pid).run()
+    except _Shutdown:
+        logger.info("engine shutting down")
     except Exception as exc:
         logger.error("engine loop crashed:\n%s", traceback.format_exc())
         push.send(pack([{"type": "fatal", "message": f"{type(exc).__name__}: {exc}"}]))
         push.close()
         zctx.term()
         sys.exit(1)
+    finally:
+        # PD: fail open rooms and tell the peers now (not at their heartbeat timeout); write
+        # a profile that was still recording. Bounded: the frontend SIGKILLs us after 5 s.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        core.close()
 
 
 class EngineLoop:
