@@ -134,7 +134,7 @@ def _worker(role: str, env: dict[str, str], pool_kw: dict[str, Any], conn: Any) 
                     conn.send({"bytes": b"".join(d.numpy().tobytes() for d in data)})
                     continue
                 elif op == "metrics":
-                    conn.send(manager.metrics())
+                    conn.send(manager.metrics(drain_samples=True))
                     continue
                 conn.send({})
             except Exception as exc:  # the test sees it as a failure, with the message

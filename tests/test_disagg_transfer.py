@@ -127,3 +127,16 @@ def test_checked_runs_turns_caller_mistakes_into_transfer_errors():
             checked_runs(bad, local, remote)
     with pytest.raises(TransferError, match="remote side has no registered memory"):
         checked_runs([(4096, 65536, 16)], local, RegionTable())
+
+
+def test_latency_samples_go_only_to_the_draining_reader():
+    """/server_info reads stats too; only /metrics (drain_samples) may take the samples."""
+    from pdcore.disagg.metrics import TransferStats
+
+    stats = TransferStats("x")
+    for i in range(3):
+        stats.record(i, "prefill", True, 10, 0.1 * (i + 1), None)
+    assert stats.snapshot()["transfer"]["x"]["latency_samples_s"] == []
+    assert stats.snapshot()["transfer"]["x"]["transfers_total"] == 3
+    assert len(stats.snapshot(drain_samples=True)["transfer"]["x"]["latency_samples_s"]) == 3
+    assert stats.snapshot(drain_samples=True)["transfer"]["x"]["latency_samples_s"] == []
