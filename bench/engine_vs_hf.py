@@ -82,8 +82,8 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    from pdcore.engine.offline import Engine
     from pdcore.model.loader import default_model_path
+    from pdcore.offline import Engine
 
     gguf = default_model_path()
     report = {

@@ -166,7 +166,7 @@ def copy_bandwidth(torch, device) -> float:
 
 
 def _decode_batch(torch, device, bs, length, tables, page_size):
-    from pdcore.engine.forward_batch import ForwardBatch
+    from pdcore.model.forward_batch import ForwardBatch
 
     slots = [t[(length - 1) // page_size] * page_size + (length - 1) % page_size for t in tables]
     return ForwardBatch(
@@ -183,8 +183,8 @@ def _decode_batch(torch, device, bs, length, tables, page_size):
 
 
 def bench_decode(args, torch, device) -> dict:
-    from pdcore.engine.kv_pool import KVPool
     from pdcore.engine.model_runner import ModelRunner
+    from pdcore.model.kv_pool import KVPool
 
     dtype = torch.float32 if args.dry_run else torch.bfloat16
     mc, model, hf = build_models(args, torch, device, dtype)
@@ -257,8 +257,8 @@ def matmul_rate(torch, device, dtype) -> float:
 
 
 def bench_prefill(args, torch, device) -> dict:
-    from pdcore.engine.forward_batch import ForwardBatch
-    from pdcore.engine.kv_pool import KVPool
+    from pdcore.model.forward_batch import ForwardBatch
+    from pdcore.model.kv_pool import KVPool
 
     dtype = torch.float32 if args.dry_run else torch.bfloat16
     mc, model, hf = build_models(args, torch, device, dtype)

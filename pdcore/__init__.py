@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from pdcore.hookspecs import hookimpl
 
 if TYPE_CHECKING:
-    from pdcore.engine.offline import Engine
+    from pdcore.offline import Engine
 
 __version__ = "0.1.0"
 __all__ = ["Engine", "__version__", "hookimpl"]
@@ -19,7 +19,7 @@ __all__ = ["Engine", "__version__", "hookimpl"]
 
 def __getattr__(name: str) -> Any:
     if name == "Engine":
-        from pdcore.engine.offline import Engine
+        from pdcore.offline import Engine
 
         return Engine
     raise AttributeError(f"module 'pdcore' has no attribute {name!r}")

@@ -45,6 +45,7 @@ class Register(Protocol):
     """The callback handed to every registration hook.
 
     `factory(**kwargs)` builds the object; it should import heavy libraries inside its body.
+    `factory` may also be a "package.module:attribute" string, imported on first use.
     `check()` returns None when the thing can run here, or a short reason when it cannot
     (e.g. "mooncake-transfer-engine not installed"); it is called at most once, lazily.
     Registering a name that another plugin already registered for the same kind is an error.
@@ -53,7 +54,7 @@ class Register(Protocol):
     def __call__(
         self,
         name: str,
-        factory: Callable[..., Any],
+        factory: Callable[..., Any] | str,
         *,
         description: str = "",
         check: Callable[[], str | None] | None = None,

@@ -10,6 +10,7 @@ installed, and why an installed thing cannot run here.
 from __future__ import annotations
 
 import difflib
+import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -49,13 +50,24 @@ class PluginInfo:
     reason: str | None
 
 
+def _resolve(factory: Callable[..., T] | str) -> Callable[..., T]:
+    if callable(factory):
+        return factory
+    module_name, _, attr = factory.partition(":")
+    try:
+        resolved: Callable[..., T] = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise PluginError(f"factory {factory!r} cannot be loaded: {exc}") from exc
+    return resolved
+
+
 class _Entry(Generic[T]):
     __slots__ = ("name", "factory", "plugin", "description", "_check", "_reason", "_checked")
 
     def __init__(
         self,
         name: str,
-        factory: Callable[..., T],
+        factory: Callable[..., T] | str,
         plugin: str,
         description: str,
         check: Callable[[], str | None] | None,
@@ -92,7 +104,7 @@ class Registry(Generic[T]):
     def register(
         self,
         name: str,
-        factory: Callable[..., T],
+        factory: Callable[..., T] | str,
         *,
         description: str = "",
         check: Callable[[], str | None] | None = None,
@@ -102,10 +114,10 @@ class Registry(Generic[T]):
         silently picking one would make the selected backend depend on install order."""
         if not isinstance(name, str) or not name:
             raise PluginError(f"plugin {plugin!r} registered a {self.label} with name {name!r}")
-        if not callable(factory):
+        if not callable(factory) and not (isinstance(factory, str) and ":" in factory):
             raise PluginError(
                 f"plugin {plugin!r} registered {self.label} {name!r} with a factory "
-                f"that is not callable: {factory!r}"
+                f"that is not callable (nor a 'module:attribute' reference): {factory!r}"
             )
         if check is not None and not callable(check):
             raise PluginError(f"plugin {plugin!r}: check for {self.label} {name!r} is not callable")
@@ -150,7 +162,7 @@ class Registry(Generic[T]):
     def create(self, name: str, **kwargs: Any) -> T:
         """Build the item: `factory(**kwargs)`, after `require(name)`."""
         self.require(name)
-        return self._entries[name].factory(**kwargs)
+        return _resolve(self._entries[name].factory)(**kwargs)
 
     def unknown_message(self, name: str) -> str:
         parts = []

@@ -1,21 +1,20 @@
 """Settings models: the one source of truth for CLI flags, env vars, --help and the docs.
 
 One model per concern, each deriving from `PdcoreSettings` (see `pdcore.settings_base` for
-how fields become flags and env vars). `python -m pdcore.settings docs/configuration.md`
+how fields become flags and env vars). `python -m pdcore.settings_docs docs/configuration.md`
 regenerates the tables in the docs from the models here.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Sequence
 from typing import Literal
 
-from pydantic_settings import BaseSettings
-
 from pdcore.disagg.settings import DisaggSettings
+from pdcore.engine.config import EngineConfig
 from pdcore.profiling import ProfileSettings
-from pdcore.router.settings import RouterSettings
 from pdcore.settings_base import (
     InvalidSettingsError,
     PdcoreSettings,
@@ -42,7 +41,6 @@ __all__ = [
     "setting",
     "settings_from_args",
     "settings_or_exit",
-    "update_doc",
 ]
 
 
@@ -130,6 +128,17 @@ class ServerSettings(DisaggSettings, ProfileSettings):
         "null: an ordinary server; prefill / decode: one side of a PD pair behind a router.",
     )
 
+    def engine_config(self) -> EngineConfig:
+        """The fields the engine reads, as the engine's own typed config."""
+        names = [f.name for f in dataclasses.fields(EngineConfig) if f.name != "profile"]
+        profile = ProfileSettings.model_construct(
+            **{name: getattr(self, name) for name in ProfileSettings.model_fields}
+        )
+        wanted = profile.profile_prefill or profile.profile_decode
+        return EngineConfig(
+            **{name: getattr(self, name) for name in names}, profile=profile if wanted else None
+        )
+
 
 def parse_serve_args(argv: Sequence[str] | None = None) -> ServerSettings:
     """Settings for `pdcore serve` from `argv`, env vars and defaults; exits on bad values."""
@@ -152,33 +161,3 @@ def serve_settings_or_exit(
         except PluginError as exc:
             parser.error(f"--disaggregation-transfer-backend: {exc}")
     return settings
-
-
-# Models whose tables the docs embed between BEGIN/END markers (docs/configuration.md;
-# RouterSettings: docs/router.md).
-DOC_MODELS: dict[str, type[BaseSettings]] = {
-    "ServerSettings": ServerSettings,
-    "RouterSettings": RouterSettings,
-}
-
-
-def update_doc(text: str) -> str:
-    """Replace each `<!-- BEGIN <Model> -->...<!-- END <Model> -->` block with the table."""
-    for model_name, model_cls in DOC_MODELS.items():
-        begin, end = f"<!-- BEGIN {model_name} -->\n", f"<!-- END {model_name} -->"
-        head, sep, rest = text.partition(begin)
-        if sep:
-            _, sep2, tail = rest.partition(end)
-            if sep2:
-                text = head + begin + render_settings_table(model_cls) + end + tail
-    return text
-
-
-if __name__ == "__main__":  # python -m pdcore.settings docs/configuration.md
-    import sys
-
-    path = sys.argv[1]
-    with open(path, encoding="utf-8") as f:
-        new = update_doc(f.read())
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(new)

@@ -52,7 +52,7 @@ def _worker(role: str, env: dict[str, str], pool_kw: dict[str, Any], conn: Any) 
     import torch
 
     from pdcore.disagg.settings import DisaggSettings
-    from pdcore.engine.kv_pool import KVPool
+    from pdcore.model.kv_pool import KVPool
 
     settings = DisaggSettings()
     kw = {**POOL, **pool_kw}
@@ -70,16 +70,16 @@ def _worker(role: str, env: dict[str, str], pool_kw: dict[str, Any], conn: Any) 
         torch.manual_seed(0)
         pool.k.copy_(torch.randn(pool.k.shape))
         pool.v.copy_(torch.randn(pool.v.shape))
-        from pdcore.disagg.prefill_side import PrefillKVManager
+        from pdcore.disagg.kv_sender import PrefillKVManager
 
         manager = PrefillKVManager(settings, pool, "127.0.0.1")
         conn.send({"port": manager.bootstrap_port, "settings": settings.model_dump()})
     else:
         pool.k.zero_()
         pool.v.zero_()
-        from pdcore.disagg.decode_side import DecodeKVManager
+        from pdcore.disagg.kv_receiver import DecodeKVManager
 
-        manager = DecodeKVManager(settings, pool)
+        manager = DecodeKVManager(settings, pool, "127.0.0.1")
         conn.send({"settings": settings.model_dump()})
     handles: dict[int, Any] = {}
 
@@ -431,17 +431,17 @@ def test_fake_backend_in_one_process() -> None:
     """pd_fake needs no second process: both managers here, the whole lifecycle, quickly."""
     import torch
 
-    from pdcore.disagg.decode_side import DecodeKVManager
-    from pdcore.disagg.prefill_side import PrefillKVManager
+    from pdcore.disagg.kv_receiver import DecodeKVManager
+    from pdcore.disagg.kv_sender import PrefillKVManager
     from pdcore.disagg.settings import DisaggSettings
-    from pdcore.engine.kv_pool import KVPool
+    from pdcore.model.kv_pool import KVPool
 
     settings = DisaggSettings(
         disaggregation_transfer_backend="fake", disaggregation_bootstrap_port=free_port()
     )
     pools = [KVPool(4, 32, 16, 2, 8, torch.bfloat16, torch.device("cpu")) for _ in ("p", "d")]
     p = PrefillKVManager(settings, pools[0], "127.0.0.1")
-    d = DecodeKVManager(settings, pools[1])
+    d = DecodeKVManager(settings, pools[1], "127.0.0.1")
     try:
         rs = rooms(4)
         senders = [p.create_sender(r) for r in rs]

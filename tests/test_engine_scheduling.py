@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from pdcore.engine.offline import Engine
 from pdcore.engine.page_allocator import PageAllocator
 from pdcore.engine.request import RequestError
 from pdcore.engine.sampling_params import SamplingParams
+from pdcore.offline import Engine
 from tests.hf_reference import PROMPTS
 
 GREEDY = {"temperature": 0, "max_new_tokens": 24, "ignore_eos": True}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pdcore.engine.offline import Engine
+from pdcore.offline import Engine
 from tests.hf_reference import PROMPTS, hf_greedy, load_hf_model
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from pdcore.engine.offline import Engine
+from pdcore.offline import Engine
 from pdcore.profiling import PhaseProfiler
 from pdcore.settings import ServerSettings
 from tests.server_helpers import ServerProcess, wait_until

@@ -15,7 +15,7 @@ from pdcore.plugins import reset_plugin_manager
 from pdcore.router.pd import batch_size, with_bootstrap
 from pdcore.router.policies import RoundRobinPolicy, Worker
 from pdcore.router.settings import PrefillWorker, RouterSettings, parse_router_args
-from pdcore.settings import update_doc
+from pdcore.settings_docs import update_doc
 from tests.conftest import free_port
 from tests.test_router_helpers import clean_env
 
@@ -135,7 +135,7 @@ def test_help_lists_the_worker_flags() -> None:
 
 def test_router_doc_is_in_step_with_the_settings() -> None:
     text = (ROOT / "docs" / "router.md").read_text(encoding="utf-8")
-    assert update_doc(text) == text, "run `python -m pdcore.settings docs/router.md`"
+    assert update_doc(text) == text, "run `python -m pdcore.settings_docs docs/router.md`"
     assert "<!-- BEGIN RouterSettings -->" in text
 
 

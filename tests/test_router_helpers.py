@@ -22,8 +22,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from pdcore.server.protocol import error_body
-from pdcore.server.streaming import (
+from pdcore.web.errors import error_body
+from pdcore.web.streaming import (
     SSE_DONE,
     ClientDisconnected,
     EventStreamResponse,

@@ -52,7 +52,7 @@ def idle_load(http: httpx.Client) -> dict:
 
 
 def test_generate_greedy_matches_offline_engine(http: httpx.Client, tiny_llama_dir: Path) -> None:
-    from pdcore.engine.offline import Engine
+    from pdcore.offline import Engine
 
     r = http.post("/generate", json={"text": "The capital of France is", "sampling_params": GREEDY})
     assert r.status_code == 200, r.text

@@ -5,14 +5,12 @@ from __future__ import annotations
 import pytest
 
 from pdcore.server.protocol import (
-    ProtocolError,
-    error_body,
     openai_finish_reason,
     parse_chat,
     parse_completion,
     parse_generate,
-    parse_json,
 )
+from pdcore.web.errors import ProtocolError, error_body, parse_json
 
 
 def _err(fn, body) -> ProtocolError:

@@ -212,7 +212,7 @@ def test_plugin_check_can_be_skipped():
 def test_configuration_doc_is_in_step_with_the_model():
     text = DOC.read_text(encoding="utf-8")
     assert render_settings_table(ServerSettings) in text, (
-        "docs/configuration.md is stale: run `python -m pdcore.settings docs/configuration.md`"
+        "docs/configuration.md is stale: run `python -m pdcore.settings_docs docs/configuration.md`"
     )
     for name, field in ServerSettings.model_fields.items():
         for flag in flag_names(name, field):

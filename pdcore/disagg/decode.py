@@ -16,17 +16,14 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from pdcore.disagg.kv_poll import KVPoll
-from pdcore.disagg.prefill import pd_failure
-from pdcore.engine.pipeline import BootstrapInfo, Pipeline
+from pdcore.disagg.kv_poll import KVPoll, pd_failure
+from pdcore.disagg.kv_receiver import DecodeKVManager, KVReceiver
+from pdcore.disagg.settings import DisaggSettings
+from pdcore.engine.pipeline import BootstrapInfo, Pipeline, PipelineHost
 from pdcore.engine.request import Request, RequestError
 from pdcore.engine.scheduler import pages_for
-
-if TYPE_CHECKING:
-    from pdcore.engine.core import EngineCore
-
 
 # After a request in the transfer queue fails or is aborted, prefill may still be writing
 # into its pages (a write cannot be recalled); they are reused only after this grace period,
@@ -37,13 +34,12 @@ ABORT_QUARANTINE_S = 1.0
 class DecodePipeline(Pipeline):
     mode = "decode"
 
-    def __init__(self, core: EngineCore, settings) -> None:
-        super().__init__(core)
-        from pdcore.disagg.decode_side import DecodeKVManager
-
-        self.manager = DecodeKVManager(settings, core.runner.pool)
-        self.prealloc_queue: OrderedDict[Request, Any] = OrderedDict()
-        self.transfer_queue: dict[Request, Any] = {}
+    def __init__(self, host: PipelineHost, settings: DisaggSettings, bind_host: str) -> None:
+        """`bind_host`: the address this side's transfer endpoint advertises (--host)."""
+        super().__init__(host)
+        self.manager = DecodeKVManager(settings, host.kv_pool, bind_host)
+        self.prealloc_queue: OrderedDict[Request, KVReceiver] = OrderedDict()
+        self.transfer_queue: dict[Request, KVReceiver] = {}
         self.quarantine: list[tuple[float, list[int]]] = []
 
     def add(self, req: Request, bootstrap: BootstrapInfo | None) -> None:
@@ -63,7 +59,7 @@ class DecodePipeline(Pipeline):
             state = receiver.poll()
             if state == KVPoll.Success:
                 del self.transfer_queue[req]
-                self.core.start_decoding(req, receiver.first_token, receiver.first_logprob)
+                self.host.start_decoding(req, receiver.first_token, receiver.first_logprob)
             elif state == KVPoll.Failed:
                 del self.transfer_queue[req]
                 self._hold_pages(req)
@@ -76,11 +72,9 @@ class DecodePipeline(Pipeline):
     def _release_quarantine(self) -> None:
         now = time.monotonic()
         while self.quarantine and self.quarantine[0][0] <= now:
-            self.core.allocator.release(self.quarantine.pop(0)[1])
+            self.host.release_pages(self.quarantine.pop(0)[1])
 
     def _advance_prealloc(self) -> None:
-        scheduler = self.core.scheduler
-        allocator = self.core.allocator
         for req, receiver in list(self.prealloc_queue.items()):
             state = receiver.poll()
             if state == KVPoll.Failed:
@@ -89,21 +83,18 @@ class DecodePipeline(Pipeline):
                 continue
             if state != KVPoll.WaitingForInput:
                 continue
-            in_flight = len(scheduler.running) + len(self.transfer_queue)
-            need = pages_for(len(req.prompt_ids), self.core.page_size)
-            # Keep a page per running request so pre-allocation never starves decoding.
-            if in_flight >= scheduler.max_running or need > allocator.num_available() - len(
-                scheduler.running
-            ):
+            need = pages_for(len(req.prompt_ids), self.host.page_size)
+            pages = self.host.reserve_pages(need, in_flight=len(self.transfer_queue))
+            if pages is None:
                 break  # first come, first served: later requests wait behind this one
-            req.pages = allocator.allocate(need)
+            req.pages = pages
             del self.prealloc_queue[req]
             self.transfer_queue[req] = receiver
             receiver.prealloc(list(req.pages))
 
-    def _fail(self, req: Request, receiver) -> None:
+    def _fail(self, req: Request, receiver: KVReceiver) -> None:
         reason = receiver.failure_reason or "KV transfer from the prefill instance failed"
-        self.core.finish_request(req, pd_failure(f"decode: {reason}"))
+        self.host.finish_request(req, pd_failure(f"decode: {reason}"))
 
     def abort(self, req: Request, message: str) -> bool:
         receiver = self.prealloc_queue.pop(req, None)
@@ -113,7 +104,7 @@ class DecodePipeline(Pipeline):
                 return False
             self._hold_pages(req)  # prefill may be writing into them right now
         receiver.abort(message)
-        self.core.scheduler.remove(req)
+        self.host.drop(req)
         return True
 
     def num_queued(self) -> int:

@@ -6,6 +6,7 @@ The numbering is SGLang's, so logs and metrics read the same to users moving ove
 from __future__ import annotations
 
 import enum
+from typing import Any
 
 
 class KVPoll(enum.IntEnum):
@@ -20,3 +21,9 @@ class KVPoll(enum.IntEnum):
     @property
     def finished(self) -> bool:
         return self in (KVPoll.Failed, KVPoll.Success)
+
+
+def pd_failure(message: str) -> dict[str, Any]:
+    """finish_reason of a request PD could not serve; the HTTP layer turns it into a 5xx.
+    Shared by both pipelines so a client sees one shape whichever side failed."""
+    return {"type": "abort", "message": message, "status_code": 502}

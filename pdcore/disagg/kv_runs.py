@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 if TYPE_CHECKING:
-    from pdcore.engine.kv_pool import KVPool
+    from pdcore.model.kv_pool import KVPool
 
 RunArray = npt.NDArray[np.uint64]
 """Runs to write, shape (N, 3): local address, remote address, length in bytes."""

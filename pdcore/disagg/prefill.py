@@ -12,33 +12,27 @@ and frees its pages.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from pdcore.disagg.kv_poll import KVPoll
-from pdcore.engine.pipeline import BootstrapInfo, Pipeline
+from pdcore.disagg.kv_poll import KVPoll, pd_failure
+from pdcore.disagg.kv_sender import KVSender, PrefillKVManager
+from pdcore.disagg.settings import DisaggSettings
+from pdcore.engine.pipeline import BootstrapInfo, Pipeline, PipelineHost
 from pdcore.engine.request import Request, RequestError
 from pdcore.engine.scheduler import pages_for
-
-if TYPE_CHECKING:
-    from pdcore.engine.core import EngineCore
-
-
-def pd_failure(message: str) -> dict[str, Any]:
-    """finish_reason of a request PD could not serve; the HTTP layer turns it into a 5xx."""
-    return {"type": "abort", "message": message, "status_code": 502}
 
 
 class PrefillPipeline(Pipeline):
     mode = "prefill"
 
-    def __init__(self, core: EngineCore, settings) -> None:
-        super().__init__(core)
-        from pdcore.disagg.prefill_side import PrefillKVManager
-
-        self.manager = PrefillKVManager(settings, core.runner.pool, settings.host)
-        self.bootstrap_queue: dict[Request, Any] = {}
-        self.inflight: dict[Request, Any] = {}
-        self._senders: dict[Request, Any] = {}
+    def __init__(self, host: PipelineHost, settings: DisaggSettings, bind_host: str) -> None:
+        """`bind_host`: the address the bootstrap server and the control socket listen on
+        (the server's --host)."""
+        super().__init__(host)
+        self.manager = PrefillKVManager(settings, host.kv_pool, bind_host)
+        self.bootstrap_queue: dict[Request, KVSender] = {}
+        self.inflight: dict[Request, KVSender] = {}
+        self._senders: dict[Request, KVSender] = {}
 
     def add(self, req: Request, bootstrap: BootstrapInfo | None) -> None:
         if bootstrap is None or bootstrap.room is None:
@@ -56,7 +50,7 @@ class PrefillPipeline(Pipeline):
             state = sender.poll()
             if state == KVPoll.WaitingForInput:
                 del self.bootstrap_queue[req]
-                self.core.scheduler.add(req)
+                self.host.admit(req)
             elif state == KVPoll.Failed:
                 del self.bootstrap_queue[req]
                 self._fail(req, sender)
@@ -66,23 +60,23 @@ class PrefillPipeline(Pipeline):
                 del self.inflight[req]
                 self._senders.pop(req, None)
                 # The prefill leg's answer: its one token; the client reads decode's.
-                self.core.finish_request(req, {"type": "length", "length": len(req.output_ids)})
+                self.host.finish_request(req, {"type": "length", "length": len(req.output_ids)})
             elif state == KVPoll.Failed:
                 del self.inflight[req]
                 self._fail(req, sender)
 
     def after_prefill(self, req: Request, logprob: float | None) -> bool:
         sender = self._senders[req]
-        prompt_pages = req.pages[: pages_for(len(req.prompt_ids), self.core.page_size)]
+        prompt_pages = req.pages[: pages_for(len(req.prompt_ids), self.host.page_size)]
         sender.send(prompt_pages, req.output_ids[0], logprob)
-        self.core.scheduler.detach(req)
+        self.host.detach(req)
         self.inflight[req] = sender
         return True
 
-    def _fail(self, req: Request, sender) -> None:
+    def _fail(self, req: Request, sender: KVSender) -> None:
         self._senders.pop(req, None)
         reason = sender.failure_reason or "KV transfer to the decode instance failed"
-        self.core.finish_request(req, pd_failure(f"prefill: {reason}"))
+        self.host.finish_request(req, pd_failure(f"prefill: {reason}"))
 
     def abort(self, req: Request, message: str) -> bool:
         sender = self._senders.pop(req, None)
@@ -91,7 +85,7 @@ class PrefillPipeline(Pipeline):
         sender.abort(message)
         self.bootstrap_queue.pop(req, None)
         self.inflight.pop(req, None)
-        self.core.scheduler.remove(req)  # frees its pages wherever it was
+        self.host.drop(req)  # frees its pages wherever it was
         return True
 
     def num_queued(self) -> int:

@@ -1,7 +1,9 @@
 """EngineCore: the engine loop's single step, used in-process (offline API) or by the engine process.
 
 step() = scheduler.schedule() -> model_runner.run() -> postprocess (sample, stop checks,
-prefix-cache publishing, freeing pages). The server and the PD pipelines drive this class.
+prefix-cache publishing, freeing pages). The server drives this class; a PD mode plugs in
+as a pipeline built by the `PipelineFactory` the caller passes, and reaches the engine only
+through `EngineHost` (the `PipelineHost` protocol), never through the core itself.
 """
 
 from __future__ import annotations
@@ -16,22 +18,30 @@ from typing import Any
 
 import torch
 
+from pdcore.engine.config import EngineConfig
 from pdcore.engine.detokenizer import IncrementalDetokenizer
-from pdcore.engine.kv_pool import KVPool
 from pdcore.engine.model_runner import ModelRunner
 from pdcore.engine.page_allocator import PageAllocator
-from pdcore.engine.pipeline import BootstrapInfo, Pipeline
+from pdcore.engine.pipeline import BootstrapInfo, Pipeline, PipelineFactory
 from pdcore.engine.request import Request, RequestError, RequestOutput
 from pdcore.engine.sampler import sample
 from pdcore.engine.sampling_params import SamplingParams
 from pdcore.engine.scheduler import ScheduledBatch, Scheduler
 from pdcore.engine.setup import pick_device, pick_dtype, pool_pages
+from pdcore.model.kv_pool import KVPool
 from pdcore.model.llama import LlamaModel
 from pdcore.model.loader import load_state_dict, resolve_model
 from pdcore.plugins import get_plugin_manager, get_registry, notify
 from pdcore.profiling import PhaseProfiler
 
-__all__ = ["BootstrapInfo", "EngineCore", "RequestError", "RequestOutput"]
+__all__ = [
+    "BootstrapInfo",
+    "EngineConfig",
+    "EngineCore",
+    "EngineHost",
+    "RequestError",
+    "RequestOutput",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +49,11 @@ DEFAULT_MAX_RUNNING_REQUESTS = 128
 
 
 class EngineCore:
-    def __init__(self, settings) -> None:
+    def __init__(
+        self, settings: EngineConfig, pipeline_factory: PipelineFactory = Pipeline
+    ) -> None:
+        """Load the model and build the KV pool, scheduler and pipeline. `pipeline_factory`
+        picks the mode (the unified `Pipeline` by default; PD modes from pdcore.disagg)."""
         if settings.cpu_threads:
             torch.set_num_threads(settings.cpu_threads)
         if settings.random_seed is not None:
@@ -122,9 +136,13 @@ class EngineCore:
         self._observe_finish = bool(
             get_plugin_manager().hook.pdcore_request_finished.get_hookimpls()
         )
-        self.pipeline = _make_pipeline(self, settings)
-        self.profiler = PhaseProfiler.from_settings(
-            settings, tag=f"{settings.disaggregation_mode}-pid{os.getpid()}"
+        self.pipeline = pipeline_factory(EngineHost(self))
+        self.profiler = (
+            None
+            if settings.profile is None
+            else PhaseProfiler.from_settings(
+                settings.profile, tag=f"{self.pipeline.mode}-pid{os.getpid()}"
+            )
         )
         self.startup_seconds = time.monotonic() - started
         logger.info("engine ready in %.1fs (%s, %s)", self.startup_seconds, self.device, self.dtype)
@@ -374,14 +392,47 @@ class EngineCore:
         }
 
 
-def _make_pipeline(core: EngineCore, settings) -> Pipeline:
-    mode = settings.disaggregation_mode
-    if mode == "prefill":
-        from pdcore.disagg.prefill import PrefillPipeline
+class EngineHost:
+    """The engine as a pipeline sees it (`PipelineHost`): admit, detach, drop, pages,
+    finish, start decoding. A narrow object rather than the core itself, so a pipeline
+    cannot come to depend on the scheduler's or the allocator's internals."""
 
-        return PrefillPipeline(core, settings)
-    if mode == "decode":
-        from pdcore.disagg.decode import DecodePipeline
+    def __init__(self, core: EngineCore) -> None:
+        self._core = core
 
-        return DecodePipeline(core, settings)
-    return Pipeline(core)
+    @property
+    def page_size(self) -> int:
+        return self._core.page_size
+
+    @property
+    def kv_pool(self) -> KVPool:
+        return self._core.runner.pool
+
+    def admit(self, req: Request) -> None:
+        self._core.scheduler.add(req)
+
+    def detach(self, req: Request) -> None:
+        self._core.scheduler.detach(req)
+
+    def drop(self, req: Request) -> None:
+        self._core.scheduler.remove(req)
+
+    def reserve_pages(self, count: int, in_flight: int) -> list[int] | None:
+        scheduler = self._core.scheduler
+        allocator = self._core.allocator
+        running = len(scheduler.running)
+        # Keep a page per running request so pre-allocation never starves decoding.
+        if running + in_flight >= scheduler.max_running:
+            return None
+        if count > allocator.num_available() - running:
+            return None
+        return allocator.allocate(count)
+
+    def release_pages(self, pages: list[int]) -> None:
+        self._core.allocator.release(pages)
+
+    def finish_request(self, req: Request, reason: dict[str, Any]) -> None:
+        self._core.finish_request(req, reason)
+
+    def start_decoding(self, req: Request, first_token: int, logprob: float | None) -> None:
+        self._core.start_decoding(req, first_token, logprob)

@@ -21,15 +21,15 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from pdcore.engine.forward_batch import ForwardBatch
-from pdcore.engine.kv_pool import KVPool
+from pdcore.model.forward_batch import ForwardBatch
+from pdcore.model.kv_pool import KVPool
 
 logger = logging.getLogger(__name__)
 
 
 @runtime_checkable
 class GraphAttentionBackend(Protocol):
-    """Optional part of the attention contract (pdcore.engine.attention.AttentionBackend).
+    """Optional part of the attention contract (pdcore.model.attention.AttentionBackend).
 
     During capture and replay the runner never calls `prepare()`: the backend's decode
     metadata must live in buffers allocated once, which replay updates in place.

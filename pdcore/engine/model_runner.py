@@ -6,9 +6,9 @@ import logging
 
 import torch
 
-from pdcore.engine.forward_batch import ForwardBatch
-from pdcore.engine.kv_pool import KVPool
 from pdcore.engine.scheduler import ScheduledBatch, pages_for
+from pdcore.model.forward_batch import ForwardBatch
+from pdcore.model.kv_pool import KVPool
 from pdcore.model.llama import LlamaModel
 
 logger = logging.getLogger(__name__)

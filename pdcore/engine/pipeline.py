@@ -1,20 +1,22 @@
-"""The seam between the engine loop and a disaggregation mode (DESIGN.md §2).
+"""The seam between the engine loop and a disaggregation mode (DESIGN.md §2, §2a).
 
 One engine loop serves every mode; a pipeline object decides where a new request goes,
 advances its own queues once per iteration (non-blocking polls), and may take over a
-request whose prompt was just computed. Unified mode needs none of that: this base class
-is the unified pipeline. The prefill and decode pipelines live in pdcore/disagg/.
+request whose prompt was just computed. Unified mode needs none of that: `Pipeline` here
+is the unified pipeline. The prefill and decode pipelines live in `pdcore.disagg`, which
+sits above the engine: the engine never names it. Whoever starts an engine passes a
+`PipelineFactory`; the pipeline it builds talks to the engine only through `PipelineHost`,
+the short list of things a pipeline may ask of its engine.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from pdcore.engine.request import Request
-
-if TYPE_CHECKING:
-    from pdcore.engine.core import EngineCore
+from pdcore.model.kv_pool import KVPool
 
 
 @dataclass(frozen=True)
@@ -33,16 +35,51 @@ class BootstrapInfo:
         return cls(data.get("host"), None if port is None else int(port), int(data["room"]))
 
 
+class PipelineHost(Protocol):
+    """What a pipeline may ask of the engine that hosts it, and nothing more."""
+
+    @property
+    def page_size(self) -> int:
+        """Tokens per KV page."""
+
+    @property
+    def kv_pool(self) -> KVPool:
+        """The KV page pool, whose memory a PD pipeline registers with its transfer backend."""
+
+    def admit(self, req: Request) -> None:
+        """Queue the request for the scheduler: its prompt is computed here."""
+
+    def detach(self, req: Request) -> None:
+        """Take the request out of the scheduler; its pages stay held by the pipeline."""
+
+    def drop(self, req: Request) -> None:
+        """Take the request out of the scheduler wherever it is and free its pages."""
+
+    def reserve_pages(self, count: int, in_flight: int) -> list[int] | None:
+        """Pages for a prompt whose KV will arrive from elsewhere, or None while taking
+        them would exceed the running-request limit (counting `in_flight` requests the
+        pipeline already holds) or leave the running batch without a page to grow into."""
+
+    def release_pages(self, pages: list[int]) -> None:
+        """Give pages back that the pipeline held outside any request."""
+
+    def finish_request(self, req: Request, reason: dict[str, Any]) -> None:
+        """End a request from outside a forward pass; reported in the next step."""
+
+    def start_decoding(self, req: Request, first_token: int, logprob: float | None) -> None:
+        """A request whose prompt KV arrived joins the running batch with its first token."""
+
+
 class Pipeline:
     """Unified mode: every request is prefilled and decoded here."""
 
     mode = "null"
 
-    def __init__(self, core: EngineCore) -> None:
-        self.core = core
+    def __init__(self, host: PipelineHost) -> None:
+        self.host = host
 
     def add(self, req: Request, bootstrap: BootstrapInfo | None) -> None:
-        self.core.scheduler.add(req)
+        self.host.admit(req)
 
     def advance(self) -> None:
         """Poll this mode's queues without blocking; may finish or hand over requests."""
@@ -69,3 +106,7 @@ class Pipeline:
 
     def close(self) -> None:
         pass
+
+
+PipelineFactory = Callable[[PipelineHost], Pipeline]
+"""Builds the pipeline of an engine from the engine's host interface (unified: `Pipeline`)."""

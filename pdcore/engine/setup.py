@@ -7,8 +7,8 @@ import os
 
 import torch
 
-from pdcore.engine.kv_pool import KVPool
 from pdcore.model.config import ModelConfig
+from pdcore.model.kv_pool import KVPool
 
 logger = logging.getLogger(__name__)
 

@@ -11,11 +11,11 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from pdcore.engine.attention import AttentionBackend
-from pdcore.engine.forward_batch import ForwardBatch
-from pdcore.engine.kv_pool import KVPool
 from pdcore.model import native_cpu
+from pdcore.model.attention import AttentionBackend
 from pdcore.model.config import ModelConfig
+from pdcore.model.forward_batch import ForwardBatch
+from pdcore.model.kv_pool import KVPool
 from pdcore.model.linear import Linear
 from pdcore.model.rope import RotaryTable, apply_rotary
 

@@ -23,8 +23,7 @@ import pdcore
 from pdcore.router.metrics import CONTENT_TYPE
 from pdcore.router.pd import FORWARDED_HEADERS, RouterState, route_pd
 from pdcore.router.policies import Worker
-from pdcore.server.http_common import error_handlers
-from pdcore.server.protocol import error_body
+from pdcore.web.errors import error_body, error_handlers
 
 ADMIN_TIMEOUT_S = 10.0
 HEALTH_GENERATE_TIMEOUT_S = 70.0  # a worker's own /health_generate waits up to 60 s

@@ -23,7 +23,7 @@ from pdcore.router.metrics import RouterMetrics
 from pdcore.router.pd import RouterState
 from pdcore.router.policies import Worker
 from pdcore.router.settings import RouterSettings
-from pdcore.server.http_common import check_port
+from pdcore.web.errors import check_port
 
 logger = logging.getLogger("pdcore.router")
 

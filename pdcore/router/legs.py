@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, Response
 
 from pdcore.router.metrics import RouterMetrics
 from pdcore.router.policies import Worker
-from pdcore.server.protocol import error_body
+from pdcore.web.errors import error_body
 
 _MAX_ERROR_BODY = 64 * 1024
 CONNECT_TIMEOUT_S = 10.0

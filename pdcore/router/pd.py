@@ -38,8 +38,8 @@ from pdcore.router.legs import Leg, LegError
 from pdcore.router.metrics import RouterMetrics
 from pdcore.router.policies import RoutingPolicy, Worker
 from pdcore.router.settings import RouterSettings
-from pdcore.server.protocol import parse_json, require_object
-from pdcore.server.streaming import (
+from pdcore.web.errors import parse_json, require_object
+from pdcore.web.streaming import (
     SSE_DONE,
     ClientDisconnected,
     sse,

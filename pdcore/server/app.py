@@ -24,9 +24,8 @@ import pdcore
 from pdcore.server import native_api, openai_api
 from pdcore.server.engine_client import EngineDeadError
 from pdcore.server.generation import Generation, ServerState, make_job, unavailable
-from pdcore.server.http_common import error_handlers
 from pdcore.server.metrics import CONTENT_TYPE
-from pdcore.server.protocol import ProtocolError, error_body, parse_json, require_object
+from pdcore.web.errors import ProtocolError, error_body, error_handlers, parse_json, require_object
 
 HEALTH_GENERATE_TIMEOUT = 60.0
 

@@ -18,7 +18,6 @@ engine -> frontend: {"type": "ready", "model_name", "max_context_len", "server_i
 
 from __future__ import annotations
 
-import importlib
 import logging
 import multiprocessing
 import os
@@ -30,13 +29,14 @@ from typing import Any
 import msgpack
 import zmq
 
+from pdcore.disagg.pipelines import pipeline_factory
+from pdcore.engine.core import EngineCore
 from pdcore.engine.pipeline import BootstrapInfo
 from pdcore.engine.sampling_params import SamplingParams, SamplingParamsError
 from pdcore.settings import ServerSettings
 
 logger = logging.getLogger("pdcore.engine_process")
 
-DEFAULT_ENGINE_FACTORY = "pdcore.engine.core:EngineCore"
 IDLE_POLL_MS = 20  # how long an idle engine blocks waiting for a request
 WAITING_POLL_MS = 1  # with requests only waiting on the network
 PARENT_CHECK_EVERY = 50  # idle iterations between checks that the frontend is still alive
@@ -55,13 +55,12 @@ def start_engine_process(
     settings: ServerSettings,
     request_addr: str,
     output_addr: str,
-    engine_factory: str = DEFAULT_ENGINE_FACTORY,
 ) -> multiprocessing.Process:
     """Spawn the engine process ("spawn": a fresh interpreter, no forked torch/zmq state)."""
     ctx = multiprocessing.get_context("spawn")
     proc = ctx.Process(
         target=engine_main,
-        args=(settings, request_addr, output_addr, engine_factory, os.getpid()),
+        args=(settings, request_addr, output_addr, os.getpid()),
         name="pdcore-engine",
         daemon=False,  # a daemonic process may not start children (tensor parallel later)
     )
@@ -105,16 +104,18 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     raise _Shutdown()
 
 
-def _load_factory(path: str) -> Any:
-    module_name, _, attr = path.partition(":")
-    return getattr(importlib.import_module(module_name), attr)
+def build_engine(settings: ServerSettings) -> EngineCore:
+    """The engine of `pdcore serve`: the model, plus the pipeline of its PD mode."""
+    return EngineCore(
+        settings.engine_config(),
+        pipeline_factory(settings.disaggregation_mode, settings, settings.host),
+    )
 
 
 def engine_main(
     settings: ServerSettings,
     request_addr: str,
     output_addr: str,
-    engine_factory: str = DEFAULT_ENGINE_FACTORY,
     parent_pid: int | None = None,
 ) -> None:
     """Entry point of the engine process: build the core, announce readiness, run the loop."""
@@ -135,7 +136,7 @@ def engine_main(
             import torch
 
             torch.set_num_threads(settings.cpu_threads)
-        core = _load_factory(engine_factory)(settings)
+        core = build_engine(settings)
     except BaseException as exc:
         logger.error("engine failed to start:\n%s", traceback.format_exc())
         push.send(pack([{"type": "startup_error", "message": f"{type(exc).__name__}: {exc}"}]))

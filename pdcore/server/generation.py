@@ -20,8 +20,8 @@ from pdcore.server.engine_client import (
     Stream,
 )
 from pdcore.server.metrics import Metrics
-from pdcore.server.protocol import ProtocolError
 from pdcore.settings import ServerSettings
+from pdcore.web.errors import ProtocolError
 
 
 @dataclass

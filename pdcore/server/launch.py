@@ -24,9 +24,9 @@ from pdcore.server.app import build_app
 from pdcore.server.engine_client import EngineClient, EngineStartupError
 from pdcore.server.engine_process import start_engine_process, stop_engine_process
 from pdcore.server.generation import ServerState
-from pdcore.server.http_common import check_port
 from pdcore.server.metrics import Metrics
 from pdcore.settings import ServerSettings
+from pdcore.web.errors import check_port
 
 logger = logging.getLogger("pdcore.server")
 

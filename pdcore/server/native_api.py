@@ -15,8 +15,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from pdcore.server.generation import Generation, Result, ServerState, bootstrap_fields, make_job
-from pdcore.server.protocol import GenerateRequest, ProtocolError, parse_generate, parse_json
-from pdcore.server.streaming import (
+from pdcore.server.protocol import GenerateRequest, parse_generate
+from pdcore.web.errors import ProtocolError, parse_json
+from pdcore.web.streaming import (
     SSE_DONE,
     ClientDisconnected,
     EventStreamResponse,

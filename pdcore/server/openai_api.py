@@ -25,7 +25,7 @@ from pdcore.server.protocol import (
     parse_completion,
     parse_json,
 )
-from pdcore.server.streaming import (
+from pdcore.web.streaming import (
     SSE_DONE,
     ClientDisconnected,
     EventStreamResponse,

@@ -7,46 +7,11 @@ else. Pure functions over JSON values: tested without an engine.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from pdcore.engine.sampling_params import SamplingParams, SamplingParamsError
-
-
-class ProtocolError(Exception):
-    """A request the server refuses; rendered as {"error": {...}} with `status`."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        param: str | None = None,
-        status: int = 400,
-        type: str = "invalid_request_error",
-        code: str | int | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
-        self.status = status
-        self.type = type
-        self.code = code
-
-    def body(self) -> dict[str, Any]:
-        return error_body(self.message, type=self.type, param=self.param, code=self.code)
-
-
-def error_body(
-    message: str,
-    *,
-    type: str = "invalid_request_error",
-    param: str | None = None,
-    code: str | int | None = None,
-) -> dict[str, Any]:
-    """The body OpenAI returns for every error, which its client libraries parse."""
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
-
+from pdcore.web.errors import ProtocolError, require_object
 
 # --- small type checks --------------------------------------------------------------------
 
@@ -69,22 +34,6 @@ def _opt(
         names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
         raise ProtocolError(f"'{name}' must be of type {names}", param=name)
     return value
-
-
-def parse_json(raw: bytes) -> Any:
-    """The request body as JSON; malformed JSON is the client's error, not a 500."""
-    if not raw.strip():
-        raise ProtocolError("The request body is empty; expected a JSON object")
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ProtocolError(f"Malformed JSON in the request body: {exc}") from exc
-
-
-def require_object(body: Any) -> dict[str, Any]:
-    if not isinstance(body, dict):
-        raise ProtocolError("The request body must be a JSON object")
-    return body
 
 
 def validate_sampling(

@@ -5,7 +5,7 @@ from its pages, compute softmax(Q K^T / sqrt(d)) V with a causal mask in float32
 K/V heads for grouped-query attention. Slow (a Python loop per sequence and per layer), but
 each step is the textbook formula, so it is the thing to compare a fast kernel against.
 
-The contract (pdcore/engine/attention.py), as the model calls it for one forward pass:
+The contract (pdcore/model/attention.py), as the model calls it for one forward pass:
 
     backend.prepare(batch, pool)                      # once, before the layers
     for layer in range(num_layers):
@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from pdcore.engine.forward_batch import ForwardBatch
-from pdcore.engine.kv_pool import KVPool
+from pdcore.model.forward_batch import ForwardBatch
+from pdcore.model.kv_pool import KVPool
 
 
 class ReferenceAttentionBackend:

@@ -15,8 +15,8 @@ import torch
 
 from attn_triton import interpreting
 from attn_triton.kernels import KernelConfig, decode_attention, extend_attention
-from pdcore.engine.forward_batch import ForwardBatch
-from pdcore.engine.kv_pool import KVPool
+from pdcore.model.forward_batch import ForwardBatch
+from pdcore.model.kv_pool import KVPool
 
 # Most splits of one sequence in flash-decoding; partial results cost B*H*splits*D floats.
 MAX_SPLITS = 32

@@ -16,8 +16,8 @@ import sys
 import torch
 
 from pdcore.engine.attention_torch import TorchAttentionBackend
-from pdcore.engine.forward_batch import ForwardBatch
-from pdcore.engine.kv_pool import KVPool
+from pdcore.model.forward_batch import ForwardBatch
+from pdcore.model.kv_pool import KVPool
 
 TARGETS = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 

@@ -22,8 +22,8 @@ from attn_triton.backend import TritonAttentionBackend  # noqa: E402
 
 from pdcore.engine.attention_torch import TorchAttentionBackend  # noqa: E402
 from pdcore.engine.cuda_graph import capture_sizes, supports_cuda_graph  # noqa: E402
-from pdcore.engine.forward_batch import ForwardBatch  # noqa: E402
-from pdcore.engine.kv_pool import KVPool  # noqa: E402
+from pdcore.model.forward_batch import ForwardBatch  # noqa: E402
+from pdcore.model.kv_pool import KVPool  # noqa: E402
 
 HEAD_DIM = 16
 

@@ -5,17 +5,20 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
+from pdcore.disagg.pipelines import pipeline_factory
 from pdcore.engine.core import EngineCore
 from pdcore.engine.sampling_params import SamplingParams
+from pdcore.settings import ServerSettings
 
 
 class Engine:
     """Engine(model_path=None, dtype="float32", ...) takes the flags of `pdcore serve` as kwargs."""
 
     def __init__(self, **settings: Any) -> None:
-        from pdcore.settings import ServerSettings
-
-        self.core = EngineCore(ServerSettings(**settings))
+        s = ServerSettings(**settings)
+        self.core = EngineCore(
+            s.engine_config(), pipeline_factory(s.disaggregation_mode, s, s.host)
+        )
         self.tokenizer = self.core.tokenizer
         self._ids = itertools.count()
 

@@ -32,12 +32,14 @@ from pdcore.disagg.messages import (
     unpack_done,
 )
 from pdcore.disagg.metrics import TransferStats
+from pdcore.disagg.settings import DisaggSettings
 from pdcore.disagg.transfer import (
     KVLayout,
     TransferConfig,
     create_transfer_backend,
     default_local_id,
 )
+from pdcore.model.kv_pool import KVPool
 
 logger = logging.getLogger(__name__)
 
@@ -111,16 +113,15 @@ class KVReceiver:
 
 
 class DecodeKVManager:
-    """See the module docstring. `settings` carries the DisaggSettings fields."""
+    """See the module docstring. `host`: the address this side binds and advertises."""
 
-    def __init__(self, settings: Any, pool: Any) -> None:
+    def __init__(self, settings: DisaggSettings, pool: KVPool, host: str) -> None:
         self.settings = settings
         self.lock = threading.RLock()
         self.layout = KVLayout.from_pool(pool)
         name = settings.disaggregation_transfer_backend
         self.spec = KVSpec.from_pool(name, pool)
         self.bytes_per_page = 2 * self.layout.num_layers * self.layout.page_bytes
-        host = getattr(settings, "host", "127.0.0.1")
         self.backend = create_transfer_backend(
             name,
             TransferConfig(

@@ -1,16 +1,69 @@
 """What the model server and the router share at the HTTP edge: OpenAI-style error
-responses for every failure, and a start-up check that the port can be bound."""
+bodies and responses for every failure, JSON body parsing that turns client mistakes into
+4xx, and a start-up check that the port can be bound. Imports neither the server nor the
+engine, so the router stays light."""
 
 from __future__ import annotations
 
+import json
 import socket
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from pdcore.server.protocol import ProtocolError, error_body
+
+class ProtocolError(Exception):
+    """A request the server refuses; rendered as {"error": {...}} with `status`."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        status: int = 400,
+        type: str = "invalid_request_error",
+        code: str | int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.status = status
+        self.type = type
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, type=self.type, param=self.param, code=self.code)
+
+
+def error_body(
+    message: str,
+    *,
+    type: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | int | None = None,
+) -> dict[str, Any]:
+    """The body OpenAI returns for every error, which its client libraries parse."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def parse_json(raw: bytes) -> Any:
+    """The request body as JSON; malformed JSON is the client's error, not a 500."""
+    if not raw.strip():
+        raise ProtocolError("The request body is empty; expected a JSON object")
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"Malformed JSON in the request body: {exc}") from exc
+
+
+def require_object(body: Any) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise ProtocolError("The request body must be a JSON object")
+    return body
+
 
 Handler = Callable[[Request, Exception], Awaitable[Response]]
 

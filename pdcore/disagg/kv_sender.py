@@ -23,6 +23,7 @@ from pdcore.disagg.bootstrap import BootstrapServer
 from pdcore.disagg.kv_poll import KVPoll
 from pdcore.disagg.messages import PROTOCOL_VERSION, KVSpec, MessageError, pack, pack_done, unpack
 from pdcore.disagg.metrics import TransferStats
+from pdcore.disagg.settings import DisaggSettings
 from pdcore.disagg.transfer import (
     BatchStatus,
     KVLayout,
@@ -32,6 +33,7 @@ from pdcore.disagg.transfer import (
     default_local_id,
     kv_page_runs,
 )
+from pdcore.model.kv_pool import KVPool
 
 logger = logging.getLogger(__name__)
 
@@ -120,9 +122,9 @@ class KVSender:
 
 
 class PrefillKVManager:
-    """See the module docstring. `settings` carries the DisaggSettings fields."""
+    """See the module docstring. `host`: the address this side binds and advertises."""
 
-    def __init__(self, settings: Any, pool: Any, host: str) -> None:
+    def __init__(self, settings: DisaggSettings, pool: KVPool, host: str) -> None:
         self.settings = settings
         self.lock = threading.RLock()
         self.layout = KVLayout.from_pool(pool)

@@ -6,8 +6,8 @@ from typing import Protocol
 
 import torch
 
-from pdcore.engine.forward_batch import ForwardBatch
-from pdcore.engine.kv_pool import KVPool
+from pdcore.model.forward_batch import ForwardBatch
+from pdcore.model.kv_pool import KVPool
 
 
 class AttentionBackend(Protocol):

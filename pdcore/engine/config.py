@@ -1,0 +1,44 @@
+"""The engine's own settings: exactly the fields an `EngineCore` reads, typed.
+
+The CLI's `ServerSettings` (pdcore.settings) has many more (HTTP, router, PD) and sits
+above the engine; it hands the engine an `EngineConfig` built by `engine_config()`, so the
+engine never depends on the settings of the layers that drive it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pdcore.profiling import ProfileSettings
+
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+Device = Literal["auto", "cpu", "cuda"]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Model, KV pool, scheduler and kernel choices of one engine (see `pdcore serve --help`
+    for what each means; the names are the flags' names)."""
+
+    model_path: str | None = None
+    tokenizer_path: str | None = None
+    served_model_name: str | None = None
+    dtype: DType = "auto"
+    device: Device = "auto"
+    base_gpu_id: int = 0
+    page_size: int = 16
+    max_total_tokens: int | None = None
+    mem_fraction_static: float | None = None
+    context_length: int | None = None
+    max_running_requests: int | None = None
+    chunked_prefill_size: int = 2048
+    schedule_policy: str = "fcfs"
+    attention_backend: str = "torch"
+    disable_radix_cache: bool = False
+    disable_cuda_graph: bool = False
+    cuda_graph_max_bs: int = 64
+    random_seed: int | None = None
+    cpu_threads: int | None = None
+    profile: ProfileSettings | None = None
+    """Which phases to profile (None: none)."""
