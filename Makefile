@@ -34,8 +34,11 @@ run: install
 test: install
 	$(BIN)/python -m pytest -q
 
+# ruff (style), import-linter (the layer contracts in pyproject.toml), mypy (types).
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 format: install
 	$(BIN)/ruff format . && $(BIN)/ruff check --fix .

@@ -28,8 +28,8 @@ def _run_serve(args: argparse.Namespace) -> int:
     settings = serve_settings_or_exit(args, args.subparser)
     from pdcore.server.launch import run_server
 
-    rc = run_server(settings)
-    return rc if isinstance(rc, int) else 0
+    run_server(settings)  # exits non-zero itself when the engine fails
+    return 0
 
 
 def _add_router(parser: argparse.ArgumentParser) -> None:

@@ -17,6 +17,8 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
 
 # Real backends, fastest on one machine first; "fake" moves no KV and is never picked.
 PREFERRED_BACKENDS = ("nixl", "mooncake")
@@ -105,7 +107,7 @@ class Deployment:
             *args.serve_arg,
         ]
 
-    def _spawn(self, name: str, argv: list[str], url: str, **extra) -> _Child:
+    def _spawn(self, name: str, argv: list[str], url: str, **extra: Any) -> _Child:
         cmd = [sys.executable, "-m", "pdcore.cli", *argv]
         child = _Child(name, url, subprocess.Popen(cmd), extra)
         self.children.append(child)
@@ -179,7 +181,7 @@ class Deployment:
 def run_launch(args: argparse.Namespace) -> int:
     deployment = Deployment(args)
 
-    def _on_signal(signum, frame):  # noqa: ARG001 - signal handler signature
+    def _on_signal(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _on_signal)

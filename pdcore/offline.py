@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from typing import Any
+from typing import Any, cast
 
 from pdcore.disagg.pipelines import pipeline_factory
 from pdcore.engine.core import EngineCore
@@ -33,8 +33,12 @@ class Engine:
         single = (isinstance(prompt, str)) or (
             input_ids is not None and input_ids and isinstance(input_ids[0], int)
         )
+        batch_ids: list[list[int]]
         if input_ids is not None:
-            batch_ids = [input_ids] if single else list(input_ids)
+            # `single` tells the two shapes apart (a flat list of ints is one prompt).
+            batch_ids = (
+                [cast("list[int]", input_ids)] if single else cast("list[list[int]]", input_ids)
+            )
         else:
             prompts = [prompt] if single else list(prompt or [])
             batch_ids = [self.tokenizer.encode(p) for p in prompts]

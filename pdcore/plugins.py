@@ -18,9 +18,9 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import pluggy
 
@@ -51,6 +51,12 @@ __all__ = [
     "notify",
     "reset_plugin_manager",
 ]
+
+if TYPE_CHECKING:  # the contracts each registry holds; types only, no import at run time
+    from pdcore.disagg.transfer import TransferBackend
+    from pdcore.engine.schedule_policies import SchedulePolicy
+    from pdcore.model.attention import AttentionBackend
+    from pdcore.router.policies import RoutingPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -89,8 +95,19 @@ class PdcorePluginManager(pluggy.PluginManager):
         except pluggy.PluginValidationError as exc:
             raise PluginError(_explain_invalid(self, exc)) from exc
 
+    @overload
+    def registry(self, kind: Literal["transfer_backend"]) -> Registry[TransferBackend]: ...
+    @overload
+    def registry(self, kind: Literal["attention_backend"]) -> Registry[AttentionBackend]: ...
+    @overload
+    def registry(self, kind: Literal["schedule_policy"]) -> Registry[SchedulePolicy]: ...
+    @overload
+    def registry(self, kind: Literal["routing_policy"]) -> Registry[RoutingPolicy]: ...
+    @overload
+    def registry(self, kind: str) -> Registry[Any]: ...
     def registry(self, kind: str) -> Registry[Any]:
-        """The registry of `kind`, filled by calling each plugin's registration hook."""
+        """The registry of `kind`, filled by calling each plugin's registration hook. Typed
+        per kind, so `create()` returns the contract's type (a transfer backend, ...)."""
         if kind not in KINDS:
             raise ValueError(f"unknown plugin kind {kind!r}; kinds: {', '.join(KINDS)}")
         reg = self._registries.get(kind)
@@ -147,12 +164,19 @@ def _entry_point_names() -> list[str]:
     return list(dict.fromkeys(ep.name for ep in eps))
 
 
-def _trace_before(hook_name: str, impls: list[Any], kwargs: dict[str, Any]) -> None:
+def _trace_before(
+    hook_name: str, impls: Sequence[pluggy.HookImpl], kwargs: Mapping[str, Any]
+) -> None:
     plugins = ", ".join(impl.plugin_name for impl in impls) or "no plugins"
     print(f"[pdcore hook] {hook_name}({', '.join(kwargs)}) -> {plugins}", file=sys.stderr)
 
 
-def _trace_after(outcome: Any, hook_name: str, impls: list[Any], kwargs: dict[str, Any]) -> None:
+def _trace_after(
+    outcome: pluggy.Result[Any],
+    hook_name: str,
+    impls: Sequence[pluggy.HookImpl],
+    kwargs: Mapping[str, Any],
+) -> None:
     if outcome.exception is not None:
         print(f"[pdcore hook] {hook_name} raised {outcome.exception!r}", file=sys.stderr)
 
@@ -213,6 +237,16 @@ def reset_plugin_manager(pm: PdcorePluginManager | None = None) -> None:
         _manager = pm
 
 
+@overload
+def get_registry(kind: Literal["transfer_backend"]) -> Registry[TransferBackend]: ...
+@overload
+def get_registry(kind: Literal["attention_backend"]) -> Registry[AttentionBackend]: ...
+@overload
+def get_registry(kind: Literal["schedule_policy"]) -> Registry[SchedulePolicy]: ...
+@overload
+def get_registry(kind: Literal["routing_policy"]) -> Registry[RoutingPolicy]: ...
+@overload
+def get_registry(kind: str) -> Registry[Any]: ...
 def get_registry(kind: str) -> Registry[Any]:
     """The registry of `kind` ("transfer_backend", "attention_backend", "schedule_policy",
     "routing_policy") from the process-wide manager."""

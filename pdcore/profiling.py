@@ -119,6 +119,7 @@ class PhaseProfiler:
             return
         prof, phase = self._active, self._active_phase
         self._active, self._active_phase = None, None
+        assert phase is not None  # set together with _active
         self.pending.remove(phase)
         prof.stop()
         self.out_dir.mkdir(parents=True, exist_ok=True)

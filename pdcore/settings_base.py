@@ -17,6 +17,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import pydantic
 import pydantic_settings
+from pydantic import JsonValue
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -35,8 +36,12 @@ def setting(
     """A field with the metadata the CLI needs: extra `flags` (e.g. SGLang's `--model`),
     extra env var names (e.g. `SGLANG_...` for users moving over), and the plugin
     `registry` kind whose names the value must be one of."""
-    extra = {"flags": list(flags), "env_aliases": list(env_aliases), "registry": registry}
-    extra = {k: v for k, v in extra.items() if v}
+    items: dict[str, JsonValue] = {
+        "flags": list(flags),
+        "env_aliases": list(env_aliases),
+        "registry": registry,
+    }
+    extra: dict[str, JsonValue] = {k: v for k, v in items.items() if v}
     return pydantic.Field(default, description=description, json_schema_extra=extra, **constraints)
 
 

@@ -59,6 +59,7 @@ class DecodePipeline(Pipeline):
             state = receiver.poll()
             if state == KVPoll.Success:
                 del self.transfer_queue[req]
+                assert receiver.first_token is not None  # Success means it arrived
                 self.host.start_decoding(req, receiver.first_token, receiver.first_logprob)
             elif state == KVPoll.Failed:
                 del self.transfer_queue[req]

@@ -63,7 +63,7 @@ class IOLoop:
     def _run(self) -> None:
         next_tick = time.monotonic()
         while not self._stop:
-            timeout_ms = max(0.0, (next_tick - time.monotonic()) * 1000)
+            timeout_ms = max(0, int((next_tick - time.monotonic()) * 1000))
             for sock, _ in self._poller.poll(timeout_ms):
                 if isinstance(sock, int):
                     with contextlib.suppress(BlockingIOError):

@@ -279,9 +279,9 @@ class DecodeKVManager:
         elif kind == "pong" and msg.get("instance") != peer.instance:
             self.fail_peer(peer, f"prefill {peer.name} restarted")
         elif kind == "abort":
-            receiver = peer.rooms.get(int(msg.get("room") or 0))
-            if receiver is not None:
-                self.fail(receiver, f"prefill {peer.name}: {msg.get('reason')}")
+            aborted = peer.rooms.get(int(msg.get("room") or 0))
+            if aborted is not None:
+                self.fail(aborted, f"prefill {peer.name}: {msg.get('reason')}")
 
     def drain_notifications(self) -> None:
         """Completion notifications: the KV of a room is in place, with its first token."""

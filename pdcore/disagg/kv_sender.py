@@ -247,9 +247,8 @@ class PrefillKVManager:
             else:
                 self._tombstones[room] = (reason, now)
         elif decode is None:
-            room = msg.get("room")
             reason = "this prefill does not know the decode instance (restarted?)"
-            self._send(identity, pack("abort", room=room, reason=reason))
+            self._send(identity, pack("abort", room=msg.get("room"), reason=reason))
         elif kind == "prealloc":
             room, pages = int(msg["room"]), [int(p) for p in msg["pages"]]
             sender = self.senders.get(room)

@@ -33,7 +33,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from pdcore.disagg.kv_runs import (
     KVLayout,
@@ -232,7 +232,10 @@ def check_contract(backend: object, name: str) -> None:
 
 
 def create_transfer_backend(
-    name: str, config: TransferConfig | None = None, *, registry: Registry[Any] | None = None
+    name: str,
+    config: TransferConfig | None = None,
+    *,
+    registry: Registry[TransferBackend] | None = None,
 ) -> TransferBackend:
     """Build the named backend through the plugin registry and check its contract version.
     Unknown or unavailable names fail with the registry's message (what is installed, why

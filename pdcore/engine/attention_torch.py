@@ -102,7 +102,9 @@ class TorchAttentionBackend:
             return self._decode(q, k_cache, v_cache, batch)
         return self._extend(q, k, v, k_cache, v_cache, batch)
 
-    def _decode(self, q, k_cache, v_cache, batch: ForwardBatch) -> torch.Tensor:
+    def _decode(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch
+    ) -> torch.Tensor:
         meta = batch.attn_meta
         b = q.shape[0]
         index, length = meta["kv_index"], meta["max_len"]
@@ -118,7 +120,15 @@ class TorchAttentionBackend:
         )
         return out.reshape(b, self.num_heads * self.head_dim)
 
-    def _extend(self, q, k, v, k_cache, v_cache, batch: ForwardBatch) -> torch.Tensor:
+    def _extend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        batch: ForwardBatch,
+    ) -> torch.Tensor:
         outputs = []
         for start, ext, slots, mask in batch.attn_meta["seqs"]:
             qi = q[start : start + ext].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]

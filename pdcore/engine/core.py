@@ -212,7 +212,7 @@ class EngineCore:
         req.num_computed = len(req.prompt_ids)
         self._publish_full_pages(req)
         self._append_token(req, first_token, logprob)
-        if req.finished:
+        if req.finish_reason is not None:
             self.finish_request(req, req.finish_reason)
             return
         self.scheduler.adopt_running(req)

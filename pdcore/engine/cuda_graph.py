@@ -17,18 +17,20 @@ from __future__ import annotations
 import bisect
 import logging
 import time
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeGuard, runtime_checkable
 
 import torch
 
+from pdcore.model.attention import AttentionBackend
 from pdcore.model.forward_batch import ForwardBatch
 from pdcore.model.kv_pool import KVPool
+from pdcore.model.llama import LlamaModel
 
 logger = logging.getLogger(__name__)
 
 
 @runtime_checkable
-class GraphAttentionBackend(Protocol):
+class GraphAttentionBackend(AttentionBackend, Protocol):
     """Optional part of the attention contract (pdcore.model.attention.AttentionBackend).
 
     During capture and replay the runner never calls `prepare()`: the backend's decode
@@ -50,7 +52,7 @@ class GraphAttentionBackend(Protocol):
         No device synchronisation, no new device tensors the graph would not see."""
 
 
-def supports_cuda_graph(attn: object) -> bool:
+def supports_cuda_graph(attn: object) -> TypeGuard[GraphAttentionBackend]:
     return isinstance(attn, GraphAttentionBackend)
 
 
@@ -68,7 +70,7 @@ def capture_sizes(max_bs: int) -> list[int]:
 class _CapturedAttention:
     """The backend as the model sees it inside a graph: metadata is prepared outside."""
 
-    def __init__(self, attn) -> None:
+    def __init__(self, attn: AttentionBackend) -> None:
         self.forward = attn.forward
 
     def prepare(self, batch: ForwardBatch, pool: KVPool) -> None:
@@ -76,7 +78,14 @@ class _CapturedAttention:
 
 
 class CudaGraphRunner:
-    def __init__(self, model, pool: KVPool, attn, max_bs: int, max_pages: int) -> None:
+    def __init__(
+        self,
+        model: LlamaModel,
+        pool: KVPool,
+        attn: GraphAttentionBackend,
+        max_bs: int,
+        max_pages: int,
+    ) -> None:
         self.model = model
         self.pool = pool
         self.attn = attn

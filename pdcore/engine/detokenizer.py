@@ -6,9 +6,16 @@ unfinished UTF-8 sequence ("\ufffd") is never emitted half-way.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, stop: list[str], skip_special_tokens: bool = True) -> None:
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, stop: list[str], skip_special_tokens: bool = True
+    ) -> None:
         self._tokenizer = tokenizer
         self._skip = skip_special_tokens
         self._ids: list[int] = []
@@ -20,7 +27,7 @@ class IncrementalDetokenizer:
         self._sent = 0  # chars of self.text already taken
 
     def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=self._skip)
+        return str(self._tokenizer.decode(ids, skip_special_tokens=self._skip))
 
     def append(self, token_id: int) -> str | None:
         """Add one token; return the stop string it completed, if any (text is then trimmed)."""

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 
+if TYPE_CHECKING:
+    from pdcore.engine.cuda_graph import CudaGraphRunner
+
 from pdcore.engine.scheduler import ScheduledBatch, pages_for
+from pdcore.model.attention import AttentionBackend
 from pdcore.model.forward_batch import ForwardBatch
 from pdcore.model.kv_pool import KVPool
 from pdcore.model.llama import LlamaModel
@@ -21,7 +26,7 @@ class ModelRunner:
         self,
         model: LlamaModel,
         pool: KVPool,
-        attn_backend,
+        attn_backend: AttentionBackend,
         *,
         disable_cuda_graph: bool = False,
         cuda_graph_max_bs: int = DEFAULT_CUDA_GRAPH_MAX_BS,
@@ -30,7 +35,9 @@ class ModelRunner:
         self.pool = pool
         self.attn = attn_backend
         self.device = model.device
-        self.graphs = None  # CudaGraphRunner on CUDA; CPU engines never touch cuda_graph.py
+        self.graphs: CudaGraphRunner | None = (
+            None  # CudaGraphRunner on CUDA; CPU engines never touch cuda_graph.py
+        )
         if self.device.type == "cuda" and not disable_cuda_graph:
             self.graphs = _make_graph_runner(model, pool, attn_backend, cuda_graph_max_bs)
 
@@ -81,7 +88,9 @@ class ModelRunner:
         return self.model.forward(batch, self.pool, self.attn)
 
 
-def _make_graph_runner(model: LlamaModel, pool: KVPool, attn, max_bs: int):
+def _make_graph_runner(
+    model: LlamaModel, pool: KVPool, attn: AttentionBackend, max_bs: int
+) -> CudaGraphRunner | None:
     from pdcore.engine.cuda_graph import CudaGraphRunner, supports_cuda_graph
 
     if not supports_cuda_graph(attn):

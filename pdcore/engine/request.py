@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from pdcore.engine.detokenizer import IncrementalDetokenizer
@@ -47,6 +47,11 @@ class RequestOutput:
             "cached_tokens": self.cached_tokens,
             "new_logprobs": self.new_logprobs,
         }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RequestOutput:
+        """The inverse of `to_dict` (keys it does not write are ignored)."""
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
 
 @dataclass(eq=False)

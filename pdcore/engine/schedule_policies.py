@@ -19,12 +19,16 @@ class SchedulePolicy(Protocol):
 class FCFSPolicy:
     """First come, first served."""
 
-    def order(self, waiting, cached_prefix_len):
+    def order(
+        self, waiting: Sequence[Request], cached_prefix_len: Callable[[Request], int]
+    ) -> list[Request]:
         return sorted(waiting, key=lambda r: r.arrival_time)
 
 
 class LPMPolicy:
     """Longest cached prefix first: reuse hot prefixes before the cache evicts them."""
 
-    def order(self, waiting, cached_prefix_len):
+    def order(
+        self, waiting: Sequence[Request], cached_prefix_len: Callable[[Request], int]
+    ) -> list[Request]:
         return sorted(waiting, key=lambda r: (-cached_prefix_len(r), r.arrival_time))

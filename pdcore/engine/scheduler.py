@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from pdcore.engine.page_allocator import PageAllocator
 from pdcore.engine.request import Request, Status
+from pdcore.engine.schedule_policies import SchedulePolicy
 
 
 @dataclass
@@ -36,7 +37,7 @@ class Scheduler:
     def __init__(
         self,
         allocator: PageAllocator,
-        policy,
+        policy: SchedulePolicy,
         max_running_requests: int,
         chunked_prefill_size: int,
     ) -> None:

@@ -163,7 +163,7 @@ class PDCall:
         await self.decode.close()
 
 
-async def route_pd(request: Request) -> Response:
+async def route_pd(request: Request) -> Response | PDStreamResponse:
     """POST /generate, /v1/completions, /v1/chat/completions."""
     state: RouterState = request.app.state.router
     body = require_object(parse_json(await request.body()))

@@ -240,6 +240,7 @@ def run_all(c: Conformance, rx: Receiver, doomed: Receiver) -> None:
             if st.status is not BatchStatus.DONE:
                 raise CheckFailed(f"a batch to a live peer ended {st.status.value}: {st.reason}")
             in_flight = [s.submit("doomed", runs, b"room:0:x") for _ in range(4)]
+            assert doomed.proc.pid is not None  # started by the peer fixture
             os.kill(doomed.proc.pid, signal.SIGKILL)
             doomed.proc.join(10)
             t0 = time.monotonic()
