@@ -8,11 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from pdcore.model.config import SUPPORTED_ARCHITECTURES, ModelConfig
+
+if TYPE_CHECKING:
+    from gguf import GGUFReader
 
 _LAYER_TENSORS = {
     "attn_q": "self_attn.q_proj",
@@ -32,14 +36,14 @@ _GLOBAL_TENSORS = {
 }
 
 
-def _field(reader, key: str, default=None):
+def _field(reader: GGUFReader, key: str, default: Any = None) -> Any:
     field = reader.fields.get(key)
     if field is None:
         return default
     return field.contents()
 
 
-def read_gguf_config(reader) -> ModelConfig:
+def read_gguf_config(reader: GGUFReader) -> ModelConfig:
     arch = str(_field(reader, "general.architecture"))
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(
@@ -96,7 +100,7 @@ def _unpermute(weights: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def iter_gguf_tensors(
-    path: Path, config: ModelConfig, reader=None
+    path: Path, config: ModelConfig, reader: GGUFReader | None = None
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (hf_name, fp32 tensor) for every weight; dequantizes one tensor at a time."""
     import gguf
@@ -115,5 +119,5 @@ def iter_gguf_tensors(
         yield name, torch.from_numpy(np.array(data, dtype=np.float32, order="C", copy=True))
 
 
-def count_gguf_tensors(reader) -> int:
+def count_gguf_tensors(reader: GGUFReader) -> int:
     return sum(1 for t in reader.tensors if _hf_name(t.name) is not None)

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pdcore.model.loader import resolve_model
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
-def load_tokenizer(model_path: str | None, tokenizer_path: str | None = None):
+
+def load_tokenizer(
+    model_path: str | None, tokenizer_path: str | None = None
+) -> PreTrainedTokenizerBase:
     """Return the HF fast tokenizer of the model (converted from the GGUF on first start)."""
     from transformers import AutoTokenizer
 
