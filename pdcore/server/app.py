@@ -122,9 +122,12 @@ async def abort_request(request: Request) -> Response:
     rid, abort_all = body.get("rid"), body.get("abort_all", False)
     if not isinstance(abort_all, bool):
         raise ProtocolError("'abort_all' must be a boolean", param="abort_all")
-    if not abort_all and not (isinstance(rid, str) and rid):
+    if abort_all:
+        rids = state.client.live_rids()
+    elif isinstance(rid, str) and rid:
+        rids = [rid]
+    else:
         raise ProtocolError("'rid' must be a non-empty string", param="rid")
-    rids = state.client.live_rids() if abort_all else [rid]
     try:
         for r in rids:
             state.client.abort(r)

@@ -14,15 +14,31 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import multiprocessing
 import os
-from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
 from typing import Any
 
 import zmq
 import zmq.asyncio
 
-from pdcore.server.engine_process import pack, unpack
+from pdcore.engine.request import RequestOutput
+from pdcore.server.engine_messages import (
+    Abort,
+    Control,
+    ControlReply,
+    EngineMessage,
+    Error,
+    Fatal,
+    FrontendMessage,
+    Generate,
+    MessageError,
+    Output,
+    Ready,
+    StartupError,
+    decode_reply,
+    pack,
+    unpack,
+)
 
 logger = logging.getLogger("pdcore.server")
 
@@ -43,18 +59,11 @@ class RequestRejected(Exception):
         self.status = status
 
 
-@dataclass
-class Job:
-    """One prompt to generate for: what the engine's "generate" message carries."""
-
-    rid: str
-    input_ids: list[int]
-    sampling_params: dict[str, Any]
-    return_logprob: bool = False
-    bootstrap: dict[str, Any] | None = None  # PD: {"host", "port", "room"} from the router
+class _Dead:
+    """Queued to every open stream when the engine dies."""
 
 
-_DEAD = object()
+_DEAD = _Dead()
 
 
 class Stream:
@@ -65,25 +74,25 @@ class Stream:
         self.rids = rids
         self.index = {rid: i for i, rid in enumerate(rids)}
         self.unfinished = set(rids)
-        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.queue: asyncio.Queue[Output | Error | _Dead] = asyncio.Queue()
 
     @property
     def done(self) -> bool:
         return not self.unfinished
 
-    async def next(self) -> tuple[int, dict[str, Any]]:
-        """The next output as (index in the batch, message); raises when the engine refused
+    async def next(self) -> tuple[int, RequestOutput]:
+        """The next output as (index in the batch, output); raises when the engine refused
         the request or died."""
         item = await self.queue.get()
-        if item is _DEAD:
+        if isinstance(item, _Dead):
             raise EngineDeadError(self._client.dead_reason or "engine process is gone")
-        rid = item["rid"]
-        if item["type"] == "error":
-            self.unfinished.discard(rid)
-            raise RequestRejected(item["message"], int(item.get("status", 400)))
-        if item["finished"]:
-            self.unfinished.discard(rid)
-        return self.index[rid], item
+        if isinstance(item, Error):
+            self.unfinished.discard(item.rid)
+            raise RequestRejected(item.message, item.status)
+        out = item.output
+        if out.finished:
+            self.unfinished.discard(out.rid)
+        return self.index[out.rid], out
 
     def close(self) -> None:
         """Abort what has not finished (the client went away) and stop routing to us."""
@@ -109,7 +118,7 @@ class EngineClient:
         self._streams: dict[str, Stream] = {}
         self._controls: dict[int, asyncio.Future[Any]] = {}
         self._ids = itertools.count()
-        self._proc: multiprocessing.Process | None = None
+        self._proc: BaseProcess | None = None
         self._reader: asyncio.Task[None] | None = None
         self._dead = asyncio.Event()
         self.dead_reason: str | None = None
@@ -118,7 +127,7 @@ class EngineClient:
     def alive(self) -> bool:
         return not self._dead.is_set()
 
-    async def wait_ready(self, proc: multiprocessing.Process) -> dict[str, Any]:
+    async def wait_ready(self, proc: BaseProcess) -> Ready:
         """Wait for the engine's "ready" message; raise EngineStartupError if it fails or dies."""
         self._proc = proc
         asyncio.get_running_loop().add_reader(proc.sentinel, self._on_engine_exit)
@@ -133,12 +142,16 @@ class EngineClient:
                 if not done:
                     recv.cancel()
                     raise EngineStartupError(self.dead_reason or "engine process exited")
-            for msg in unpack(recv.result()):
-                if msg["type"] == "ready":
+            try:
+                messages = [decode_reply(raw) for raw in unpack(recv.result())]
+            except MessageError as exc:
+                raise EngineStartupError(f"malformed message from the engine: {exc}") from exc
+            for msg in messages:
+                if isinstance(msg, Ready):
                     self._reader = asyncio.create_task(self._read_loop())
                     return msg
-                if msg["type"] == "startup_error":
-                    raise EngineStartupError(msg["message"])
+                if isinstance(msg, StartupError):
+                    raise EngineStartupError(msg.message)
 
     def _on_engine_exit(self) -> None:
         loop = asyncio.get_running_loop()
@@ -163,28 +176,28 @@ class EngineClient:
         try:
             while True:
                 data = await self._pull.recv()
-                for msg in unpack(data):
-                    self._dispatch(msg)
+                for raw in unpack(data):
+                    self._dispatch(decode_reply(raw))
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # never leave requests waiting on a reader that is gone
             logger.exception("engine output reader failed")
             self._mark_dead(f"engine output reader failed: {exc}")
 
-    def _dispatch(self, msg: dict[str, Any]) -> None:
-        kind = msg.get("type")
-        if kind in ("output", "error"):
-            stream = self._streams.get(msg["rid"])
+    def _dispatch(self, msg: EngineMessage) -> None:
+        if isinstance(msg, Output | Error):
+            rid = msg.output.rid if isinstance(msg, Output) else msg.rid
+            stream = self._streams.get(rid)
             if stream is not None:
                 stream.queue.put_nowait(msg)
-        elif kind == "control_reply":
-            fut = self._controls.get(msg["id"])
+        elif isinstance(msg, ControlReply):
+            fut = self._controls.get(msg.id)
             if fut is not None and not fut.done():
-                fut.set_result(msg["result"])
-        elif kind == "fatal":
-            self._mark_dead(f"engine crashed: {msg['message']}")
+                fut.set_result(msg.result)
+        elif isinstance(msg, Fatal):
+            self._mark_dead(f"engine crashed: {msg.message}")
 
-    def _send(self, messages: list[dict[str, Any]]) -> None:
+    def _send(self, messages: list[FrontendMessage]) -> None:
         if not self.alive:
             raise EngineDeadError(self.dead_reason or "engine process is gone")
         try:
@@ -192,26 +205,14 @@ class EngineClient:
         except zmq.Again as exc:  # no engine connected
             raise EngineDeadError("engine process is not connected") from exc
 
-    def submit(self, jobs: list[Job]) -> Stream:
+    def submit(self, jobs: list[Generate]) -> Stream:
         """Send a batch of requests to the engine; read their outputs from the Stream."""
         rids = [job.rid for job in jobs]
         for rid in rids:
             if rid in self._streams or rids.count(rid) > 1:
                 raise RequestRejected(f"Duplicate request id {rid!r}", 400)
         stream = Stream(self, rids)
-        self._send(
-            [
-                {
-                    "type": "generate",
-                    "rid": job.rid,
-                    "input_ids": job.input_ids,
-                    "sampling_params": job.sampling_params,
-                    "bootstrap": job.bootstrap,
-                    "return_logprob": job.return_logprob,
-                }
-                for job in jobs
-            ]
-        )
+        self._send(list(jobs))
         for rid in rids:
             self._streams[rid] = stream
         return stream
@@ -224,11 +225,11 @@ class EngineClient:
         stream.unfinished.clear()
         if unfinished and self.alive:
             with contextlib.suppress(EngineDeadError):
-                self._send([{"type": "abort", "rid": rid} for rid in unfinished])
+                self._send([Abort(rid) for rid in unfinished])
 
     def abort(self, rid: str) -> None:
         """Ask the engine to abort `rid`; its waiter then sees finish_reason "abort"."""
-        self._send([{"type": "abort", "rid": rid}])
+        self._send([Abort(rid)])
 
     def live_rids(self) -> list[str]:
         return list(self._streams)
@@ -239,7 +240,7 @@ class EngineClient:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._controls[cid] = fut
         try:
-            self._send([{"type": "control", "id": cid, "op": op}])
+            self._send([Control(cid, op)])
             return await asyncio.wait_for(fut, timeout)
         finally:
             self._controls.pop(cid, None)

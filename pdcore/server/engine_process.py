@@ -2,18 +2,21 @@
 
 The model lives in its own process so tokenizing, streaming and HTTP never steal time from
 the forward passes, and so a crash in the engine cannot take the frontend with it (the
-frontend then answers 503). Messages are msgpack, never pickle: one list of dicts per
-send, in both directions.
+frontend then answers 503). Messages are the typed classes of engine_messages.py, sent as
+msgpack maps (never pickle), one list of them per send, in both directions:
 
-frontend -> engine: {"type": "generate", "rid", "input_ids", "sampling_params", "return_logprob"}
-                    {"type": "abort", "rid"}
-                    {"type": "control", "id", "op": "ping"|"get_load"|"flush_cache"|"server_info"|"stats"|"metrics"}
-engine -> frontend: {"type": "ready", "model_name", "max_context_len", "server_info"}   (once)
-                    {"type": "startup_error", "message"}                                  (then exit)
-                    {"type": "output", **RequestOutput.to_dict()}
-                    {"type": "error", "rid", "message", "status"}
-                    {"type": "control_reply", "id", "result"}
-                    {"type": "fatal", "message"}                                          (then exit)
+frontend -> engine: Generate(rid, input_ids, sampling_params, return_logprob, bootstrap)
+                    Abort(rid)
+                    Control(id, op: "ping"|"get_load"|"flush_cache"|"server_info"|"stats"|"metrics")
+engine -> frontend: Ready(model_name, max_context_len, server_info)   (once)
+                    StartupError(message)                              (then exit)
+                    Output(RequestOutput)
+                    Error(rid, message, status)
+                    ControlReply(id, result)
+                    Fatal(message)                                     (then exit)
+
+A message that does not decode is logged and dropped; a malformed Generate is answered with
+an Error (400) so its waiter does not hang. The loop never dies of a bad message.
 """
 
 from __future__ import annotations
@@ -24,15 +27,33 @@ import os
 import signal
 import sys
 import traceback
+from multiprocessing.process import BaseProcess
 from typing import Any
 
-import msgpack
 import zmq
 
 from pdcore.disagg.pipelines import pipeline_factory
 from pdcore.engine.core import EngineCore
 from pdcore.engine.pipeline import BootstrapInfo
+from pdcore.engine.request import RequestError, RequestOutput
 from pdcore.engine.sampling_params import SamplingParams, SamplingParamsError
+from pdcore.server.engine_messages import (
+    Abort,
+    Control,
+    ControlReply,
+    EngineMessage,
+    Error,
+    Fatal,
+    FrontendMessage,
+    Generate,
+    MessageError,
+    Output,
+    Ready,
+    StartupError,
+    decode_request,
+    pack,
+    unpack,
+)
 from pdcore.settings import ServerSettings
 
 logger = logging.getLogger("pdcore.engine_process")
@@ -42,20 +63,11 @@ WAITING_POLL_MS = 1  # with requests only waiting on the network
 PARENT_CHECK_EVERY = 50  # idle iterations between checks that the frontend is still alive
 
 
-def pack(messages: list[dict[str, Any]]) -> bytes:
-    return msgpack.packb(messages, use_bin_type=True)
-
-
-def unpack(data: bytes) -> list[dict[str, Any]]:
-    messages = msgpack.unpackb(data, raw=False, strict_map_key=False)
-    return messages if isinstance(messages, list) else [messages]
-
-
 def start_engine_process(
     settings: ServerSettings,
     request_addr: str,
     output_addr: str,
-) -> multiprocessing.Process:
+) -> BaseProcess:
     """Spawn the engine process ("spawn": a fresh interpreter, no forked torch/zmq state)."""
     ctx = multiprocessing.get_context("spawn")
     proc = ctx.Process(
@@ -68,7 +80,7 @@ def start_engine_process(
     return proc
 
 
-def stop_engine_process(proc: multiprocessing.Process, timeout: float = 5.0) -> None:
+def stop_engine_process(proc: BaseProcess, timeout: float = 5.0) -> None:
     """Terminate the engine process and reap it, escalating to SIGKILL; never leave an orphan."""
     if proc.pid is None:
         return
@@ -139,22 +151,11 @@ def engine_main(
         core = build_engine(settings)
     except BaseException as exc:
         logger.error("engine failed to start:\n%s", traceback.format_exc())
-        push.send(pack([{"type": "startup_error", "message": f"{type(exc).__name__}: {exc}"}]))
+        push.send(pack([StartupError(f"{type(exc).__name__}: {exc}")]))
         push.close()
         zctx.term()
         sys.exit(1)
-    push.send(
-        pack(
-            [
-                {
-                    "type": "ready",
-                    "model_name": core.model_name,
-                    "max_context_len": core.max_context_len,
-                    "server_info": core.server_info(),
-                }
-            ]
-        )
-    )
+    push.send(pack([Ready(core.model_name, core.max_context_len, core.server_info())]))
     signal.signal(signal.SIGTERM, _on_sigterm)  # the frontend stops us: shut down cleanly
     try:
         EngineLoop(core, pull, push, parent_pid).run()
@@ -162,7 +163,7 @@ def engine_main(
         logger.info("engine shutting down")
     except Exception as exc:
         logger.error("engine loop crashed:\n%s", traceback.format_exc())
-        push.send(pack([{"type": "fatal", "message": f"{type(exc).__name__}: {exc}"}]))
+        push.send(pack([Fatal(f"{type(exc).__name__}: {exc}")]))
         push.close()
         zctx.term()
         sys.exit(1)
@@ -176,15 +177,15 @@ def engine_main(
 class EngineLoop:
     """Drain requests without blocking while there is work, step, send what the step produced."""
 
-    def __init__(self, core: Any, pull: zmq.Socket, push: zmq.Socket, parent_pid: int | None):
-        from pdcore.engine.request import RequestError
-
+    def __init__(
+        self, core: EngineCore, pull: zmq.Socket, push: zmq.Socket, parent_pid: int | None
+    ) -> None:
         self.core = core
         self.pull = pull
         self.push = push
         self.parent_pid = parent_pid
         self.user_errors: tuple[type[Exception], ...] = (RequestError, SamplingParamsError)
-        self.outbox: list[dict[str, Any]] = []
+        self.outbox: list[EngineMessage] = []
 
     def run(self) -> None:
         idle_iterations = 0
@@ -200,7 +201,7 @@ class EngineLoop:
             if self.core.has_work():
                 idle_iterations = 0
                 for out in self.core.step(self._send_now):
-                    self.outbox.append({"type": "output", **out.to_dict()})
+                    self.outbox.append(Output(out))
             else:
                 idle_iterations += 1
                 if idle_iterations % PARENT_CHECK_EVERY == 0 and self._orphaned():
@@ -210,9 +211,9 @@ class EngineLoop:
                 self.push.send(pack(self.outbox))
                 self.outbox = []
 
-    def _send_now(self, outputs: list[Any]) -> None:
+    def _send_now(self, outputs: list[RequestOutput]) -> None:
         """Outputs ready before a forward pass: flush them (and anything queued) at once."""
-        self.outbox.extend({"type": "output", **out.to_dict()} for out in outputs)
+        self.outbox.extend(Output(out) for out in outputs)
         self.push.send(pack(self.outbox))
         self.outbox = []
 
@@ -225,43 +226,57 @@ class EngineLoop:
                 data = self.pull.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            for msg in unpack(data):
-                self._handle(msg)
-
-    def _handle(self, msg: dict[str, Any]) -> None:
-        kind = msg.get("type")
-        if kind == "generate":
-            self._add_request(msg)
-        elif kind == "abort":
-            self.core.abort_request(msg["rid"])
-        elif kind == "control":
             try:
-                result = self._control(msg["op"])
-            except Exception as exc:
-                logger.error("control %r failed:\n%s", msg["op"], traceback.format_exc())
-                result = {"error": f"{type(exc).__name__}: {exc}"}
-            self.outbox.append({"type": "control_reply", "id": msg["id"], "result": result})
-        else:
-            logger.warning("ignoring unknown message type %r", kind)
+                raws = unpack(data)
+            except MessageError as exc:
+                logger.error("dropping a frame from the frontend: %s", exc)
+                continue
+            for raw in raws:
+                try:
+                    msg = decode_request(raw)
+                except MessageError as exc:
+                    self._reject(exc)
+                else:
+                    self._handle(msg)
 
-    def _add_request(self, msg: dict[str, Any]) -> None:
-        rid = msg["rid"]
+    def _reject(self, exc: MessageError) -> None:
+        """A message that does not decode: say so, and fail the request it opened (if any)."""
+        logger.error("dropping a malformed message from the frontend: %s", exc)
+        if exc.rid is not None:
+            self.outbox.append(Error(exc.rid, f"malformed request: {exc}", 400))
+
+    def _handle(self, msg: FrontendMessage) -> None:
+        if isinstance(msg, Generate):
+            self._add_request(msg)
+        elif isinstance(msg, Abort):
+            self.core.abort_request(msg.rid)
+        else:
+            self._run_control(msg)
+
+    def _run_control(self, msg: Control) -> None:
         try:
-            params = SamplingParams.from_dict(msg.get("sampling_params"))
+            result = self._control(msg.op)
+        except Exception as exc:
+            logger.error("control %r failed:\n%s", msg.op, traceback.format_exc())
+            result = {"error": f"{type(exc).__name__}: {exc}"}
+        self.outbox.append(ControlReply(msg.id, result))
+
+    def _add_request(self, msg: Generate) -> None:
+        rid = msg.rid
+        try:
+            params = SamplingParams.from_dict(msg.sampling_params)
             self.core.add_request(
                 rid,
-                list(msg["input_ids"]),
+                list(msg.input_ids),
                 params,
-                bool(msg.get("return_logprob", False)),
-                bootstrap=BootstrapInfo.from_message(msg.get("bootstrap")),
+                msg.return_logprob,
+                bootstrap=BootstrapInfo.from_message(msg.bootstrap),
             )
         except self.user_errors as exc:
-            self.outbox.append({"type": "error", "rid": rid, "message": str(exc), "status": 400})
+            self.outbox.append(Error(rid, str(exc), 400))
         except Exception as exc:
             logger.error("add_request(%s) failed:\n%s", rid, traceback.format_exc())
-            self.outbox.append(
-                {"type": "error", "rid": rid, "message": f"internal error: {exc}", "status": 500}
-            )
+            self.outbox.append(Error(rid, f"internal error: {exc}", 500))
 
     def _control(self, op: str) -> Any:
         core = self.core

@@ -12,13 +12,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from pdcore.engine.request import RequestOutput
 from pdcore.server.engine_client import (
     EngineClient,
     EngineDeadError,
-    Job,
     RequestRejected,
     Stream,
 )
+from pdcore.server.engine_messages import Generate
 from pdcore.server.metrics import Metrics
 from pdcore.settings import ServerSettings
 from pdcore.web.errors import ProtocolError
@@ -55,7 +56,7 @@ def make_job(
     add_special_tokens: bool = True,
     clamp_only: bool = True,
     bootstrap: dict[str, Any] | None = None,
-) -> Job:
+) -> Generate:
     """Tokenize (if text) and check a prompt; fit max_new_tokens into the context.
 
     With `clamp_only` False the limit was left to the server, so the job may use the whole
@@ -80,7 +81,7 @@ def make_job(
     sp = dict(sampling)
     room = ctx - n
     sp["max_new_tokens"] = min(sp["max_new_tokens"], room) if clamp_only else room
-    return Job(
+    return Generate(
         rid=rid,
         input_ids=ids,
         sampling_params=sp,
@@ -142,9 +143,9 @@ class Result:
     def e2e_latency(self) -> float:
         return (self.finished_at or time.monotonic()) - self.start
 
-    def update(self, msg: dict[str, Any], metrics: Metrics) -> None:
+    def update(self, out: RequestOutput, metrics: Metrics) -> None:
         now = time.monotonic()
-        new_ids = msg.get("new_token_ids") or []
+        new_ids = out.new_token_ids
         if new_ids:
             if self.first_token_at is None:
                 self.first_token_at = now
@@ -155,14 +156,14 @@ class Result:
                     metrics.itl.observe(gap)
             self.last_token_at = now
         self.output_ids.extend(new_ids)
-        self.text += msg.get("new_text") or ""
-        self.logprobs.extend(msg.get("new_logprobs") or [])
-        self.prompt_tokens = msg.get("prompt_tokens", self.prompt_tokens)
-        self.completion_tokens = msg.get("completion_tokens", self.completion_tokens)
-        self.cached_tokens = msg.get("cached_tokens", self.cached_tokens)
-        if msg.get("finished"):
+        self.text += out.new_text
+        self.logprobs.extend(out.new_logprobs or [])
+        self.prompt_tokens = out.prompt_tokens
+        self.completion_tokens = out.completion_tokens
+        self.cached_tokens = out.cached_tokens
+        if out.finished:
             self.finished_at = now
-            self.finish_reason = msg.get("finish_reason")
+            self.finish_reason = out.finish_reason
             metrics.e2e.observe(now - self.start)
             reason = str((self.finish_reason or {}).get("type", "unknown"))
             metrics.observe_finished(
@@ -174,7 +175,7 @@ class Generation:
     """A batch of jobs in the engine. Use as `async with`: leaving it early aborts what has
     not finished, which is how a disconnected client frees its KV pages."""
 
-    def __init__(self, state: ServerState, jobs: list[Job]) -> None:
+    def __init__(self, state: ServerState, jobs: list[Generate]) -> None:
         self.state = state
         self.results = [Result(rid=job.rid) for job in jobs]
         try:
@@ -188,24 +189,24 @@ class Generation:
     def done(self) -> bool:
         return self.stream.done
 
-    async def next(self) -> tuple[int, dict[str, Any]]:
-        """The next engine output as (job index, message); updates `results`."""
+    async def next(self) -> tuple[int, RequestOutput]:
+        """The next engine output as (job index, output delta); updates `results`."""
         try:
-            index, msg = await self.stream.next()
+            index, out = await self.stream.next()
         except RequestRejected as exc:
             kind = "invalid_request_error" if exc.status < 500 else "server_error"
             raise ProtocolError(str(exc), status=exc.status, type=kind) from exc
         except EngineDeadError as exc:
             raise unavailable(f"The engine is not available: {exc}") from exc
-        self.results[index].update(msg, self.state.metrics)
-        reason = msg.get("finish_reason") or {}
+        self.results[index].update(out, self.state.metrics)
+        reason = out.finish_reason or {}
         if reason.get("status_code"):  # the engine could not serve it (e.g. a PD transfer failed)
             raise ProtocolError(
                 str(reason.get("message", "request failed")),
                 status=int(reason["status_code"]),
                 type="server_error",
             )
-        return index, msg
+        return index, out
 
     async def wait_all(self) -> list[Result]:
         while not self.done:

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import multiprocessing
 import shutil
 import signal
 import sys
 import tempfile
 import time
+from multiprocessing.process import BaseProcess
 from typing import Any
 
 import uvicorn
@@ -53,7 +53,7 @@ def run_server(settings: ServerSettings) -> None:
     )
     check_port("pdcore serve", settings.host, settings.port)
     ipc_dir = tempfile.mkdtemp(prefix="pdcore-ipc-")
-    procs: list[multiprocessing.Process] = []
+    procs: list[BaseProcess] = []
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         asyncio.run(_serve(settings, ipc_dir, procs))
@@ -69,7 +69,7 @@ def run_server(settings: ServerSettings) -> None:
 async def _serve(
     settings: ServerSettings,
     ipc_dir: str,
-    procs: list[multiprocessing.Process],
+    procs: list[BaseProcess],
 ) -> None:
     client = EngineClient(ipc_dir)
     proc = start_engine_process(settings, client.request_addr, client.output_addr)
@@ -87,10 +87,10 @@ async def _serve(
             settings=settings,
             client=client,
             tokenizer=tokenizer,
-            model_name=ready["model_name"],
-            max_context_len=int(ready["max_context_len"]),
-            engine_info=dict(ready.get("server_info") or {}),
-            metrics=Metrics(ready["model_name"]),
+            model_name=ready.model_name,
+            max_context_len=ready.max_context_len,
+            engine_info=dict(ready.server_info),
+            metrics=Metrics(ready.model_name),
             vocab_size=len(tokenizer),
         )
         config = uvicorn.Config(

@@ -14,6 +14,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from pdcore.engine.request import RequestOutput
 from pdcore.server.generation import Generation, Result, ServerState, bootstrap_fields, make_job
 from pdcore.server.protocol import GenerateRequest, parse_generate
 from pdcore.web.errors import ProtocolError, parse_json
@@ -46,7 +47,7 @@ def native_output(result: Result, return_logprob: bool) -> dict[str, Any]:
     return {"text": result.text, "output_ids": list(result.output_ids), "meta_info": meta}
 
 
-async def generate(request: Request) -> Response:
+async def generate(request: Request) -> Response | EventStreamResponse:
     state: ServerState = request.app.state.pd
     req = parse_generate(parse_json(await request.body()))
     n = len(req.prompts)
@@ -93,9 +94,9 @@ async def generate(request: Request) -> Response:
 
 
 async def _events(
-    gen: Generation, req: GenerateRequest, first: tuple[int, dict[str, Any]]
+    gen: Generation, req: GenerateRequest, first: tuple[int, RequestOutput]
 ) -> AsyncIterator[str]:
-    item: tuple[int, dict[str, Any]] | None = first
+    item: tuple[int, RequestOutput] | None = first
     try:
         while item is not None:
             index = item[0]

@@ -14,17 +14,17 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from pdcore.server.engine_client import Job
+from pdcore.engine.request import RequestOutput
+from pdcore.server.engine_messages import Generate
 from pdcore.server.generation import Generation, Result, ServerState, bootstrap_fields, make_job
 from pdcore.server.native_api import CLIENT_CLOSED
 from pdcore.server.protocol import (
     OpenAIRequest,
-    ProtocolError,
     openai_finish_reason,
     parse_chat,
     parse_completion,
-    parse_json,
 )
+from pdcore.web.errors import ProtocolError, parse_json
 from pdcore.web.streaming import (
     SSE_DONE,
     ClientDisconnected,
@@ -79,7 +79,7 @@ class _Call:
     """One OpenAI call: its parsed request, its jobs in the engine, and the response shapes."""
 
     def __init__(
-        self, state: ServerState, req: OpenAIRequest, call_id: str, jobs: list[Job], chat: bool
+        self, state: ServerState, req: OpenAIRequest, call_id: str, jobs: list[Generate], chat: bool
     ) -> None:
         self.state = state
         self.req = req
@@ -123,19 +123,18 @@ class _Call:
         out["matched_stop"] = (r.finish_reason or {}).get("matched")
         return out
 
-    def delta(self, index: int, msg: dict[str, Any]) -> dict[str, Any]:
-        text = msg.get("new_text") or ""
+    def delta(self, index: int, update: RequestOutput) -> dict[str, Any]:
+        text = update.new_text
         out: dict[str, Any] = {"index": index}
         if self.chat:
             out["delta"] = {"content": text} if text else {}
         else:
             out["text"] = text
-        lps = msg.get("new_logprobs")
-        out["logprobs"] = self.logprobs(msg.get("new_token_ids") or [], lps or [])
+        out["logprobs"] = self.logprobs(update.new_token_ids, update.new_logprobs or [])
         out["finish_reason"] = None
         return out
 
-    async def respond(self, request: Request) -> Response:
+    async def respond(self, request: Request) -> Response | EventStreamResponse:
         if not self.req.stream:
             try:
                 async with self.gen:
@@ -155,7 +154,7 @@ class _Call:
             raise
         return EventStreamResponse(self.events(first), on_close=self.gen.close)
 
-    async def events(self, first: tuple[int, dict[str, Any]]) -> AsyncIterator[str]:
+    async def events(self, first: tuple[int, RequestOutput]) -> AsyncIterator[str]:
         n = len(self.gen.results)
         for i in range(n):
             if self.chat:
@@ -164,21 +163,26 @@ class _Call:
             elif self.req.echo:
                 head = {"index": i, "text": self.prompt_texts[i], "logprobs": None}
                 yield sse(self.envelope([{**head, "finish_reason": None}], True))
-        item: tuple[int, dict[str, Any]] | None = first
+        item: tuple[int, RequestOutput] | None = first
         try:
             while item is not None:
-                index, msg = item
+                index, out = item
                 # Tokens that end mid-character carry no text yet; send them only when the
                 # client wants their logprobs.
-                if msg.get("new_text") or (
-                    msg.get("new_token_ids") and self.req.logprobs is not None
-                ):
-                    yield sse(self.envelope([self.delta(index, msg)], True))
-                if msg.get("finished"):
+                if out.new_text or (out.new_token_ids and self.req.logprobs is not None):
+                    yield sse(self.envelope([self.delta(index, out)], True))
+                if out.finished:
                     reason = openai_finish_reason(self.gen.results[index].finish_reason)
-                    end = {"index": index, "logprobs": None, "finish_reason": reason}
-                    end.update({"delta": {}} if self.chat else {"text": ""})
-                    end["matched_stop"] = (msg.get("finish_reason") or {}).get("matched")
+                    end: dict[str, Any] = {
+                        "index": index,
+                        "logprobs": None,
+                        "finish_reason": reason,
+                    }
+                    if self.chat:
+                        end["delta"] = {}
+                    else:
+                        end["text"] = ""
+                    end["matched_stop"] = (out.finish_reason or {}).get("matched")
                     yield sse(self.envelope([end], True))
                 item = None if self.gen.done else await self.gen.next()
             if self.req.include_usage:
@@ -192,7 +196,7 @@ class _Call:
         yield SSE_DONE
 
 
-async def completions(request: Request) -> Response:
+async def completions(request: Request) -> Response | EventStreamResponse:
     state: ServerState = request.app.state.pd
     req = parse_completion(parse_json(await request.body()))
     base = req.rid or f"cmpl-{uuid.uuid4().hex}"
@@ -214,7 +218,7 @@ async def completions(request: Request) -> Response:
     return await _Call(state, req, base, jobs, chat=False).respond(request)
 
 
-async def chat_completions(request: Request) -> Response:
+async def chat_completions(request: Request) -> Response | EventStreamResponse:
     state: ServerState = request.app.state.pd
     req = parse_chat(parse_json(await request.body()))
     prompt = render_chat(state, req)
