@@ -2,7 +2,8 @@
 
 The receiver binds an inbox and advertises its endpoint in its describe() blob; the sender
 opens an outbox to it and pushes (sender id, payload) once the batch's data is in place.
-Shared by pd_fake and pd_mooncake so both deliver notifications the same way. Not
+Used by `ChannelBackend` (pd_fake, pd_mooncake, pd_ascend, the example tcp backend), so
+every channel-style backend delivers notifications the same way. Not
 thread-safe (zmq sockets are not): callers hold their own lock.
 """
 

@@ -1,15 +1,18 @@
 """The wire format of the "tcp" backend: its describe() blob and its framing.
 
-Blob (msgpack, never pickle: a peer's blob is untrusted input):
-    {"tag": "pdcore-example-tcp", "version": 1, "host": str, "port": int,
-     "regions": [[addr, length, device], ...]}
+Blob (msgpack, never pickle: a peer's blob is untrusted input), built and checked by
+pdcore's ChannelBackend from `blob_tag`, `blob_version` and the backend's own fields:
+    {"tag": "pdcore-example-tcp", "version": 2, "host": str, "port": int,
+     "notify": "tcp://host:port" (the zmq inbox), "regions": [[addr, length, device], ...]}
 
 One batch on a connection, sender -> receiver, then the reply:
-    u32 length | msgpack {"sender": str, "note": bytes, "runs": bytes}
+    u32 length | msgpack {"runs": bytes}
     the bytes of every run, in run order
     u32 length | msgpack {"ok": bool, "error": str | None}          (receiver -> sender)
 
-`runs` holds the (destination address, length) pairs as little-endian uint64.
+`runs` holds the (destination address, length) pairs as little-endian uint64. The
+notification is not in the frame: ChannelBackend sends it over its zmq side channel once the
+reply said "ok". (Version 1 carried it in the header.)
 """
 
 from __future__ import annotations
@@ -20,10 +23,8 @@ from typing import Any, BinaryIO
 
 import msgpack
 
-from pdcore.disagg.transfer import RegionTable, TransferError
-
 BLOB_TAG = "pdcore-example-tcp"
-BLOB_VERSION = 1
+BLOB_VERSION = 2
 LENGTH = struct.Struct("!I")
 MAX_HEADER = 64 << 20  # a header bigger than this is not one of ours: drop the connection
 
@@ -55,24 +56,3 @@ def message(obj: Any) -> bytes:
 def memory(addr: int, length: int) -> memoryview:
     """A view of `length` bytes of this process's memory at `addr` (no copy)."""
     return memoryview((ctypes.c_ubyte * length).from_address(addr)).cast("B")
-
-
-def make_blob(host: str, port: int, regions: RegionTable) -> bytes:
-    wire = {"tag": BLOB_TAG, "version": BLOB_VERSION, "host": host, "port": port}
-    return msgpack.packb({**wire, "regions": regions.to_wire()})
-
-
-def parse_blob(blob: bytes) -> tuple[str, int, RegionTable]:
-    """(host, port, regions) from a receiver's blob; TransferError if it is not one."""
-    try:
-        data = msgpack.unpackb(blob, raw=False)
-        if not isinstance(data, dict) or data.get("tag") != BLOB_TAG:
-            raise ValueError(f"no {BLOB_TAG!r} tag")
-        if data.get("version") != BLOB_VERSION:
-            raise ValueError(f"blob version {data.get('version')}, expected {BLOB_VERSION}")
-        host, port = data["host"], data["port"]
-        if not isinstance(host, str) or not isinstance(port, int):
-            raise ValueError("host/port malformed")
-    except (ValueError, KeyError, TypeError, msgpack.ExtraData, msgpack.FormatError) as exc:
-        raise TransferError(f"not a tcp peer blob ({exc}); is the peer using tcp?") from exc
-    return host, port, RegionTable.from_wire(data.get("regions", []))

@@ -126,12 +126,3 @@ def check_peer_matches(ours: PeerInfo, peer: PeerInfo, peer_id: str) -> None:
             f"peer {peer_id!r} uses data path {peer.protocol}, this side {ours.protocol}: "
             "set ASCEND_MF_TRANSFER_PROTOCOL the same on prefill and decode"
         )
-
-
-def host_port(endpoint: str) -> tuple[str, int]:
-    """("host", port) from "tcp://host:port" or "host:port"; ValueError otherwise."""
-    rest = endpoint.split("://", 1)[-1]
-    host, _, port = rest.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"not host:port: {endpoint!r}")
-    return host.strip("[]"), int(port)

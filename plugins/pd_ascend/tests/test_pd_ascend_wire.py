@@ -15,7 +15,6 @@ from pd_ascend.wire import (
     check_peer_matches,
     decode_blob,
     encode_blob,
-    host_port,
     parse_ascend_device,
     split_calls,
 )
@@ -150,11 +149,3 @@ def test_both_sides_must_agree() -> None:
         check_peer_matches(_info(), _info(transport="mooncake", protocol="ascend"), "p")
     with pytest.raises(TransferError, match="ASCEND_MF_TRANSFER_PROTOCOL"):
         check_peer_matches(_info(), _info(protocol="device_rdma"), "p")
-
-
-def test_host_port() -> None:
-    assert host_port("tcp://10.0.0.1:5555") == ("10.0.0.1", 5555)
-    assert host_port("10.0.0.1:40001") == ("10.0.0.1", 40001)
-    assert host_port("tcp://[::1]:7") == ("::1", 7)
-    with pytest.raises(ValueError):
-        host_port("tcp://nohost")
