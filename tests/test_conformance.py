@@ -42,12 +42,13 @@ def drop_every_other_run(config: TransferConfig) -> Any:
 
 
 def notify_before_data(config: TransferConfig) -> Any:
-    """Sends the notification on its own first, then the data 50 ms later."""
+    """Sends the notification on its own first, then the data 500 ms later (long enough
+    that a receiver slowed by a loaded machine still sees the notification first)."""
 
     class EarlyNotify(_nixl_class()):  # type: ignore[misc]
         def submit(self, peer_id: str, runs: Any, notification: bytes) -> int:
             super().submit(peer_id, [], notification)
-            time.sleep(0.05)
+            time.sleep(0.5)
             return super().submit(peer_id, runs, b"")
 
     return EarlyNotify(config)
