@@ -16,14 +16,19 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from pdcore.plugins import ALLOW_ENV, PluginError, describe_plugins
-from pdcore.settings import ServerSettings, build_parser, serve_settings_or_exit, settings_or_exit
+from pdcore.settings import build_serve_parser, serve_settings_or_exit, settings_or_exit
 
 
 def _add_serve(parser: argparse.ArgumentParser) -> None:
-    build_parser(ServerSettings, parser)
+    try:
+        build_serve_parser(parser)
+    except PluginError as exc:  # a broken plugin fails `serve`, not every command
+        parser.set_defaults(plugin_error=exc)
 
 
 def _run_serve(args: argparse.Namespace) -> int:
+    if getattr(args, "plugin_error", None) is not None:
+        raise args.plugin_error
     # Plugin names (--attention-backend, ...) are checked here, before any model loads.
     settings = serve_settings_or_exit(args, args.subparser)
     from pdcore.server.launch import run_server

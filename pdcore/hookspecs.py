@@ -18,6 +18,7 @@ Two families of hooks:
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any, Protocol, TypeVar
 
 import pluggy
@@ -61,6 +62,13 @@ class Register(Protocol):
     ) -> None: ...
 
 
+class RegisterSettings(Protocol):
+    """The callback handed to `pdcore_register_settings`: `register(Model)`, where `Model`
+    is a `pdcore.settings_base.PdcoreSettings` subclass."""
+
+    def __call__(self, model: type[Any]) -> None: ...
+
+
 # --- registration hooks -------------------------------------------------------------------
 
 
@@ -89,6 +97,28 @@ def pdcore_register_routing_policies(register: Register) -> None:
     """Offer policies the PD router uses to pick a prefill/decode pair for a request.
 
     Called in the router process, which never imports torch: keep the plugin module light.
+    """
+
+
+@_spec
+def pdcore_register_settings(register: RegisterSettings) -> None:
+    """Offer the plugin's settings: `register(Model)` for each `PdcoreSettings` model.
+
+    Each field becomes a `pdcore serve` flag (one --help section per plugin) and env vars
+    (PDCORE_<FIELD>, plus the field's `env_aliases`, e.g. SGLang's names); every plugin's
+    settings are validated at flag parsing, before any model loads, and docs/configuration.md
+    lists them. A flag given on the command line is exported to the environment as its
+    PDCORE_ variable, so the plugin reads its settings with `Model()` wherever it runs (the
+    engine process included). Keep the model's module light: no transfer library imports.
+    Field names are shared with pdcore's own flags: one already taken is an error.
+    """
+
+
+@_spec
+def pdcore_kv_pool_allocation(device: Any) -> AbstractContextManager[None] | None:
+    """A context manager under which the engine allocates its KV cache on `device` (a
+    torch.device), or None. For transports that can move only memory from their own
+    allocator (Mooncake's NVLINK/BAREX pools); pdcore enters every one returned.
     """
 
 

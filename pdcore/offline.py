@@ -8,6 +8,7 @@ from typing import Any, cast
 from pdcore.disagg.pipelines import pipeline_factory
 from pdcore.engine.core import EngineCore
 from pdcore.engine.sampling_params import SamplingParams
+from pdcore.model.generation_defaults import sampling_defaults
 from pdcore.settings import ServerSettings
 
 
@@ -20,6 +21,8 @@ class Engine:
             s.engine_config(), pipeline_factory(s.disaggregation_mode, s, s.host)
         )
         self.tokenizer = self.core.tokenizer
+        # --sampling-defaults: what unset temperature/top_p/... take, as in `pdcore serve`.
+        self.sampling_defaults = sampling_defaults(s.sampling_defaults, s.model_path)
         self._ids = itertools.count()
 
     def generate(
@@ -53,7 +56,8 @@ class Engine:
             rid = f"offline-{next(self._ids)}"
             order.append(rid)
             results[rid] = {"text": "", "output_ids": [], "logprobs": []}
-            self.core.add_request(rid, ids, SamplingParams.from_dict(params), return_logprob)
+            params_obj = SamplingParams.from_dict(params, self.sampling_defaults.params)
+            self.core.add_request(rid, ids, params_obj, return_logprob)
         pending = set(order)
         while pending:
             for out in self.core.step():

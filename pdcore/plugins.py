@@ -19,7 +19,7 @@ import os
 import sys
 import threading
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 import pluggy
@@ -49,6 +49,7 @@ __all__ = [
     "get_plugin_manager",
     "get_registry",
     "notify",
+    "plugin_settings_models",
     "reset_plugin_manager",
 ]
 
@@ -263,6 +264,50 @@ def notify(hook_name: str, info: dict[str, Any], pm: PdcorePluginManager | None 
             impl.function(info=info)
         except Exception:
             logger.exception("pdcore plugin %r failed in %s", impl.plugin_name, hook_name)
+
+
+@dataclass(frozen=True)
+class PluginSettingsModel:
+    """One settings model a plugin offered through `pdcore_register_settings`."""
+
+    plugin: str
+    """The plugin's name (its entry point name, e.g. "mooncake")."""
+    package: str
+    """The distribution that installed it, e.g. "pd-mooncake"."""
+    model: type[Any]
+    """The `PdcoreSettings` subclass."""
+
+
+def plugin_settings_models(pm: PdcorePluginManager | None = None) -> list[PluginSettingsModel]:
+    """Every plugin's settings models, plugin by plugin (sorted by plugin name). Raises
+    PluginError for something that is not a `PdcoreSettings` model, or a hook that fails."""
+    from pdcore.settings_base import PdcoreSettings
+
+    pm = pm or get_plugin_manager()
+    pm.check_pending()
+    hook_name = "pdcore_register_settings"
+    dists = {id(plugin): dist for plugin, dist in pm.list_plugin_distinfo()}
+    plugins = pm.get_plugins()
+    found: list[PluginSettingsModel] = []
+    for impl in pm.hook.pdcore_register_settings.get_hookimpls():
+        dist = dists.get(id(impl.plugin))
+        package = dist.project_name if dist else "pdcore"
+        models: list[type[Any]] = []
+        others = [p for p in plugins if p is not impl.plugin]
+        try:
+            pm.subset_hook_caller(hook_name, remove_plugins=others)(register=models.append)
+        except Exception as exc:
+            raise PluginError(
+                f"plugin {impl.plugin_name!r} failed in {hook_name}: {type(exc).__name__}: {exc}"
+            ) from exc
+        for model in models:
+            if not (isinstance(model, type) and issubclass(model, PdcoreSettings)):
+                raise PluginError(
+                    f"plugin {impl.plugin_name!r} registered {model!r} in {hook_name}: "
+                    "expected a pdcore.settings_base.PdcoreSettings subclass"
+                )
+            found.append(PluginSettingsModel(impl.plugin_name, package, model))
+    return sorted(found, key=lambda m: m.plugin)
 
 
 def describe_plugins(pm: PdcorePluginManager | None = None) -> dict[str, Any]:

@@ -33,6 +33,7 @@ __all__ = [
     "PdcoreSettings",
     "ServerSettings",
     "build_parser",
+    "build_serve_parser",
     "env_names",
     "flag_names",
     "new_parser",
@@ -63,14 +64,24 @@ class ServerSettings(DisaggSettings, ProfileSettings):
     port: int = setting(30000, "Port the HTTP server listens on.", ge=1, le=65535)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting(
         "auto",
-        "Weight and activation dtype. auto: bfloat16 on GPUs and CPUs that compute it "
-        "natively (AVX512-BF16/AMX), else float16 on GPUs and float32 on CPUs.",
+        "Compute dtype. auto: the fastest correct one for the device -- bfloat16 on GPUs "
+        "and CPUs that compute it natively (AVX512-BF16/AMX), else float16 on GPUs and "
+        "float32 on CPUs (where bf16 is emulated, ~3x slower); weights a bf16 checkpoint "
+        "holds exactly then stay bf16 in memory, widened to fp32 in registers. Logged at "
+        "start-up; see 'Choosing --dtype'.",
     )
-    device: Literal["auto", "cpu", "cuda"] = setting(
-        "auto", "Where the model runs. auto: cuda when available, else cpu."
+    device: str = setting(
+        "auto",
+        "Where the model runs: auto (cuda when available, else cpu), cpu, cuda, or npu / "
+        "npu:N (an Ascend NPU through torch_npu, which must be installed; npu alone uses "
+        "--base-gpu-id). Values: auto, cpu, cuda, npu, npu:N.",
+        pattern=r"^(auto|cpu|cuda|npu(:[0-9]+)?)$",
     )
     max_running_requests: int | None = setting(
-        None, "Most requests in the running batch at once. Default: from the KV pool size.", gt=0
+        None,
+        "Most requests in the running batch at once. Default: 128 (admission also stops "
+        "while the KV pool has no free pages).",
+        gt=0,
     )
     max_total_tokens: int | None = setting(
         None, "Size of the KV cache pool in tokens. Default: from available memory.", gt=0
@@ -120,6 +131,15 @@ class ServerSettings(DisaggSettings, ProfileSettings):
         False, "Turn prefix caching off: every prompt is prefilled from scratch."
     )
     random_seed: int | None = setting(None, "Seed for sampling, for reproducible runs.", ge=0)
+    sampling_defaults: Literal["model", "openai"] = setting(
+        "model",
+        "What a request's unset temperature, top_p, top_k, min_p and repetition_penalty "
+        "take. model: the model's own values -- an HF folder's generation_config.json, a "
+        "GGUF's general.sampling.* metadata, or (for the default SmolLM2 model, which has "
+        "neither) its model card's temperature 0.2, top_p 0.9 -- else the OpenAI ones. "
+        "openai: the OpenAI defaults (temperature 1.0, top_p 1.0). /server_info shows the "
+        "result.",
+    )
     cpu_threads: int | None = setting(
         None, "Threads torch uses in the engine process. Default: torch's choice.", gt=0
     )
@@ -127,23 +147,104 @@ class ServerSettings(DisaggSettings, ProfileSettings):
         "null",
         "null: an ordinary server; prefill / decode: one side of a PD pair behind a router.",
     )
+    tp_size: int = setting(
+        1,
+        "Tensor-parallel ranks: one process per rank, each holding its share of the heads "
+        "and MLP channels (gloo on CPU, NCCL on CUDA). The model's heads must divide (see "
+        "docs/parallelism.md). Unified serving only for now.",
+        flags=["--tp"],
+        ge=1,
+    )
+    nnodes: int = setting(
+        1, "Nodes the TP ranks are spread over (tp-size / nnodes ranks on each).", ge=1
+    )
+    node_rank: int = setting(
+        0,
+        "This node's index. Node 0 runs TP rank 0 and serves HTTP; other nodes only run "
+        "their TP ranks and exit when those stop.",
+        ge=0,
+    )
+    dist_init_addr: str | None = setting(
+        None,
+        "HOST:PORT of the TP rendezvous, served by node 0 (HOST is node 0's address). "
+        "Required when --nnodes > 1. Default on one node: a free port on --host.",
+    )
+    dist_timeout: int = setting(
+        300,
+        "Seconds the TP rendezvous and any collective may wait for a peer before failing "
+        "(a peer that dies fails it at once).",
+        gt=0,
+    )
+    trust_remote_code: bool = setting(
+        False,
+        "Accepted for SGLang compatibility. pdcore never runs model code from outside: its "
+        "own Llama-family implementation reads config and weights only.",
+    )
 
     def engine_config(self) -> EngineConfig:
         """The fields the engine reads, as the engine's own typed config."""
-        names = [f.name for f in dataclasses.fields(EngineConfig) if f.name != "profile"]
+        own = ("profile", "tp_ranks_per_node")
+        names = [f.name for f in dataclasses.fields(EngineConfig) if f.name not in own]
         profile = ProfileSettings.model_construct(
             **{name: getattr(self, name) for name in ProfileSettings.model_fields}
         )
         wanted = profile.profile_prefill or profile.profile_decode
         return EngineConfig(
-            **{name: getattr(self, name) for name in names}, profile=profile if wanted else None
+            **{name: getattr(self, name) for name in names},
+            tp_ranks_per_node=self.tp_ranks_per_node,
+            profile=profile if wanted else None,
         )
+
+    @property
+    def tp_ranks_per_node(self) -> int:
+        return max(self.tp_size // self.nnodes, 1)
+
+    def tp_problem(self) -> tuple[str, str] | None:
+        """(flag, reason) when the parallelism flags do not fit together or with the
+        model; reads only the model's config, never its weights."""
+        tp, nnodes = self.tp_size, self.nnodes
+        if tp % nnodes:
+            return "--tp-size", f"{tp} ranks cannot be spread evenly over --nnodes {nnodes}"
+        if self.node_rank >= nnodes:
+            return "--node-rank", f"{self.node_rank} is not below --nnodes {nnodes}"
+        if nnodes > 1 and not self.dist_init_addr:
+            return "--dist-init-addr", "required when --nnodes > 1 (HOST:PORT of node 0)"
+        if self.dist_init_addr:
+            from pdcore.model.parallel import split_host_port
+
+            try:
+                split_host_port(self.dist_init_addr)
+            except ValueError as exc:
+                return "--dist-init-addr", str(exc)
+        if tp == 1:
+            return None
+        if self.disaggregation_mode != "null":
+            return "--tp-size", "PD with --tp-size > 1 is not supported yet"
+        from pdcore.model.loader import ModelNotFoundError, read_model_config
+        from pdcore.model.parallel import check_tp_size
+
+        try:
+            check_tp_size(read_model_config(self.model_path), tp)
+        except ModelNotFoundError as exc:
+            return "--model-path", str(exc)
+        except ValueError as exc:
+            return "--tp-size", str(exc)
+        return None
 
 
 def parse_serve_args(argv: Sequence[str] | None = None) -> ServerSettings:
     """Settings for `pdcore serve` from `argv`, env vars and defaults; exits on bad values."""
-    parser = build_parser(ServerSettings, new_parser("pdcore serve"))
+    parser = build_serve_parser(new_parser("pdcore serve"))
     return serve_settings_or_exit(parser.parse_args(argv), parser)
+
+
+def build_serve_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """`pdcore serve`'s flags: the server's own, then one section per plugin's settings."""
+    from pdcore.plugin_settings import add_plugin_arguments
+
+    build_parser(ServerSettings, parser)
+    add_plugin_arguments(parser, ServerSettings)
+    return parser
 
 
 def serve_settings_or_exit(
@@ -152,6 +253,20 @@ def serve_settings_or_exit(
     """`settings_or_exit` for a server, plus what only a PD side needs: an installed,
     available transfer backend (a unified server never loads one)."""
     settings = settings_or_exit(ServerSettings, namespace, parser)
+    from pdcore.plugin_settings import plugin_settings_or_exit
+
+    plugin_settings_or_exit(namespace, parser)  # every plugin's settings, before any model
+    if settings.device.startswith("npu"):
+        import importlib.util
+
+        if importlib.util.find_spec("torch_npu") is None:
+            parser.error(
+                f"--device {settings.device}: torch_npu is not installed (Ascend's PyTorch "
+                "adapter, pip install torch-npu matching your torch and CANN)"
+            )
+    problem = settings.tp_problem()
+    if problem is not None:
+        parser.error(f"{problem[0]}: {problem[1]}")
     if settings.disaggregation_mode != "null":
         # Only a PD side needs its transfer backend; checked now, before the model loads.
         from pdcore.plugins import PluginError, get_registry

@@ -116,7 +116,7 @@ _METAVARS: dict[Any, str] = {int: "INT", float: "FLOAT", str: "TEXT"}
 
 
 def build_parser(
-    model_cls: type[BaseSettings], parser: argparse.ArgumentParser
+    model_cls: type[BaseSettings], parser: argparse.ArgumentParser, *, title: str | None = None
 ) -> argparse.ArgumentParser:
     """Add one flag per field of `model_cls` to `parser`, in an argument group.
 
@@ -124,8 +124,7 @@ def build_parser(
     the same message. Defaults are SUPPRESS, so only flags actually given reach the model
     and env vars keep working for the rest.
     """
-    doc = (model_cls.__doc__ or model_cls.__name__).strip().splitlines()[0]
-    group = parser.add_argument_group(doc.rstrip("."))
+    group = parser.add_argument_group(title or model_title(model_cls))
     for name, field in model_cls.model_fields.items():
         kind = _strip_optional(field.annotation)
         kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS}
@@ -144,6 +143,11 @@ def build_parser(
         kwargs["help"] = f"{field.description or ''} [{note}]".replace("%", "%%")
         group.add_argument(*flag_names(name, field), **kwargs)
     return parser
+
+
+def model_title(model_cls: type[BaseSettings]) -> str:
+    """The first line of the model's docstring: its --help section and docs heading."""
+    return (model_cls.__doc__ or model_cls.__name__).strip().splitlines()[0].rstrip(".")
 
 
 def _source(model_cls: type[BaseSettings], name: str, explicit: set[str]) -> str:
@@ -170,11 +174,11 @@ def settings_from_args(
     except pydantic.ValidationError as exc:
         msgs = []
         for err in exc.errors():
-            loc = err["loc"]
+            loc, msg = err["loc"], str(err["msg"]).removeprefix("Value error, ")
             if loc and loc[0] in model_cls.model_fields:
-                msgs.append(f"{_source(model_cls, str(loc[0]), set(given))}: {err['msg']}")
+                msgs.append(f"{_source(model_cls, str(loc[0]), set(given))}: {msg}")
             else:
-                msgs.append(err["msg"])
+                msgs.append(msg)
         raise InvalidSettingsError("; ".join(msgs)) from exc
     except pydantic_settings.SettingsError as exc:  # an env var that is not valid JSON
         raise InvalidSettingsError(str(exc)) from exc

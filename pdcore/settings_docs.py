@@ -21,15 +21,39 @@ DOC_MODELS: dict[str, type[BaseSettings]] = {
 }
 
 
+PLUGINS_BLOCK = "plugins"
+"""`<!-- BEGIN plugins -->`: every installed plugin's settings (hook pdcore_register_settings)."""
+
+
+def render_plugin_settings() -> str:
+    """One section per plugin settings model: heading (as in --help) and table."""
+    from pdcore.plugin_settings import plugin_section_title
+    from pdcore.plugins import plugin_settings_models
+
+    parts = [
+        f"### {plugin_section_title(entry)}\n\n{render_settings_table(entry.model)}"
+        for entry in plugin_settings_models()
+    ]
+    return "\n".join(parts)
+
+
+def _replace_block(text: str, name: str, body: str) -> str:
+    begin, end = f"<!-- BEGIN {name} -->\n", f"<!-- END {name} -->"
+    head, sep, rest = text.partition(begin)
+    if sep:
+        _, sep2, tail = rest.partition(end)
+        if sep2:
+            text = head + begin + body + end + tail
+    return text
+
+
 def update_doc(text: str) -> str:
-    """Replace each `<!-- BEGIN <Model> -->...<!-- END <Model> -->` block with the table."""
+    """Replace each `<!-- BEGIN <Model> -->...<!-- END <Model> -->` block with the table,
+    and a `<!-- BEGIN plugins -->` block with every plugin's settings."""
     for model_name, model_cls in DOC_MODELS.items():
-        begin, end = f"<!-- BEGIN {model_name} -->\n", f"<!-- END {model_name} -->"
-        head, sep, rest = text.partition(begin)
-        if sep:
-            _, sep2, tail = rest.partition(end)
-            if sep2:
-                text = head + begin + render_settings_table(model_cls) + end + tail
+        text = _replace_block(text, model_name, render_settings_table(model_cls))
+    if f"<!-- BEGIN {PLUGINS_BLOCK} -->" in text:
+        text = _replace_block(text, PLUGINS_BLOCK, render_plugin_settings())
     return text
 
 

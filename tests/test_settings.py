@@ -163,7 +163,8 @@ def test_help_lists_every_flag_and_env(capsys, monkeypatch):
     for name in ServerSettings.model_fields:
         assert "--" + name.replace("_", "-") in out
         assert "PDCORE_" + name.upper() in out
-    assert "Port the HTTP server listens on." in out and "{auto,cpu,cuda}" in out
+    assert "Port the HTTP server listens on." in out and "{auto,float32,bfloat16,float16}" in out
+    assert "npu:N" in out  # --device auto|cpu|cuda|npu|npu:N (a pattern, not choices)
 
 
 def test_unknown_keyword_is_refused():

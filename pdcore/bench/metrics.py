@@ -114,7 +114,7 @@ def compute_metrics(
         "duration": duration_s,
         "total_input_tokens": total_in,
         "total_input_tokens_server": (
-            sum(server_in) if ok and None not in server_in else None  # type: ignore[arg-type]
+            sum(server_in) if ok and None not in server_in else None
         ),
         "total_output_tokens": total_out,
         "request_throughput": len(ok) / duration_s,

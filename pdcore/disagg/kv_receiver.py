@@ -39,6 +39,7 @@ from pdcore.disagg.transfer import (
     create_transfer_backend,
     default_local_id,
 )
+from pdcore.disagg.transfer_queues import is_part
 from pdcore.model.kv_pool import KVPool
 
 logger = logging.getLogger(__name__)
@@ -286,6 +287,8 @@ class DecodeKVManager:
     def drain_notifications(self) -> None:
         """Completion notifications: the KV of a room is in place, with its first token."""
         for note in self.backend.fetch_notifications():
+            if is_part(note.payload):  # a slice of a room's KV; the room's own note follows
+                continue
             try:
                 room, token, logprob = unpack_done(note.payload)
             except Exception:

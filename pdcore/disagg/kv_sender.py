@@ -25,6 +25,7 @@ from pdcore.disagg.messages import PROTOCOL_VERSION, KVSpec, MessageError, pack,
 from pdcore.disagg.metrics import TransferStats
 from pdcore.disagg.settings import DisaggSettings
 from pdcore.disagg.transfer import (
+    BatchState,
     BatchStatus,
     KVLayout,
     TransferConfig,
@@ -33,6 +34,7 @@ from pdcore.disagg.transfer import (
     default_local_id,
     kv_page_runs,
 )
+from pdcore.disagg.transfer_queues import SendJob, TransferQueues
 from pdcore.model.kv_pool import KVPool
 
 logger = logging.getLogger(__name__)
@@ -57,21 +59,12 @@ class KVSender:
         self._m = manager
         self.decode: _Decode | None = None
         self.dst_pages: list[int] = []
-        self._batch: int | None = None
         self._sent_at = 0.0
         self._bytes = 0
 
     def poll(self) -> KVPoll:
-        """Also drives the write: some transports (UCX) progress a write only while the
-        writer asks about it, so the I/O thread polls in-flight rooms too."""
-        with self._m.lock:
-            if self.state == KVPoll.Transferring and self._batch is not None:
-                st = self._m.backend.poll(self._batch)
-                if st.status is BatchStatus.DONE:
-                    self._finish(KVPoll.Success, None)
-                elif st.status is BatchStatus.FAILED:
-                    self._m.fail(self, f"KV write to decode failed: {st.reason}")
-            return self.state
+        """Non-blocking: the write is driven by its transfer queue's thread."""
+        return self.state
 
     def send(self, page_ids: list[int], first_token: int, first_logprob: float | None) -> None:
         """Write the prompt's pages into decode's pre-allocated ones; the first token rides
@@ -93,13 +86,32 @@ class KVSender:
             try:
                 runs = kv_page_runs(m.layout, self.decode.layout, page_ids, self.dst_pages)
                 done = pack_done(self.room, first_token, first_logprob)
-                self._batch = m.backend.submit(self.decode.decode_id, runs, done)
+                job = SendJob(
+                    self.decode.decode_id,
+                    self.room,
+                    runs,
+                    done,
+                    self._on_sent,
+                    lambda: self.state != KVPoll.Transferring,
+                )
+                self.state = KVPoll.Transferring
+                self._bytes = int(runs[:, 2].sum()) if len(runs) else 0
+                self._sent_at = time.monotonic()
+                m.queues.put(job)
             except (TransferError, ValueError) as exc:
+                self.state = KVPoll.WaitingForInput  # so fail() sees an unfinished room
                 m.fail(self, f"cannot send room {self.room}: {exc}")
                 return
-            self._bytes = int(runs[:, 2].sum()) if len(runs) else 0
-            self._sent_at = time.monotonic()
-            self.state = KVPoll.Transferring
+
+    def _on_sent(self, state: BatchState) -> None:
+        """The transfer queue's thread: the write ended."""
+        with self._m.lock:
+            if self.state != KVPoll.Transferring:
+                return  # failed meanwhile (timeout, abort): already reported
+            if state.status is BatchStatus.DONE:
+                self._finish(KVPoll.Success, None)
+            else:
+                self._m.fail(self, f"KV write to decode failed: {state.reason}")
 
     def abort(self, reason: str) -> None:
         """Fail the room and tell decode (now, or when its page list comes)."""
@@ -111,9 +123,6 @@ class KVSender:
         """Lock held."""
         self.state, self.failure_reason = state, reason
         m = self._m
-        if self._batch is not None:
-            m.backend.release(self._batch)
-            self._batch = None
         if m.senders.get(self.room) is self:
             del m.senders[self.room]
         ok = state == KVPoll.Success
@@ -140,6 +149,12 @@ class PrefillKVManager:
             ),
         )
         self.stats = TransferStats(name)
+        self.queues = TransferQueues(
+            self.backend,
+            self.lock,
+            settings.disaggregation_queue_size,
+            settings.disaggregation_thread_pool_size,
+        )
         self.senders: dict[int, KVSender] = {}
         self._pending: dict[int, tuple[_Decode, list[int], float]] = {}  # page lists, no sender
         self._tombstones: dict[int, tuple[str, float]] = {}  # rooms failed before both met
@@ -320,6 +335,7 @@ class PrefillKVManager:
         for identity, decode in list(self._decodes.items()):
             if now - decode.last_seen > limit and id(decode) not in bound:  # gone for good
                 del self._decodes[identity]
+                self.queues.forget(decode.decode_id)
                 self.backend.disconnect(decode.decode_id)
 
     # --- engine-facing --------------------------------------------------------------------
@@ -340,4 +356,5 @@ class PrefillKVManager:
             for sender in list(self.senders.values()):
                 self.fail(sender, "prefill instance shutting down")
         self.io.close()
+        self.queues.close()
         self.backend.close()

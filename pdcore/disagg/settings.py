@@ -26,9 +26,9 @@ class DisaggSettings(PdcoreSettings):
     """PD disaggregation settings."""
 
     disaggregation_transfer_backend: str = setting(
-        "nixl",
+        "mooncake",
         "KV transfer backend (pdcore plugins lists them); the prefill and decode sides must "
-        "use the same one.",
+        "use the same one. mooncake by default, as in SGLang.",
         flags=["--backend"],
         env_aliases=_sglang("disaggregation_transfer_backend"),
     )
@@ -79,14 +79,18 @@ class DisaggSettings(PdcoreSettings):
     )
     disaggregation_thread_pool_size: int = setting(
         _default_thread_pool_size(),
-        "Decode: threads that look up prefill bootstrap servers concurrently.",
+        "Prefill: sender threads, shared out among the transfer queues; a queue with W of "
+        "them writes each request's KV as up to W slices at once. Decode: threads that look "
+        "up prefill bootstrap servers concurrently.",
         gt=0,
         env_aliases=_sglang("disaggregation_thread_pool_size"),
     )
     disaggregation_queue_size: int = setting(
         4,
-        "Accepted for compatibility with SGLang; pdcore submits each request's transfer as "
-        "one batch, so it has no effect.",
+        "Prefill: parallel transfer queues. Each decode instance is pinned to one queue "
+        "(round-robin), a queue sends one request at a time, so decodes on different "
+        "queues are served in parallel and a slow one stalls only its own queue; 1 "
+        "serialises every send.",
         gt=0,
         env_aliases=_sglang("disaggregation_queue_size"),
     )

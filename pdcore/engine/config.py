@@ -13,7 +13,8 @@ from typing import Literal
 from pdcore.profiling import ProfileSettings
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
-Device = Literal["auto", "cpu", "cuda"]
+Device = str
+"""auto, cpu, cuda, npu or npu:N (validated by the CLI settings; see pick_device)."""
 
 
 @dataclass(frozen=True)
@@ -40,5 +41,9 @@ class EngineConfig:
     cuda_graph_max_bs: int = 64
     random_seed: int | None = None
     cpu_threads: int | None = None
+    tp_size: int = 1
+    """Tensor-parallel ranks (the TP group itself is handed to EngineCore)."""
+    tp_ranks_per_node: int = 1
+    """TP ranks sharing this node's memory (the CPU pool budget is split between them)."""
     profile: ProfileSettings | None = None
     """Which phases to profile (None: none)."""

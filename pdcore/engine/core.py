@@ -20,17 +20,15 @@ import torch
 
 from pdcore.engine.config import EngineConfig
 from pdcore.engine.detokenizer import IncrementalDetokenizer
-from pdcore.engine.model_runner import ModelRunner
 from pdcore.engine.page_allocator import PageAllocator
 from pdcore.engine.pipeline import BootstrapInfo, Pipeline, PipelineFactory
 from pdcore.engine.request import Request, RequestError, RequestOutput
 from pdcore.engine.sampler import sample
 from pdcore.engine.sampling_params import SamplingParams
 from pdcore.engine.scheduler import ScheduledBatch, Scheduler
-from pdcore.engine.setup import pick_device, pick_dtype, pool_pages
+from pdcore.engine.tp_worker import load_rank
 from pdcore.model.kv_pool import KVPool
-from pdcore.model.llama import LlamaModel
-from pdcore.model.loader import load_state_dict, resolve_model
+from pdcore.model.parallel import TPGroup
 from pdcore.plugins import get_plugin_manager, get_registry, notify
 from pdcore.profiling import PhaseProfiler
 
@@ -50,66 +48,36 @@ DEFAULT_MAX_RUNNING_REQUESTS = 128
 
 class EngineCore:
     def __init__(
-        self, settings: EngineConfig, pipeline_factory: PipelineFactory = Pipeline
+        self,
+        settings: EngineConfig,
+        pipeline_factory: PipelineFactory = Pipeline,
+        tp: TPGroup | None = None,
     ) -> None:
         """Load the model and build the KV pool, scheduler and pipeline. `pipeline_factory`
-        picks the mode (the unified `Pipeline` by default; PD modes from pdcore.disagg)."""
+        picks the mode (the unified `Pipeline` by default; PD modes from pdcore.disagg).
+        `tp`: with tensor parallelism, this core is rank 0 (the driver) of that group; the
+        other ranks run `pdcore.engine.tp_worker.FollowerWorker`."""
         if settings.cpu_threads:
             torch.set_num_threads(settings.cpu_threads)
         if settings.random_seed is not None:
             torch.manual_seed(settings.random_seed)
+        self.tp = tp or TPGroup()
+        if self.tp.size != settings.tp_size or not self.tp.is_driver:
+            raise ValueError(
+                f"EngineCore is TP rank 0 of tp_size {settings.tp_size}; got rank "
+                f"{self.tp.rank} of a group of {self.tp.size}"
+            )
         self.settings = settings
         started = time.monotonic()
-        self.resolved = resolve_model(settings.model_path)
+        loaded = load_rank(settings, self.tp)
+        self.resolved = loaded.resolved
         config = self.resolved.config
-        self.device = pick_device(settings.device, settings.base_gpu_id)
-        self.dtype = pick_dtype(settings.dtype, self.device)
+        self.device = loaded.device
+        self.dtype = loaded.dtype
         self.page_size = settings.page_size
-        num_pages = pool_pages(
-            config,
-            self.dtype,
-            self.device,
-            settings.page_size,
-            settings.max_total_tokens,
-            settings.mem_fraction_static,
-        )
-        capacity_tokens = (num_pages - 1) * settings.page_size
-        context = min(config.max_position_embeddings, settings.context_length or 1 << 30)
-        if context > capacity_tokens:
-            logger.warning(
-                "context length %d exceeds the KV pool (%d tokens); limiting it to the pool",
-                context,
-                capacity_tokens,
-            )
-            context = capacity_tokens
-        self.max_context_len = context
-        model = LlamaModel(
-            config, load_state_dict(self.resolved), self.dtype, self.device, context + 1
-        )
-        pool = KVPool(
-            config.num_layers,
-            num_pages,
-            settings.page_size,
-            config.num_kv_heads,
-            config.head_dim,
-            self.dtype,
-            self.device,
-        )
-        attn = get_registry("attention_backend").create(
-            settings.attention_backend,
-            num_heads=config.num_heads,
-            num_kv_heads=config.num_kv_heads,
-            head_dim=config.head_dim,
-            device=self.device,
-            dtype=self.dtype,
-        )
-        self.runner = ModelRunner(
-            model,
-            pool,
-            attn,
-            disable_cuda_graph=settings.disable_cuda_graph,
-            cuda_graph_max_bs=settings.cuda_graph_max_bs,
-        )
+        num_pages = loaded.num_pages
+        self.max_context_len = loaded.max_context_len
+        self.runner = loaded.runner
         self.allocator = PageAllocator(
             num_pages, settings.page_size, not settings.disable_radix_cache
         )
@@ -137,6 +105,9 @@ class EngineCore:
             get_plugin_manager().hook.pdcore_request_finished.get_hookimpls()
         )
         self.pipeline = pipeline_factory(EngineHost(self))
+        if self.tp.enabled and self.pipeline.mode != "null":
+            self._stop_followers()
+            raise ValueError("PD with --tp-size > 1 is not supported yet")
         self.profiler = (
             None
             if settings.profile is None
@@ -329,14 +300,36 @@ class EngineCore:
             )
         return out
 
+    def keepalive(self) -> None:
+        """Call while idle: with TP, tells the followers rank 0 is alive (at most once a
+        second). Raises when a TP rank is gone, so an idle server notices too."""
+        broadcaster = self.runner.broadcaster
+        if broadcaster is not None:
+            broadcaster.heartbeat()
+
     def close(self) -> None:
         """Shutdown: the pipeline ends its rooms and transport; a profile still recording
-        is written as it is. Safe to call once the loop has stopped."""
+        is written as it is; TP followers are told to stop. Safe to call once the loop has
+        stopped."""
         try:
             if self.profiler is not None:
                 self.profiler.finish()
         finally:
-            self.pipeline.close()
+            try:
+                self.pipeline.close()
+            finally:
+                self._stop_followers()
+
+    def _stop_followers(self) -> None:
+        broadcaster = self.runner.broadcaster
+        if broadcaster is None:
+            return
+        self.runner.broadcaster = None
+        try:
+            broadcaster.stop()
+        except Exception as exc:  # a follower already gone: nothing left to stop
+            logger.warning("could not tell the TP followers to stop: %s", exc)
+        self.tp.close()
 
     # ----- introspection -----------------------------------------------------------------
     def flush_cache(self) -> bool:
@@ -386,6 +379,8 @@ class EngineCore:
             "attention_backend": s.attention_backend,
             "disable_radix_cache": s.disable_radix_cache,
             "disaggregation_mode": self.pipeline.mode,
+            "tp_size": self.tp.size,
+            "kv_heads_per_rank": self.runner.model.num_kv_heads,
             "vocab_size": self.resolved.config.vocab_size,
             "model_folder": str(Path(self.resolved.folder)),
             "startup_seconds": round(self.startup_seconds, 3),

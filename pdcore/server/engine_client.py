@@ -15,6 +15,7 @@ import contextlib
 import itertools
 import logging
 import os
+from collections.abc import Sequence
 from multiprocessing.process import BaseProcess
 from typing import Any
 
@@ -119,6 +120,7 @@ class EngineClient:
         self._controls: dict[int, asyncio.Future[Any]] = {}
         self._ids = itertools.count()
         self._proc: BaseProcess | None = None
+        self._watched: list[BaseProcess] = []
         self._reader: asyncio.Task[None] | None = None
         self._dead = asyncio.Event()
         self.dead_reason: str | None = None
@@ -127,10 +129,16 @@ class EngineClient:
     def alive(self) -> bool:
         return not self._dead.is_set()
 
-    async def wait_ready(self, proc: BaseProcess) -> Ready:
-        """Wait for the engine's "ready" message; raise EngineStartupError if it fails or dies."""
+    async def wait_ready(self, proc: BaseProcess, followers: Sequence[BaseProcess] = ()) -> Ready:
+        """Wait for the engine's "ready" message; raise EngineStartupError if it fails or dies.
+        `followers`: this node's other TP rank processes, watched like the engine itself --
+        any of them exiting marks the engine dead (the TP group cannot go on without it)."""
         self._proc = proc
-        asyncio.get_running_loop().add_reader(proc.sentinel, self._on_engine_exit)
+        loop = asyncio.get_running_loop()
+        self._watched = [proc, *followers]
+        loop.add_reader(proc.sentinel, self._on_engine_exit)
+        for rank, follower in enumerate(followers, start=1):
+            loop.add_reader(follower.sentinel, self._on_follower_exit, follower, rank)
         while True:
             recv = asyncio.ensure_future(self._pull.recv())
             died = asyncio.ensure_future(self._dead.wait())
@@ -159,6 +167,11 @@ class EngineClient:
         loop.remove_reader(self._proc.sentinel)
         self._proc.join(0)
         self._mark_dead(f"engine process exited with code {self._proc.exitcode}")
+
+    def _on_follower_exit(self, proc: BaseProcess, rank: int) -> None:
+        asyncio.get_running_loop().remove_reader(proc.sentinel)
+        proc.join(0)
+        self._mark_dead(f"TP rank {rank} (pid {proc.pid}) exited with code {proc.exitcode}")
 
     def _mark_dead(self, reason: str) -> None:
         if self._dead.is_set():
@@ -245,10 +258,13 @@ class EngineClient:
         finally:
             self._controls.pop(cid, None)
 
+    async def wait_dead(self) -> None:
+        await self._dead.wait()
+
     def close(self) -> None:
-        if self._proc is not None and self._proc.sentinel is not None:
+        for proc in self._watched:
             with contextlib.suppress(RuntimeError, ValueError, OSError):
-                asyncio.get_running_loop().remove_reader(self._proc.sentinel)
+                asyncio.get_running_loop().remove_reader(proc.sentinel)
         if self._reader is not None:
             self._reader.cancel()
         self._push.close(0)

@@ -17,6 +17,12 @@ engine -> frontend: Ready(model_name, max_context_len, server_info)   (once)
 
 A message that does not decode is logged and dropped; a malformed Generate is answered with
 an Error (400) so its waiter does not hang. The loop never dies of a bad message.
+
+With tensor parallelism (--tp-size N) this process is TP rank 0 (the driver) and the other
+ranks of this node are processes running `follower_main`, started beside it by
+`start_rank_processes`; ranks on other nodes are started there by `pdcore serve
+--node-rank K`. A rank that dies fails the others' next collective (or the heartbeat rank 0
+sends while idle), so the group never hangs silently.
 """
 
 from __future__ import annotations
@@ -37,6 +43,9 @@ from pdcore.engine.core import EngineCore
 from pdcore.engine.pipeline import BootstrapInfo
 from pdcore.engine.request import RequestError, RequestOutput
 from pdcore.engine.sampling_params import SamplingParams, SamplingParamsError
+from pdcore.engine.setup import pick_device
+from pdcore.engine.tp_worker import FollowerWorker
+from pdcore.model.parallel import TPGroup, bind_address, init_tp_group
 from pdcore.server.engine_messages import (
     Abort,
     Control,
@@ -67,17 +76,94 @@ def start_engine_process(
     settings: ServerSettings,
     request_addr: str,
     output_addr: str,
+    init_addr: str | None = None,
 ) -> BaseProcess:
-    """Spawn the engine process ("spawn": a fresh interpreter, no forked torch/zmq state)."""
+    """Spawn the engine process ("spawn": a fresh interpreter, no forked torch/zmq state);
+    with TP it is rank 0 and joins the group at `init_addr`."""
     ctx = multiprocessing.get_context("spawn")
     proc = ctx.Process(
         target=engine_main,
-        args=(settings, request_addr, output_addr, os.getpid()),
+        args=(settings, request_addr, output_addr, os.getpid(), init_addr),
         name="pdcore-engine",
-        daemon=False,  # a daemonic process may not start children (tensor parallel later)
+        daemon=False,  # a daemonic process may not start children
     )
     proc.start()
     return proc
+
+
+def node_ranks(settings: ServerSettings) -> list[int]:
+    """The global TP ranks this node runs: node k holds ranks k*L .. k*L+L-1."""
+    per_node = settings.tp_ranks_per_node
+    return list(range(settings.node_rank * per_node, (settings.node_rank + 1) * per_node))
+
+
+def start_follower_processes(settings: ServerSettings, init_addr: str) -> list[BaseProcess]:
+    """Spawn this node's TP followers (every rank of this node except global rank 0)."""
+    ctx = multiprocessing.get_context("spawn")
+    procs: list[BaseProcess] = []
+    for rank in node_ranks(settings):
+        if rank == 0:
+            continue
+        proc = ctx.Process(
+            target=follower_main,
+            args=(settings, rank, init_addr, os.getpid()),
+            name=f"pdcore-tp{rank}",
+            daemon=False,
+        )
+        proc.start()
+        procs.append(proc)
+    return procs
+
+
+def _join_tp_group(settings: ServerSettings, rank: int, init_addr: str | None) -> TPGroup:
+    """This process's TP group (size 1 without TP): its device (cuda:base+local rank on a
+    GPU), torch's thread count (a CPU node's cores shared between its ranks), rendezvous."""
+    import torch
+
+    local_rank = rank % settings.tp_ranks_per_node
+    threads = settings.cpu_threads or max((os.cpu_count() or 1) // settings.tp_ranks_per_node, 1)
+    if settings.tp_size == 1:
+        if settings.cpu_threads:
+            torch.set_num_threads(settings.cpu_threads)
+        return TPGroup()
+    torch.set_num_threads(threads)
+    device = pick_device(settings.device, settings.base_gpu_id + local_rank)
+    if init_addr is None:
+        raise ValueError("tensor parallel needs a rendezvous address")
+    return init_tp_group(
+        rank,
+        settings.tp_size,
+        init_addr,
+        bind_address(settings.host),
+        settings.dist_timeout,
+        device,
+    )
+
+
+def follower_main(
+    settings: ServerSettings, rank: int, init_addr: str, parent_pid: int | None = None
+) -> None:
+    """Entry point of a TP follower process: join the group, load the shard, run batches
+    until rank 0 says stop (exit 0) or the group fails (exit 1)."""
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format=f"%(asctime)s [tp{rank}] %(levelname)s %(name)s: %(message)s",
+    )
+    tp: TPGroup | None = None
+    try:
+        tp = _join_tp_group(settings, rank, init_addr)
+        worker = FollowerWorker(settings.engine_config(), tp)
+        logger.info("TP rank %d ready", rank)
+        worker.run()
+    except Exception as exc:
+        logger.error("TP rank %d failed: %s: %s", rank, type(exc).__name__, exc)
+        logger.debug("%s", traceback.format_exc())
+        sys.exit(1)
+    finally:
+        if tp is not None:
+            tp.close()
 
 
 def stop_engine_process(proc: BaseProcess, timeout: float = 5.0) -> None:
@@ -116,11 +202,12 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     raise _Shutdown()
 
 
-def build_engine(settings: ServerSettings) -> EngineCore:
+def build_engine(settings: ServerSettings, tp: TPGroup | None = None) -> EngineCore:
     """The engine of `pdcore serve`: the model, plus the pipeline of its PD mode."""
     return EngineCore(
         settings.engine_config(),
         pipeline_factory(settings.disaggregation_mode, settings, settings.host),
+        tp,
     )
 
 
@@ -129,6 +216,7 @@ def engine_main(
     request_addr: str,
     output_addr: str,
     parent_pid: int | None = None,
+    init_addr: str | None = None,
 ) -> None:
     """Entry point of the engine process: build the core, announce readiness, run the loop."""
     _die_with_parent()
@@ -144,11 +232,7 @@ def engine_main(
     push.setsockopt(zmq.LINGER, 5000)
     push.connect(output_addr)
     try:
-        if settings.cpu_threads:
-            import torch
-
-            torch.set_num_threads(settings.cpu_threads)
-        core = build_engine(settings)
+        core = build_engine(settings, _join_tp_group(settings, 0, init_addr))
     except BaseException as exc:
         logger.error("engine failed to start:\n%s", traceback.format_exc())
         push.send(pack([StartupError(f"{type(exc).__name__}: {exc}")]))
@@ -203,6 +287,7 @@ class EngineLoop:
                 for out in self.core.step(self._send_now):
                     self.outbox.append(Output(out))
             else:
+                self.core.keepalive()  # TP: followers hear from rank 0 at least once a second
                 idle_iterations += 1
                 if idle_iterations % PARENT_CHECK_EVERY == 0 and self._orphaned():
                     logger.info("frontend process is gone; engine exiting")

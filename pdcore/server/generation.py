@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pdcore.engine.request import RequestOutput
+from pdcore.model.generation_defaults import GenerationDefaults
 from pdcore.server.engine_client import (
     EngineClient,
     EngineDeadError,
@@ -37,6 +38,8 @@ class ServerState:
     engine_info: dict[str, Any]
     metrics: Metrics
     vocab_size: int
+    # --sampling-defaults: what a request's unset sampling fields take (model or openai).
+    sampling_defaults: GenerationDefaults = field(default_factory=GenerationDefaults)
     health_timeout: float = 10.0
     started_at: float = field(default_factory=time.time)
 

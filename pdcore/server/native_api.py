@@ -49,7 +49,7 @@ def native_output(result: Result, return_logprob: bool) -> dict[str, Any]:
 
 async def generate(request: Request) -> Response | EventStreamResponse:
     state: ServerState = request.app.state.pd
-    req = parse_generate(parse_json(await request.body()))
+    req = parse_generate(parse_json(await request.body()), state.sampling_defaults.params)
     n = len(req.prompts)
     if req.rids is not None:
         rids = req.rids

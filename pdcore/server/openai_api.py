@@ -198,7 +198,7 @@ class _Call:
 
 async def completions(request: Request) -> Response | EventStreamResponse:
     state: ServerState = request.app.state.pd
-    req = parse_completion(parse_json(await request.body()))
+    req = parse_completion(parse_json(await request.body()), state.sampling_defaults.params)
     base = req.rid or f"cmpl-{uuid.uuid4().hex}"
     n = len(req.prompts)
     jobs = [
@@ -220,7 +220,7 @@ async def completions(request: Request) -> Response | EventStreamResponse:
 
 async def chat_completions(request: Request) -> Response | EventStreamResponse:
     state: ServerState = request.app.state.pd
-    req = parse_chat(parse_json(await request.body()))
+    req = parse_chat(parse_json(await request.body()), state.sampling_defaults.params)
     prompt = render_chat(state, req)
     req.prompts = [prompt]
     call_id = req.rid or f"chatcmpl-{uuid.uuid4().hex}"

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from pdcore import hookimpl
-from pdcore.hookspecs import Register
+from pdcore.hookspecs import Register, RegisterSettings
 
 if TYPE_CHECKING:
     from pd_ascend.backend import AscendBackend
@@ -41,3 +41,10 @@ def pdcore_register_transfer_backends(register: Register) -> None:
         "Ascend transport",
         check=check,
     )
+
+
+@hookimpl
+def pdcore_register_settings(register: RegisterSettings) -> None:
+    from pd_ascend.settings import AscendSettings
+
+    register(AscendSettings)

@@ -8,10 +8,11 @@ module, so `backend.py` (which imports mooncake) is imported on selection only.
 from __future__ import annotations
 
 import importlib.util
-from typing import TYPE_CHECKING
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any
 
 from pdcore import hookimpl
-from pdcore.hookspecs import Register
+from pdcore.hookspecs import Register, RegisterSettings
 
 if TYPE_CHECKING:
     from pd_mooncake.backend import MooncakeBackend
@@ -56,3 +57,22 @@ def pdcore_register_transfer_backends(register: Register) -> None:
         description="Mooncake transfer engine (TCP; RDMA with --disaggregation-ib-device)",
         check=check,
     )
+
+
+@hookimpl
+def pdcore_register_settings(register: RegisterSettings) -> None:
+    from pd_mooncake.settings import MooncakeSettings
+
+    register(MooncakeSettings)
+
+
+@hookimpl
+def pdcore_kv_pool_allocation(device: Any) -> AbstractContextManager[None] | None:
+    """With NVLINK or BAREX, a CUDA KV cache comes from Mooncake's allocator (mem_pool.py)."""
+    if getattr(device, "type", None) != "cuda":
+        return None
+    from pd_mooncake.mem_pool import ALLOCATORS, kv_pool_allocation
+    from pd_mooncake.settings import MooncakeSettings
+
+    pool = MooncakeSettings().mooncake_custom_mem_pool
+    return kv_pool_allocation(pool, device) if pool in ALLOCATORS else None

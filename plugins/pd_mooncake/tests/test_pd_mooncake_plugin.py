@@ -47,8 +47,12 @@ def test_transport_choice(caplog: pytest.LogCaptureFixture) -> None:
 
 
 def test_settings_read_sglang_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pd_mooncake.mem_pool
     from pd_mooncake.settings import MooncakeSettings
 
+    # As if on a machine with Mooncake's CUDA build; elsewhere the pool is refused
+    # (tests/test_plugin_settings.py checks that).
+    monkeypatch.setattr(pd_mooncake.mem_pool, "unavailable_reason", lambda pool: None)
     monkeypatch.setenv("SGLANG_MOONCAKE_CUSTOM_MEM_POOL", "BAREX")
     assert MooncakeSettings().mooncake_custom_mem_pool == "BAREX"
 

@@ -10,7 +10,7 @@ import importlib.util
 from typing import TYPE_CHECKING
 
 from pdcore import hookimpl
-from pdcore.hookspecs import Register
+from pdcore.hookspecs import Register, RegisterSettings
 
 if TYPE_CHECKING:
     from pd_nixl.backend import NixlBackend
@@ -42,3 +42,10 @@ def pdcore_register_transfer_backends(register: Register) -> None:
         description="NVIDIA NIXL (UCX by default; DRAM or VRAM; RDMA where present)",
         check=check,
     )
+
+
+@hookimpl
+def pdcore_register_settings(register: RegisterSettings) -> None:
+    from pd_nixl.settings import NixlSettings
+
+    register(NixlSettings)

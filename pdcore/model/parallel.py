@@ -1,0 +1,233 @@
+"""Tensor parallelism: the process group of one model's TP ranks, and how heads divide.
+
+Megatron-style sharding (see llama.py): q/k/v and gate/up are split by output rows (heads,
+intermediate channels), o_proj and down by input columns, and the partial results of the
+row-parallel projections are summed across ranks with one all-reduce each. When there are
+more ranks than KV heads, a KV head is replicated: rank r holds KV head
+r * num_kv_heads // tp (as SGLang does), so every rank's query heads find their KV head
+locally.
+
+The group is torch.distributed: gloo on CPU, NCCL on CUDA. On CPU the gloo backend is built
+directly with a device bound to this node's address (`ProcessGroupGloo.create_device`), so a
+multi-node run on 127.0.0.2 / 127.0.0.3 (or on real hosts) never silently uses another
+interface; init_process_group ignores options for gloo, hence the direct construction.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+from pdcore.model.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+
+# --- head arithmetic -----------------------------------------------------------------------
+
+
+def tp_size_problems(config: ModelConfig, tp: int) -> list[str]:
+    """Why `config` cannot be split over `tp` ranks (empty when it can)."""
+    problems = []
+    if config.num_heads % tp:
+        problems.append(f"{config.num_heads} query heads are not divisible by {tp}")
+    kv = config.num_kv_heads
+    if kv % tp and tp % kv:
+        problems.append(f"{kv} KV heads neither divide by {tp} nor divide {tp}")
+    if config.intermediate_size % tp:
+        problems.append(f"intermediate size {config.intermediate_size} is not divisible by {tp}")
+    return problems
+
+
+def valid_tp_sizes(config: ModelConfig) -> list[int]:
+    """Every tp size the model's shapes allow (1 .. num_heads)."""
+    return [tp for tp in range(1, config.num_heads + 1) if not tp_size_problems(config, tp)]
+
+
+def check_tp_size(config: ModelConfig, tp: int) -> None:
+    """Raise ValueError naming the head counts and the valid sizes when `tp` does not fit."""
+    if tp < 1:
+        raise ValueError(f"tp size must be at least 1, got {tp}")
+    problems = tp_size_problems(config, tp)
+    if problems:
+        raise ValueError(
+            f"tp size {tp} does not fit this model ({config.num_heads} query heads, "
+            f"{config.num_kv_heads} KV heads, intermediate size {config.intermediate_size}): "
+            f"{'; '.join(problems)}. Valid tp sizes: "
+            f"{', '.join(map(str, valid_tp_sizes(config)))}"
+        )
+
+
+@dataclass(frozen=True)
+class HeadShard:
+    """The slice of heads and MLP channels one rank holds."""
+
+    num_heads: int  # local query heads
+    head_start: int  # first global query head
+    num_kv_heads: int  # local KV heads (1 when replicated)
+    kv_head_start: int  # first global KV head
+    intermediate: int  # local MLP channels
+    intermediate_start: int
+
+    @staticmethod
+    def of(config: ModelConfig, tp: int, rank: int) -> HeadShard:
+        check_tp_size(config, tp)
+        heads = config.num_heads // tp
+        kv = config.num_kv_heads
+        if kv >= tp:
+            kv_local, kv_start = kv // tp, rank * (kv // tp)
+        else:  # replicated: tp // kv consecutive ranks share one KV head
+            kv_local, kv_start = 1, rank * kv // tp
+        inter = config.intermediate_size // tp
+        return HeadShard(heads, rank * heads, kv_local, kv_start, inter, rank * inter)
+
+
+def local_kv_heads(config: ModelConfig, tp: int) -> int:
+    """KV heads each rank stores (the KV pool's per-rank width)."""
+    return HeadShard.of(config, tp, 0).num_kv_heads
+
+
+# --- the process group ---------------------------------------------------------------------
+
+
+@dataclass
+class TPGroup:
+    """This process's place in the TP group. `size == 1` (the default) means no TP: every
+    collective is a no-op and nothing of torch.distributed is touched."""
+
+    rank: int = 0
+    size: int = 1
+    backend: Any = None  # ProcessGroupGloo, or the default NCCL process group
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    store: Any = None  # the rendezvous TCPStore (rank 0 serves it): kept alive with the group
+    # Set by the bench: seconds spent in all_reduce since it was last reset.
+    allreduce_seconds: float | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.size > 1
+
+    @property
+    def is_driver(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum `tensor` over the ranks, in place; returns it."""
+        if self.size == 1:
+            return tensor
+        started = time.perf_counter() if self.allreduce_seconds is not None else 0.0
+        self._all_reduce(tensor, "sum")
+        if self.allreduce_seconds is not None:
+            self.allreduce_seconds += time.perf_counter() - started
+        return tensor
+
+    def all_reduce_min(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.size > 1:
+            self._all_reduce(tensor, "min")
+        return tensor
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        if self.size > 1:
+            import torch.distributed as dist
+
+            if self.device.type == "cpu":
+                opts = dist.BroadcastOptions()
+                opts.rootRank = src
+                self.backend.broadcast([tensor], opts).wait()
+            else:
+                dist.broadcast(tensor, src)
+        return tensor
+
+    def _all_reduce(self, tensor: torch.Tensor, op: str) -> None:
+        import torch.distributed as dist
+
+        reduce_op = dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MIN
+        if self.device.type == "cpu":
+            opts = dist.AllreduceOptions()
+            opts.reduceOp = reduce_op  # type: ignore[assignment]  # torch's stub is narrower
+            self.backend.allreduce([tensor], opts).wait()
+        else:
+            dist.all_reduce(tensor, reduce_op)
+
+    def close(self) -> None:
+        """Leave the group (best effort: a peer may already be gone)."""
+        if self.size == 1 or self.backend is None:
+            return
+        import torch.distributed as dist
+
+        try:
+            if self.device.type == "cpu":
+                self.backend.shutdown()
+            elif dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception:  # pragma: no cover - shutting down anyway
+            logger.debug("leaving the TP group failed", exc_info=True)
+        self.backend = None
+
+
+def split_host_port(addr: str) -> tuple[str, int]:
+    """'HOST:PORT' (or '[v6]:PORT') -> (host, port); ValueError when malformed."""
+    host, sep, port = addr.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected HOST:PORT, got {addr!r}")
+    return host.strip("[]"), int(port)
+
+
+def bind_address(host: str) -> str:
+    """The address this node's collectives bind to: its --host, or loopback for a
+    wildcard --host on a single node."""
+    return "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
+
+
+def init_tp_group(
+    rank: int,
+    size: int,
+    init_addr: str,
+    bind_host: str,
+    timeout_s: float,
+    device: torch.device,
+) -> TPGroup:
+    """Join the TP group: rendezvous on a TCPStore at `init_addr` (rank 0 serves it, bound
+    to that address only), then gloo (CPU, bound to `bind_host`) or NCCL (CUDA).
+    `timeout_s` bounds the rendezvous and every collective: a peer that hangs fails the
+    step instead of blocking forever; one that dies fails it at once (closed connection)."""
+    if size == 1:
+        return TPGroup(device=device)
+    import torch.distributed as dist
+
+    host, port = split_host_port(init_addr)
+    timeout = timedelta(seconds=timeout_s)
+    if rank == 0:
+        # Listen on the rendezvous address only (TCPStore alone would take every interface).
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+        store = dist.TCPStore(
+            host, port, size, True, timeout, wait_for_workers=False, master_listen_fd=sock.detach()
+        )
+    else:
+        store = dist.TCPStore(host, port, size, False, timeout)
+    prefixed = dist.PrefixStore("pdcore-tp", store)
+    if device.type == "cpu":
+        opts = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
+        opts._timeout = timeout
+        opts._devices = [dist.ProcessGroupGloo.create_device(hostname=bind_host)]
+        backend: Any = dist.ProcessGroupGloo(prefixed, rank, size, opts)
+    else:
+        dist.init_process_group(
+            "nccl", store=prefixed, rank=rank, world_size=size, timeout=timeout, device_id=device
+        )
+        backend = dist.group.WORLD
+    group = TPGroup(rank=rank, size=size, backend=backend, device=device, store=store)
+    logger.info(
+        "TP rank %d of %d joined (%s)", rank, size, "gloo" if device.type == "cpu" else "nccl"
+    )
+    return group
