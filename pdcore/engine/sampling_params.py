@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -58,14 +59,20 @@ class SamplingParams:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> SamplingParams:
-        """Build and validate from a JSON object (SGLang's `sampling_params`)."""
+    def from_dict(
+        cls, data: dict[str, Any] | None, defaults: Mapping[str, Any] | None = None
+    ) -> SamplingParams:
+        """Build and validate from a JSON object (SGLang's `sampling_params`).
+
+        `defaults` (the model's, see `pdcore.model.generation_defaults`) fill the fields the
+        object leaves unset or null; a value the object gives always wins.
+        """
         if data is None:
             data = {}
         if not isinstance(data, dict):
             raise SamplingParamsError("sampling_params", "sampling_params must be an object")
         known = {f.name for f in fields(cls)}
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = {k: v for k, v in (defaults or {}).items() if k in known}
         for key, value in data.items():
             if key in known:
                 if value is not None:

@@ -7,6 +7,7 @@ else. Pure functions over JSON values: tested without an engine.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,18 +38,21 @@ def _opt(
 
 
 def validate_sampling(
-    data: dict[str, Any], renames: dict[str, str] | None = None
+    data: dict[str, Any],
+    renames: dict[str, str] | None = None,
+    defaults: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Validate with SamplingParams; return the normalized dict the engine receives.
 
     `renames` maps our field names back to the client's (max_new_tokens -> max_tokens) so
-    the error names the field the client actually sent.
+    the error names the field the client actually sent. `defaults` are the model's sampling
+    defaults (`--sampling-defaults model`): they fill what the request leaves unset.
     """
     n = data.get("n")
     if n is not None and n != 1:
         raise ProtocolError("Only n=1 is supported", param="n")
     try:
-        return SamplingParams.from_dict(data).to_dict()
+        return SamplingParams.from_dict(data, defaults).to_dict()
     except SamplingParamsError as exc:
         param = (renames or {}).get(exc.param, exc.param)
         raise ProtocolError(str(exc).replace(exc.param, param, 1), param=param) from exc
@@ -88,7 +92,7 @@ def _per_prompt(value: Any, n: int, name: str, ok: Any) -> list[Any]:
     return values
 
 
-def parse_generate(body: Any) -> GenerateRequest:
+def parse_generate(body: Any, defaults: Mapping[str, Any] | None = None) -> GenerateRequest:
     body = require_object(body)
     for name in _UNSUPPORTED_INPUTS:
         if body.get(name) is not None:
@@ -122,7 +126,7 @@ def parse_generate(body: Any) -> GenerateRequest:
         "sampling_params",
         lambda v: v is None or isinstance(v, dict),
     )
-    sampling = [validate_sampling(sp or {}) for sp in sp_list]
+    sampling = [validate_sampling(sp or {}, defaults=defaults) for sp in sp_list]
     logprob = _per_prompt(
         body.get("return_logprob") or False, n, "return_logprob", lambda v: isinstance(v, bool)
     )
@@ -197,7 +201,9 @@ class OpenAIRequest:
     bootstrap_room: Any = None
 
 
-def _openai_common(body: dict[str, Any], default_max_tokens: int | None) -> OpenAIRequest:
+def _openai_common(
+    body: dict[str, Any], default_max_tokens: int | None, defaults: Mapping[str, Any] | None
+) -> OpenAIRequest:
     if body.get("best_of") not in (None, 1):
         raise ProtocolError("Only best_of=1 is supported", param="best_of")
     max_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else None
@@ -214,7 +220,7 @@ def _openai_common(body: dict[str, Any], default_max_tokens: int | None) -> Open
     stream_options = _opt(body, "stream_options", dict, {})
     return OpenAIRequest(
         model=_opt(body, "model", str),
-        sampling=validate_sampling(sampling, renames),
+        sampling=validate_sampling(sampling, renames, defaults),
         max_tokens_given=max_key is not None or default_max_tokens is not None,
         stream=_opt(body, "stream", bool, False),
         include_usage=bool(stream_options.get("include_usage", False)),
@@ -225,7 +231,7 @@ def _openai_common(body: dict[str, Any], default_max_tokens: int | None) -> Open
     )
 
 
-def parse_completion(body: Any) -> OpenAIRequest:
+def parse_completion(body: Any, defaults: Mapping[str, Any] | None = None) -> OpenAIRequest:
     body = require_object(body)
     prompt = body.get("prompt")
     if isinstance(prompt, str) or _is_int_list(prompt) and prompt:
@@ -242,7 +248,7 @@ def parse_completion(body: Any) -> OpenAIRequest:
         raise ProtocolError("The prompt is empty", param="prompt")
     if body.get("suffix"):
         raise ProtocolError("'suffix' is not supported", param="suffix")
-    req = _openai_common(body, default_max_tokens=16)
+    req = _openai_common(body, default_max_tokens=16, defaults=defaults)
     req.prompts = prompts
     logprobs = _opt(body, "logprobs", int)
     if logprobs is not None and not 0 <= logprobs <= 20:
@@ -252,12 +258,12 @@ def parse_completion(body: Any) -> OpenAIRequest:
     return req
 
 
-def parse_chat(body: Any) -> OpenAIRequest:
+def parse_chat(body: Any, defaults: Mapping[str, Any] | None = None) -> OpenAIRequest:
     body = require_object(body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ProtocolError("'messages' must be a non-empty list", param="messages")
-    req = _openai_common(body, default_max_tokens=None)
+    req = _openai_common(body, default_max_tokens=None, defaults=defaults)
     req.messages = [_normalize_message(m) for m in messages]
     if _opt(body, "logprobs", bool, False):
         top = _opt(body, "top_logprobs", int, 0)
