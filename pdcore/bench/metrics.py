@@ -113,9 +113,7 @@ def compute_metrics(
         "failure_reasons": failure_reasons(results),
         "duration": duration_s,
         "total_input_tokens": total_in,
-        "total_input_tokens_server": (
-            sum(server_in) if ok and None not in server_in else None
-        ),
+        "total_input_tokens_server": (sum(server_in) if ok and None not in server_in else None),
         "total_output_tokens": total_out,
         "request_throughput": len(ok) / duration_s,
         "input_throughput": total_in / duration_s,
