@@ -25,21 +25,14 @@ from pdcore.disagg.io_loop import IOLoop
 from pdcore.disagg.kv_poll import KVPoll
 from pdcore.disagg.messages import (
     PROTOCOL_VERSION,
-    KVSpec,
     MessageError,
     pack,
     unpack,
     unpack_done,
 )
-from pdcore.disagg.metrics import TransferStats
 from pdcore.disagg.settings import DisaggSettings
-from pdcore.disagg.transfer import (
-    KVLayout,
-    TransferConfig,
-    create_transfer_backend,
-    default_local_id,
-)
 from pdcore.disagg.transfer_queues import is_part
+from pdcore.disagg.transfer_side import TransferSide
 from pdcore.model.kv_pool import KVPool
 
 logger = logging.getLogger(__name__)
@@ -119,20 +112,14 @@ class DecodeKVManager:
     def __init__(self, settings: DisaggSettings, pool: KVPool, host: str) -> None:
         self.settings = settings
         self.lock = threading.RLock()
-        self.layout = KVLayout.from_pool(pool)
-        name = settings.disaggregation_transfer_backend
-        self.spec = KVSpec.from_pool(name, pool)
-        self.bytes_per_page = 2 * self.layout.num_layers * self.layout.page_bytes
-        self.backend = create_transfer_backend(
-            name,
-            TransferConfig(
-                local_id="decode-" + default_local_id(),
-                host=host,
-                ib_device=settings.disaggregation_ib_device,
-                timeout_s=settings.disaggregation_waiting_timeout,
-            ),
+        side = TransferSide.open("decode", settings, pool, host)
+        self.layout, self.spec, self.backend, self.stats = (
+            side.layout,
+            side.spec,
+            side.backend,
+            side.stats,
         )
-        self.stats = TransferStats(name)
+        self.bytes_per_page = 2 * self.layout.num_layers * self.layout.page_bytes
         self.peers: dict[PeerKey, _Prefill] = {}
         self._by_backend_id: dict[str, _Prefill] = {}
         self._pool = ThreadPoolExecutor(

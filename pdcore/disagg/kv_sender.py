@@ -21,20 +21,17 @@ import zmq
 
 from pdcore.disagg.bootstrap import BootstrapServer
 from pdcore.disagg.kv_poll import KVPoll
-from pdcore.disagg.messages import PROTOCOL_VERSION, KVSpec, MessageError, pack, pack_done, unpack
-from pdcore.disagg.metrics import TransferStats
+from pdcore.disagg.messages import PROTOCOL_VERSION, MessageError, pack, pack_done, unpack
 from pdcore.disagg.settings import DisaggSettings
 from pdcore.disagg.transfer import (
     BatchState,
     BatchStatus,
     KVLayout,
-    TransferConfig,
     TransferError,
-    create_transfer_backend,
-    default_local_id,
     kv_page_runs,
 )
 from pdcore.disagg.transfer_queues import SendJob, TransferQueues
+from pdcore.disagg.transfer_side import TransferSide
 from pdcore.model.kv_pool import KVPool
 
 logger = logging.getLogger(__name__)
@@ -136,19 +133,13 @@ class PrefillKVManager:
     def __init__(self, settings: DisaggSettings, pool: KVPool, host: str) -> None:
         self.settings = settings
         self.lock = threading.RLock()
-        self.layout = KVLayout.from_pool(pool)
-        name = settings.disaggregation_transfer_backend
-        self.spec = KVSpec.from_pool(name, pool)
-        self.backend = create_transfer_backend(
-            name,
-            TransferConfig(
-                local_id="prefill-" + default_local_id(),
-                host=host,
-                ib_device=settings.disaggregation_ib_device,
-                timeout_s=settings.disaggregation_bootstrap_timeout,
-            ),
+        side = TransferSide.open("prefill", settings, pool, host)
+        self.layout, self.spec, self.backend, self.stats = (
+            side.layout,
+            side.spec,
+            side.backend,
+            side.stats,
         )
-        self.stats = TransferStats(name)
         self.queues = TransferQueues(
             self.backend,
             self.lock,

@@ -1,0 +1,52 @@
+"""What both KV managers (sender on prefill, receiver on decode) set up first: the pool's
+layout and wire spec, and their own transfer backend, named by the settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pdcore.disagg.messages import KVSpec
+from pdcore.disagg.metrics import TransferStats
+from pdcore.disagg.settings import DisaggSettings
+from pdcore.disagg.transfer import (
+    KVLayout,
+    TransferBackend,
+    TransferConfig,
+    create_transfer_backend,
+    default_local_id,
+)
+from pdcore.model.kv_pool import KVPool
+
+
+@dataclass
+class TransferSide:
+    layout: KVLayout
+    spec: KVSpec
+    backend: TransferBackend
+    stats: TransferStats
+
+    @classmethod
+    def open(
+        cls, role: Literal["prefill", "decode"], settings: DisaggSettings, pool: KVPool, host: str
+    ) -> TransferSide:
+        """The backend's deadline is the side's own wait: prefill's bootstrap timeout, or
+        decode's waiting timeout."""
+        name = settings.disaggregation_transfer_backend
+        timeout = (
+            settings.disaggregation_bootstrap_timeout
+            if role == "prefill"
+            else settings.disaggregation_waiting_timeout
+        )
+        backend = create_transfer_backend(
+            name,
+            TransferConfig(
+                local_id=f"{role}-{default_local_id()}",
+                host=host,
+                ib_device=settings.disaggregation_ib_device,
+                timeout_s=timeout,
+            ),
+        )
+        return cls(
+            KVLayout.from_pool(pool), KVSpec.from_pool(name, pool), backend, TransferStats(name)
+        )
