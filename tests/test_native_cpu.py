@@ -1,93 +1,174 @@
-"""Our bf16 CPU kernels against fp32 references (fresh random inputs each run).
+"""Our CPU kernels, every ISA variant this CPU can run, against torch references (fresh
+random inputs each run). Variants the CPU lacks are skipped with the missing features named;
+the NEON variant is at least cross-compiled where an aarch64 compiler is installed.
 
-bf16 keeps 8 bits of mantissa, so results are compared with a relative tolerance of a few
-bf16 ulps (2^-8 = 0.4%) against fp32 math on the same bf16 inputs."""
+bf16 keeps 8 bits of mantissa, so bf16 results are compared with a relative tolerance of a
+few bf16 ulps (2^-8 = 0.4%) against fp32 math on the same bf16 inputs; fp32 results with
+fp32 tolerances."""
 
 from __future__ import annotations
 
+import platform
 import random
+import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from pdcore.engine.attention_torch import TorchAttentionBackend
-from pdcore.engine.forward_batch import ForwardBatch
-from pdcore.engine.kv_pool import KVPool
 from pdcore.model import native_cpu
+from pdcore.model.forward_batch import ForwardBatch
+from pdcore.model.kv_pool import KVPool
+from pdcore.model.rope import RotaryTable, apply_rotary
 
-BF16 = native_cpu.kernels(torch.bfloat16)
-F32 = native_cpu.kernels(torch.float32)
-pytestmark = pytest.mark.skipif(
-    BF16 is None or F32 is None, reason="needs a CPU with AVX512-BF16 and a C compiler"
-)
 TOL = 1.5e-2
+DTYPES = [torch.bfloat16, torch.float32]
+
+
+def _isa_param(name: str):
+    reason = ""
+    if name not in native_cpu.supported_variants():
+        reason = f"this CPU ({platform.machine()}) lacks {native_cpu._missing(name)}"
+    elif shutil.which("cc") is None and shutil.which("gcc") is None:
+        reason = "no C compiler"
+    return pytest.param(name, marks=pytest.mark.skipif(bool(reason), reason=reason), id=name)
+
+
+ISAS = [_isa_param(name) for name in native_cpu.VARIANTS]
+
+
+def kern(isa: str, dtype: torch.dtype) -> native_cpu.Kernels:
+    k = native_cpu.kernels(dtype, isa)
+    assert k is not None, f"{isa} is supported here but failed to build (see the log)"
+    return k
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
 
 
+def tol(dtype: torch.dtype) -> float:
+    return TOL if dtype == torch.bfloat16 else 2e-6
+
+
 def bf16(*shape: int) -> torch.Tensor:
     return torch.randn(*shape).to(torch.bfloat16)
 
 
-def test_fp32_skinny_gemm_with_bias() -> None:
-    """The fp32 model path: same kernel, fp32 weights and outputs, fp32 accuracy."""
-    for m, n, k in [(1, 96, 64), (13, 80, 576), (32, 576, 1536)]:
-        w, x, bias = torch.randn(n, k), torch.randn(m, k), torch.randn(n)
-        y = F32.gemm(x, native_cpu.pack(w), n, bias)
-        assert y.dtype == torch.float32 and rel_err(y, x @ w.T + bias) < 1e-5
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_skinny_gemm_every_row_count_and_ragged_shapes(isa: str, dtype: torch.dtype) -> None:
+    """M = 1..32 (every tile height and remainder), N not a multiple of 16, K odd, bias."""
+    k_ = kern(isa, dtype)
+    for n, k in [(96, 64), (80, 577), (17, 33), (5, 1), (200, 1536)]:
+        w, bias = torch.randn(n, k).to(dtype), torch.randn(n).to(dtype)
+        packed = native_cpu.pack(w)
+        for m in range(1, 33):
+            x = torch.randn(m, k).to(dtype)
+            y = k_.gemm(x, packed, n, bias if m % 2 else None)
+            want = x.float() @ w.float().T + (bias.float() if m % 2 else 0)
+            assert y.shape == (m, n) and y.dtype == dtype
+            assert rel_err(y, want) < tol(dtype) * (1 + k / 1000), (n, k, m)
 
 
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("m", [1, 3, 8, 13, 32])
-@pytest.mark.parametrize("n,k", [(96, 64), (80, 576), (576, 1536)])
-def test_skinny_gemm(m: int, n: int, k: int) -> None:
+def test_skinny_gemm_strided_rows(isa: str, m: int) -> None:
+    n, k = 80, 576
     w, x = bf16(n, k), bf16(m, k)
-    y = BF16.gemm(x, native_cpu.pack(w), n)
-    assert y.shape == (m, n) and y.dtype == torch.bfloat16
-    assert rel_err(y, x.float() @ w.float().T) < TOL
-    # strided rows (a slice of a wider activation) give the same answer
-    wide = bf16(m, k + 32)
+    y = kern(isa, torch.bfloat16).gemm(x, native_cpu.pack(w), n)
+    wide = bf16(m, k + 32)  # a slice of a wider activation gives the same answer
     wide[:, :k] = x
-    assert torch.equal(BF16.gemm(wide[:, :k], native_cpu.pack(w), n), y)
+    assert torch.equal(kern(isa, torch.bfloat16).gemm(wide[:, :k], native_cpu.pack(w), n), y)
 
 
-def test_rms_norm_with_and_without_residual() -> None:
+@pytest.mark.parametrize("isa", ISAS)
+def test_fp32_gemm_with_bf16_weights(isa: str) -> None:
+    """fp32 compute on bf16-stored weights (widened in registers): fp32 accuracy against
+    the same bf16 weights in fp32."""
+    for m, n, k in [(1, 96, 64), (13, 81, 575), (32, 576, 1536)]:
+        w, x, bias = torch.randn(n, k).to(torch.bfloat16), torch.randn(m, k), torch.randn(n)
+        y = kern(isa, torch.float32).gemm(x, native_cpu.pack(w), n, bias)
+        assert y.dtype == torch.float32
+        assert rel_err(y, x @ w.float().T + bias) < 1e-5
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_skinny_gemm_adds_bias_before_rounding(isa: str) -> None:
+    """Exact: 256 + 1 (+ bias 1) is 258, which bf16 holds; rounding 257 to bf16 first
+    (256) and then adding 1 would give 256 again."""
+    m, n, k = 3, 32, 16
+    w = torch.zeros(n, k, dtype=torch.bfloat16)
+    w[:, 0], w[:, 1] = 256, 1
+    x, bias = torch.ones(m, k, dtype=torch.bfloat16), torch.ones(n, dtype=torch.bfloat16)
+    y = kern(isa, torch.bfloat16).gemm(x, native_cpu.pack(w), n, bias)
+    assert torch.equal(y, torch.full((m, n), 258.0, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_with_and_without_residual(isa: str, dtype: torch.dtype) -> None:
     h, eps = 576, 1e-5
-    x, delta, w = bf16(5, h), bf16(5, h), bf16(h)
+    x, delta, w = (torch.randn(*s).to(dtype) for s in [(5, h), (5, h), (h,)])
 
     def ref(v: torch.Tensor) -> torch.Tensor:  # transformers' LlamaRMSNorm, in fp32
         v = v.float()
         return w.float() * (v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps))
 
-    assert rel_err(BF16.rms_norm(x.clone(), w, eps), ref(x)) < TOL
+    k_ = kern(isa, dtype)
+    assert rel_err(k_.rms_norm(x.clone(), w, eps), ref(x)) < tol(dtype)
     residual = x.clone()
-    out = BF16.rms_norm(residual, w, eps, delta=delta)
-    assert torch.equal(residual, x + delta)  # bf16 add, written back in place
-    assert rel_err(out, ref(x + delta)) < TOL
+    out = k_.rms_norm(residual, w, eps, delta=delta)
+    assert torch.equal(residual, x + delta)  # the add in the storage type, written back
+    assert rel_err(out, ref(x + delta)) < tol(dtype)
+    if dtype == torch.float32:
+        assert rel_err(out, F.rms_norm(x + delta, (h,), w, eps)) < 1e-6
 
 
-def test_silu_mul() -> None:
-    gate_up = bf16(7, 2 * 1536) * 4
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul(isa: str, dtype: torch.dtype) -> None:
+    gate_up = (torch.randn(7, 2 * 1536) * 4).to(dtype)
+    gate_up[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -87.5])  # exp's clamps
     want = F.silu(gate_up[:, :1536].float()) * gate_up[:, 1536:].float()
-    assert rel_err(BF16.silu_mul(gate_up), want) < TOL
+    assert rel_err(kern(isa, dtype).silu_mul(gate_up), want) < tol(dtype) / 2
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize(
-    "heads,kv_heads,dim,page", [(9, 3, 64, 16), (8, 8, 64, 1), (32, 8, 128, 4)]
-)
-def test_decode_attention_matches_sdpa(
-    heads: int, kv_heads: int, dim: int, page: int, dtype: torch.dtype
-) -> None:
+@pytest.mark.parametrize("isa", ISAS)
+def test_rope_in_place_matches_transformers_form(isa: str) -> None:
+    """bf16: bit-exact against the torch path (same roundings, op by op)."""
+    heads, kv_heads, dim = 9, 3, 64
+    table = RotaryTable(dim, 10000.0, None, 256, torch.bfloat16, torch.device("cpu"))
+    positions = torch.tensor([0, 7, 200, 31])
+    qkv = bf16(4, (heads + 2 * kv_heads) * dim)
+    want = apply_rotary(
+        qkv[:, : (heads + kv_heads) * dim].view(4, -1, dim), *table.lookup(positions)
+    )
+    got = qkv.clone()
+    kern(isa, torch.bfloat16).rope_(got, heads + kv_heads, dim, table.cos, table.sin, positions)
+    assert torch.equal(got[:, : (heads + kv_heads) * dim].view(4, -1, dim), want)
+    assert torch.equal(got[:, (heads + kv_heads) * dim :], qkv[:, (heads + kv_heads) * dim :])
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_fp32_rope_matches_torch(isa: str) -> None:
+    table = RotaryTable(128, 10000.0, None, 64, torch.float32, torch.device("cpu"))
+    positions = torch.tensor([0, 5, 63])
+    qkv = torch.randn(3, 5 * 128)
+    want = apply_rotary(qkv[:, : 4 * 128].view(3, 4, 128), *table.lookup(positions))
+    kern(isa, torch.float32).rope_(qkv, 4, 128, table.cos, table.sin, positions)
+    assert rel_err(qkv[:, : 4 * 128].view(3, 4, 128), want) < 1e-6
+
+
+def _paged_case(heads: int, kv_heads: int, dim: int, page: int, dtype: torch.dtype):
     pool = KVPool(
         num_layers=1, num_pages=400, page_size=page, num_kv_heads=kv_heads, head_dim=dim,
         dtype=dtype, device=torch.device("cpu"),
     )  # fmt: skip
     pool.k.normal_()
     pool.v.normal_()
-    lens = [random.randint(1, 70) for _ in range(6)]
+    lens = [1, 2, 15, 16, 17, *(random.randint(1, 70) for _ in range(4))]
     free = random.sample(range(1, 400), 399)
     tables = [[free.pop() for _ in range(-(-n // page))] for n in lens]
     out_slots = torch.tensor(
@@ -101,15 +182,15 @@ def test_decode_attention_matches_sdpa(
         positions=torch.zeros(b, dtype=torch.long), out_slots=out_slots, seq_lens=lens,
         extend_lens=[1] * b, page_tables=tables, logits_indices=torch.arange(b), page_size=page,
     )  # fmt: skip
-    backend = TorchAttentionBackend(heads, kv_heads, dim, "cpu", dtype)
-    assert backend._native is not None
-    backend.prepare(batch, pool)
-    got = backend.forward(0, q, k, v, batch, pool)
+    return pool, lens, tables, out_slots, batch, q, k, v
+
+
+def _check_attention(got, pool, lens, tables, out_slots, q, k, v, page, dtype) -> None:
     # the new K/V rows landed in their slots
     assert torch.equal(pool.k_flat(0)[out_slots], k) and torch.equal(pool.v_flat(0)[out_slots], v)
-    # reference: fp32 attention over each sequence's slots
-    group = heads // kv_heads
-    for i, (table, n) in enumerate(zip(tables, lens)):
+    heads, dim = q.shape[1], q.shape[2]
+    group = heads // k.shape[1]
+    for i, (table, n) in enumerate(zip(tables, lens)):  # fp32 attention over its slots
         slots = torch.tensor([table[t // page] * page + t % page for t in range(n)])
         keys = pool.k_flat(0)[slots].float().repeat_interleave(group, dim=1)  # [n, H, D]
         vals = pool.v_flat(0)[slots].float().repeat_interleave(group, dim=1)
@@ -118,48 +199,76 @@ def test_decode_attention_matches_sdpa(
         assert rel_err(got[i], want) < (TOL if dtype == torch.bfloat16 else 1e-5), (i, n)
 
 
-def test_rope_in_place_matches_transformers_form() -> None:
-    from pdcore.model.rope import RotaryTable, apply_rotary
-
-    heads, kv_heads, dim = 9, 3, 64
-    table = RotaryTable(dim, 10000.0, None, 256, torch.bfloat16, torch.device("cpu"))
-    positions = torch.tensor([0, 7, 200, 31])
-    qkv = bf16(4, (heads + 2 * kv_heads) * dim)
-    want = apply_rotary(
-        qkv[:, : (heads + kv_heads) * dim].view(4, -1, dim), *table.lookup(positions)
-    )
-    got = qkv.clone()
-    BF16.rope_(got, heads + kv_heads, dim, table.cos, table.sin, positions)
-    assert torch.equal(got[:, : (heads + kv_heads) * dim].view(4, -1, dim), want)
-    assert torch.equal(got[:, (heads + kv_heads) * dim :], qkv[:, (heads + kv_heads) * dim :])
-
-
-def test_skinny_gemm_adds_bias_before_rounding() -> None:
-    """Exact: 256 + 1 (+ bias 1) is 258, which bf16 holds; rounding 257 to bf16 first
-    (256) and then adding 1 would give 256 again."""
-    m, n, k = 3, 32, 16
-    w = torch.zeros(n, k, dtype=torch.bfloat16)
-    w[:, 0], w[:, 1] = 256, 1
-    x, bias = torch.ones(m, k, dtype=torch.bfloat16), torch.ones(n, dtype=torch.bfloat16)
-    y = BF16.gemm(x, native_cpu.pack(w), n, bias)
-    assert torch.equal(y, torch.full((m, n), 258.0, dtype=torch.bfloat16))
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "heads,kv_heads,dim,page",
+    [(9, 3, 64, 16), (8, 8, 64, 1), (32, 8, 128, 4), (12, 2, 96, 16), (4, 1, 256, 4)],
+)
+def test_decode_attention_matches_reference(
+    isa: str, dtype: torch.dtype, heads: int, kv_heads: int, dim: int, page: int
+) -> None:
+    """Page sizes 1/4/16, GQA ratios 1/3/4/6/4, head_dim 64/96/128/256."""
+    pool, lens, tables, out_slots, batch, q, k, v = _paged_case(heads, kv_heads, dim, page, dtype)
+    backend = TorchAttentionBackend(heads, kv_heads, dim, "cpu", dtype)
+    backend.prepare(batch, pool)  # builds the slot table the kernel reads
+    meta = batch.attn_meta
+    got = kern(isa, dtype).decode_attention(
+        q, k, v, pool.k_flat(0), pool.v_flat(0), meta["slots"], out_slots,
+        meta["lens"], dim**-0.5,
+    )  # fmt: skip
+    _check_attention(got, pool, lens, tables, out_slots, q, k, v, page, dtype)
 
 
-def test_fp32_fused_ops_match_torch() -> None:
-    from pdcore.model.rope import RotaryTable, apply_rotary
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_backend_uses_the_picked_variant(dtype: torch.dtype) -> None:
+    if native_cpu.kernels(dtype) is None:
+        pytest.skip(f"no kernels here: {native_cpu.describe()}")
+    heads, kv_heads, dim, page = 9, 3, 64, 16
+    pool, lens, tables, out_slots, batch, q, k, v = _paged_case(heads, kv_heads, dim, page, dtype)
+    backend = TorchAttentionBackend(heads, kv_heads, dim, "cpu", dtype)
+    assert backend._native is not None
+    backend.prepare(batch, pool)
+    got = backend.forward(0, q, k, v, batch, pool)
+    _check_attention(got, pool, lens, tables, out_slots, q, k, v, page, dtype)
 
-    h, eps = 576, 1e-5
-    x, delta, w = torch.randn(5, h), torch.randn(5, h), torch.randn(h)
-    want = F.rms_norm(x + delta, (h,), w, eps)
-    residual = x.clone()
-    got = F32.rms_norm(residual, w, eps, delta=delta)
-    assert torch.equal(residual, x + delta) and rel_err(got, want) < 1e-6
-    gate_up = torch.randn(3, 2 * 64) * 4
-    want = F.silu(gate_up[:, :64]) * gate_up[:, 64:]
-    assert rel_err(F32.silu_mul(gate_up), want) < 1e-6
-    table = RotaryTable(64, 10000.0, None, 64, torch.float32, torch.device("cpu"))
-    positions = torch.tensor([0, 5, 63])
-    qkv = torch.randn(3, 5 * 64)
-    want = apply_rotary(qkv[:, : 4 * 64].view(3, 4, 64), *table.lookup(positions))
-    F32.rope_(qkv, 4, 64, table.cos, table.sin, positions)
-    assert rel_err(qkv[:, : 4 * 64].view(3, 4, 64), want) < 1e-6
+
+def test_variant_choice_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    supported = native_cpu.supported_variants()
+    monkeypatch.setenv("PDCORE_DISABLE_NATIVE_KERNELS", "1")
+    assert native_cpu.pick_variant()[0] is None
+    monkeypatch.delenv("PDCORE_DISABLE_NATIVE_KERNELS")
+    assert native_cpu.pick_variant()[0] == (supported[0] if supported else None)
+    monkeypatch.setenv("PDCORE_CPU_ISA", "nonsense")
+    isa, why = native_cpu.pick_variant()
+    assert isa is None and "nonsense" in why
+    for name in native_cpu.VARIANTS:
+        monkeypatch.setenv("PDCORE_CPU_ISA", name)
+        isa, why = native_cpu.pick_variant()
+        assert (isa == name) == (name in supported), why
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="x86-64 variants")
+@pytest.mark.parametrize("isa", ["avx2", "avx512", "avx512bf16"])
+def test_x86_variants_compile(isa: str, tmp_path) -> None:
+    """Every x86 variant builds here even where the CPU cannot run it."""
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler")
+    native_cpu.compile_variant(isa, tmp_path / f"{isa}.so")
+    assert b"pdcore_f32_bf16w_skinny_gemm" in (tmp_path / f"{isa}.so").read_bytes()
+
+
+@pytest.mark.skipif(
+    shutil.which("aarch64-linux-gnu-gcc") is None,
+    reason="no aarch64-linux-gnu-gcc (apt-get install gcc-aarch64-linux-gnu)",
+)
+def test_neon_variant_cross_compiles(tmp_path) -> None:
+    """The NEON build compiles and exports every kernel (it runs on ARM machines only)."""
+    out = tmp_path / "neon.so"
+    native_cpu.compile_variant("neon", out, cc="aarch64-linux-gnu-gcc")
+    assert out.read_bytes()[:4] == b"\x7fELF" and out.read_bytes()[18] == 183  # EM_AARCH64
+    symbols = out.read_bytes()
+    for kind in ("bf16", "f32"):
+        for fn in ("skinny_gemm", "rms_norm", "silu_mul", "rope", "decode_attention"):
+            assert f"pdcore_{kind}_{fn}".encode() in symbols
+    assert b"pdcore_f32_bf16w_skinny_gemm" in symbols

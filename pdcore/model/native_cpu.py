@@ -1,12 +1,19 @@
 """Our CPU kernels for bf16 and fp32 models (`kernels/*.c`: skinny GEMM, RMSNorm fused
 with the residual add, SiLU-and-mul, RoPE, paged decode attention), compiled once per machine.
 
-Why compiled at first use rather than at install: the kernel needs AVX512-BF16, which only
-the machine that runs it can vouch for, and a plain C file built by the system compiler
-needs neither torch's headers nor a build step in `pip install`. The shared object is cached
-under the pdcore cache directory (keyed by the source's hash) and called through ctypes.
-Anything missing (no AVX512-BF16, no C compiler, a failed build) means `load()` returns
-None and callers keep the torch/oneDNN/MKL path: a speed-up, never a requirement.
+One C source for every CPU: the kernels are written with GCC's vector extensions
+(`kernels/vec.h`) and built per ISA variant -- x86-64-v3 (AVX2+FMA), x86-64-v4 (AVX512F),
+x86-64-v4 + AVX512-BF16, ARM64 NEON -- each with its own flags, so the compiler picks the
+vector width and instructions. At first use the best variant this CPU supports (its
+/proc/cpuinfo flags) is compiled by the system C compiler, cached under the pdcore cache
+directory (keyed by variant, flags and the sources' hash) and called through ctypes.
+
+Why compiled at first use rather than at install: only the machine that runs the kernels can
+vouch for its ISA, and a plain C file built by the system compiler needs neither torch's
+headers nor a build step in `pip install`. Anything missing (no supported ISA, no C
+compiler, a failed build, PDCORE_DISABLE_NATIVE_KERNELS=1) means `load()` returns None, the
+reason is logged, and callers keep the torch/oneDNN/MKL path: a speed-up, never a
+requirement. PDCORE_CPU_ISA=<variant> forces one variant (tests run each one the CPU has).
 """
 
 from __future__ import annotations
@@ -15,28 +22,104 @@ import ctypes
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
-from functools import cache, lru_cache
+from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
+from typing import Any
 
 import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCES = sorted((Path(__file__).with_name("kernels")).glob("bf16_*.c"))
-CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp"]
+KERNEL_DIR = Path(__file__).with_name("kernels")
+SOURCES = sorted(KERNEL_DIR.glob("*.c"))
 MAX_ROWS = 32
 """Above this many rows (prefill), the libraries' blocked GEMMs are as fast or faster."""
 
+# x86-64-v3 / v4 as the psABI defines them, in /proc/cpuinfo's spelling ("abm" = LZCNT).
+_X86_V3 = frozenset({"avx", "avx2", "fma", "f16c", "bmi1", "bmi2", "movbe", "abm", "xsave"})
+_X86_V4 = _X86_V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
 
-def _cpu_has_avx512_bf16() -> bool:
+
+@dataclass(frozen=True)
+class Variant:
+    """One build of the kernels: compiler flags and the CPU features they need."""
+
+    name: str
+    arch: str  # platform.machine() of the CPUs it runs on
+    cflags: tuple[str, ...]
+    needs: frozenset[str]
+    native_bf16: bool  # the CPU computes bf16 itself (no emulation in torch's bf16 GEMMs)
+
+
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in (  # in order of preference
+        Variant(
+            "avx512bf16", "x86_64", ("-march=x86-64-v4", "-mavx512bf16"),
+            _X86_V4 | {"avx512_bf16"}, True,
+        ),
+        Variant("avx512", "x86_64", ("-march=x86-64-v4",), _X86_V4, False),
+        Variant("avx2", "x86_64", ("-march=x86-64-v3",), _X86_V3, False),
+        Variant("neon", "aarch64", ("-march=armv8-a",), frozenset({"asimd"}), False),
+    )
+}  # fmt: skip
+_COMMON_FLAGS = ("-O3", "-fPIC", "-fopenmp", "-Wall")
+# a*b+c contracted to one FMA in the GEMM and attention; elementwise ops round as torch does
+_FILE_FLAGS = {"elementwise.c": ("-ffp-contract=off",)}
+
+
+@cache
+def cpu_features() -> frozenset[str]:
+    """This CPU's feature flags as /proc/cpuinfo spells them (empty where unreadable)."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    return "avx512_bf16" in flags
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+def supported_variants() -> list[str]:
+    """The variants this CPU can run, best first."""
+    machine, feats = platform.machine().lower(), cpu_features()
+    machine = {"arm64": "aarch64", "amd64": "x86_64"}.get(machine, machine)
+    return [v.name for v in VARIANTS.values() if v.arch == machine and v.needs <= feats]
+
+
+def pick_variant() -> tuple[str | None, str]:
+    """The variant to load and why (or None and why not)."""
+    if os.environ.get("PDCORE_DISABLE_NATIVE_KERNELS", "") not in ("", "0"):
+        return None, "disabled by PDCORE_DISABLE_NATIVE_KERNELS"
+    supported = supported_variants()
+    forced = os.environ.get("PDCORE_CPU_ISA", "").strip().lower()
+    if forced and forced != "auto":
+        if forced not in VARIANTS:
+            return None, f"PDCORE_CPU_ISA={forced!r} is none of {', '.join(VARIANTS)}"
+        if forced not in supported:
+            return None, f"PDCORE_CPU_ISA={forced}: this CPU lacks {_missing(forced)}"
+        return forced, "forced by PDCORE_CPU_ISA"
+    if not supported:
+        return (
+            None,
+            f"no kernel variant for this CPU ({platform.machine()}, needs AVX2+FMA, AVX512 or NEON)",
+        )
+    return supported[0], "best variant this CPU supports"
+
+
+def _missing(name: str) -> str:
+    v = VARIANTS[name]
+    lacking = sorted(v.needs - cpu_features())
+    if platform.machine().lower() not in (v.arch, {"x86_64": "amd64", "aarch64": "arm64"}[v.arch]):
+        lacking.insert(0, f"arch {v.arch}")
+    return ", ".join(lacking) or "nothing"
 
 
 def _cache_dir() -> Path:
@@ -44,67 +127,103 @@ def _cache_dir() -> Path:
     return Path(base) / "kernels"
 
 
-def _build(out: Path) -> None:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+def compile_variant(name: str, out: Path, cc: str | None = None) -> None:
+    """Build variant `name` into the shared object `out` (atomically) with `cc` (default:
+    $CC, cc or gcc). Raises RuntimeError or CalledProcessError (its stderr says why)."""
+    cc = cc or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise RuntimeError("no C compiler (cc/gcc) found")
+    flags = [*_COMMON_FLAGS, *VARIANTS[name].cflags]
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=out.parent, suffix=".so", delete=False) as tmp:
-        tmp_path = Path(tmp.name)
-    try:
-        cmd = [cc, *CFLAGS, "-shared", "-fPIC", *map(str, SOURCES), "-o", str(tmp_path)]
-        subprocess.run(cmd, check=True, capture_output=True, timeout=120)
-        tmp_path.replace(out)  # atomic: concurrent first starts never load a half-written file
-    finally:
-        tmp_path.unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        objs = []
+        for src in SOURCES:  # one object per file: per-file flags (fp contraction)
+            obj = Path(tmp) / (src.stem + ".o")
+            cmd = [cc, *flags, *_FILE_FLAGS.get(src.name, ()), "-c", str(src), "-o", str(obj)]
+            subprocess.run(cmd, check=True, capture_output=True, timeout=180)
+            objs.append(str(obj))
+        tmp_so = Path(tmp) / "kernels.so"
+        cmd = [cc, *flags, "-shared", *objs, "-o", str(tmp_so)]
+        subprocess.run(cmd, check=True, capture_output=True, timeout=180)
+        tmp_so.replace(out)  # atomic: concurrent first starts never load a half-written file
 
 
-@lru_cache(maxsize=1)
-def load() -> ctypes.CDLL | None:
-    """The compiled kernel, or None when this machine cannot use it (and why, in the log)."""
-    if os.environ.get("PDCORE_DISABLE_NATIVE_KERNELS", "") not in ("", "0"):
+def _so_path(name: str) -> Path:
+    h = hashlib.sha256(
+        " ".join([*_COMMON_FLAGS, *VARIANTS[name].cflags, str(_FILE_FLAGS)]).encode()
+    )
+    for src in sorted(KERNEL_DIR.iterdir()):  # the .c files and their header
+        if src.suffix in (".c", ".h"):
+            h.update(src.name.encode() + src.read_bytes())
+    return _cache_dir() / f"pdcore_kernels-{name}-{h.hexdigest()[:16]}.so"
+
+
+def load(isa: str | None = None) -> ctypes.CDLL | None:
+    """The compiled kernels -- variant `isa`, or the one `pick_variant()` names -- or None
+    when this machine cannot use them (and why, in the log)."""
+    return _load(isa)
+
+
+@cache
+def _load(isa: str | None) -> ctypes.CDLL | None:
+    if isa is None:
+        isa, why = pick_variant()
+        if isa is None:
+            logger.info("native CPU kernels off: %s", why)
+            return None
+        return _load(isa)
+    if isa not in supported_variants():
+        logger.info("native CPU kernels %s off: this CPU lacks %s", isa, _missing(isa))
         return None
-    if not _cpu_has_avx512_bf16():
-        return None
-    h = hashlib.sha256(" ".join(CFLAGS).encode())
-    for src in sorted(SOURCES[0].parent.glob("bf16_*")):  # the .c files and their header
-        h.update(src.read_bytes())
-    path = _cache_dir() / f"pdcore_bf16_kernels-{h.hexdigest()[:16]}.so"
+    path = _so_path(isa)
     try:
         if not path.exists():
-            _build(path)
+            compile_variant(isa, path)
         lib = ctypes.CDLL(str(path))  # torch is imported: its libgomp is the one reused
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         detail = getattr(exc, "stderr", b"") or b""
         logger.warning("native CPU kernels unavailable (%s) %s", exc, detail.decode()[-500:])
         return None
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    gemm = [p, i64, i64, p, p, i64, i64, p, i64, i32]
+    _declare(lib.pdcore_f32_bf16w_skinny_gemm, gemm)
     for kind in ("bf16", "f32"):
-        _declare(
-            getattr(lib, f"pdcore_{kind}_skinny_gemm"), [p, i64, i64, p, p, i64, i64, p, i64, i32]
-        )
+        _declare(getattr(lib, f"pdcore_{kind}_skinny_gemm"), gemm)
         _declare(getattr(lib, f"pdcore_{kind}_rms_norm"), [p, p, p, p, *[i64] * 5, f32])
         _declare(getattr(lib, f"pdcore_{kind}_silu_mul"), [p, p, i64, i64, i64, i64])
         _declare(getattr(lib, f"pdcore_{kind}_rope"), [p, i64, i64, i64, i64, p, p, p])
         attn = [p, i64, p, i64, p, i64, p, p, p, i64, p, p, i64, i64, i64, i64, f32, p, i32]
         _declare(getattr(lib, f"pdcore_{kind}_decode_attention"), attn)
+    lib.pdcore_isa = isa  # type: ignore[attr-defined]
+    logger.info("native CPU kernels: %s", isa)
     return lib
 
 
-def _declare(fn: ctypes._CFuncPtr, argtypes: list) -> None:
+def _declare(fn: Any, argtypes: list[Any]) -> None:
     fn.restype = None
     fn.argtypes = argtypes
 
 
+def describe() -> str:
+    """One line for the start-up log: the variant in use, or why none is."""
+    isa, why = pick_variant()
+    if isa is not None and load() is None:
+        return f"off ({isa} failed to build or load; see the warning above)"
+    return f"on ({isa}: {why})" if isa else f"off ({why}); torch path"
+
+
 def can_pack(weight: torch.Tensor) -> bool:
-    n, k = weight.shape
-    return weight.dtype in (torch.bfloat16, torch.float32) and n % 16 == 0 and k % 16 == 0
+    return weight.dim() == 2 and weight.dtype in (torch.bfloat16, torch.float32)
 
 
-def pack(weight: torch.Tensor) -> torch.Tensor:
-    """[N, K] -> [N/16, K, 16]: 16 output features at one k per 32 (bf16) or 64 (fp32) bytes."""
+def pack(weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """[N, K] -> [ceil(N/16), K, 16] (the last block zero-padded), in `dtype` (default: the
+    weight's): 16 output features at one k per 32 (bf16) or 64 (fp32) bytes."""
     n, k = weight.shape
-    return weight.reshape(n // 16, 16, k).permute(0, 2, 1).contiguous()
+    w = weight.to(dtype) if dtype is not None else weight
+    if n % 16:
+        w = torch.cat([w, w.new_zeros(16 - n % 16, k)])
+    return w.reshape(-1, 16, k).permute(0, 2, 1).contiguous()
 
 
 class Kernels:
@@ -114,7 +233,9 @@ class Kernels:
     def __init__(self, lib: ctypes.CDLL, dtype: torch.dtype) -> None:
         kind = "f32" if dtype == torch.float32 else "bf16"
         self.dtype = dtype
+        self.isa: str = str(lib.pdcore_isa)
         self._gemm = getattr(lib, f"pdcore_{kind}_skinny_gemm")
+        self._gemm_bf16w = lib.pdcore_f32_bf16w_skinny_gemm if kind == "f32" else self._gemm
         self._rms_norm = getattr(lib, f"pdcore_{kind}_rms_norm")
         self._silu_mul = getattr(lib, f"pdcore_{kind}_silu_mul")
         self._rope = getattr(lib, f"pdcore_{kind}_rope")
@@ -124,12 +245,14 @@ class Kernels:
         self, x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
         """x [M, K] (rows may be strided) @ W.T (+ bias, added before the one rounding, as
-        F.linear does) -> [M, N]; `packed` comes from `pack(W)`."""
+        F.linear does) -> [M, N]; `packed` comes from `pack(W)`, in x's dtype or, for fp32
+        x, in bf16 (weights widened to fp32 in registers)."""
         m, k = x.shape
         if x.stride(1) != 1:
             x = x.contiguous()
         y = torch.empty((m, n), dtype=x.dtype)
-        self._gemm(
+        fn = self._gemm if packed.dtype == x.dtype else self._gemm_bf16w
+        fn(
             x.data_ptr(), m, x.stride(0), packed.data_ptr(),
             0 if bias is None else bias.data_ptr(), n, k, y.data_ptr(), n,
             torch.get_num_threads(),
@@ -210,14 +333,22 @@ class Kernels:
 
 
 @cache
-def kernels(dtype: torch.dtype) -> Kernels | None:
-    """The kernels for `dtype` (bf16 or fp32), or None where they cannot run here."""
+def kernels(dtype: torch.dtype, isa: str | None = None) -> Kernels | None:
+    """The kernels for `dtype` (bf16 or fp32) -- variant `isa`, default the one picked for
+    this CPU -- or None where they cannot run here."""
     if dtype not in (torch.bfloat16, torch.float32):
         return None
-    lib = load()
+    lib = load(isa)
     return None if lib is None else Kernels(lib, dtype)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 itself (AVX512-BF16/AMX); elsewhere torch emulates
+    bf16 GEMMs in fp32, ~3x slower than fp32 itself."""
+    feats = cpu_features()
+    return "avx512_bf16" in feats or "amx_bf16" in feats
+
+
 def decode_attention_applies(num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
-    """Shapes the kernel handles (its register tiles are sized for head_dim <= 256)."""
+    """Shapes the kernel handles (d % 32 == 0; its scratch is sized for head_dim <= 256)."""
     return head_dim % 32 == 0 and head_dim <= 256 and num_heads % num_kv_heads == 0

@@ -1,11 +1,12 @@
-/* Paged decode attention for bf16 KV caches on CPUs with AVX512-BF16.
+/* Paged decode attention for bf16 or fp32 KV caches.
  *
  * Why: the generic path gathers every sequence's K and V out of the page pool into new
  * tensors (index_select), then runs SDPA over a padded batch with a mask -- at batch 32
  * that is two copies of the whole live KV cache per layer per step. Here each (sequence,
  * KV head) reads its K/V rows straight from the pool through the slot table, once, for
  * all the query heads of its GQA group, and the step's new K/V rows are written into the
- * pool by the same pass. Softmax is exact (two passes over the scores, in fp32).
+ * pool by the same pass. Softmax is exact (two passes over the scores, in fp32); bf16 rows
+ * are widened to fp32 in registers.
  */
 #include <math.h>
 #include <omp.h>
@@ -13,50 +14,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "bf16_common.h"
+#include "vec.h"
 
 #define MAX_DIM 256
-
-/* Sixteen horizontal sums at once: a tree of in-register shuffles and adds (~45
- * instructions for 16 sums instead of ~8 each). The sums come out in a shuffled lane order;
- * `order` (found once by probing, see reduce16_order) puts them back. */
-static inline __m512 sum_pairs_256(__m512 a, __m512 b) {
-    return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(1, 0, 1, 0)),
-                         _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 2, 3, 2)));
-}
-static inline __m512 sum_pairs_128(__m512 a, __m512 b) {
-    return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(2, 0, 2, 0)),
-                         _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 1, 3, 1)));
-}
-static inline __m512 sum_pairs_64(__m512 a, __m512 b) {
-    return _mm512_add_ps(_mm512_shuffle_ps(a, b, _MM_SHUFFLE(1, 0, 1, 0)),
-                         _mm512_shuffle_ps(a, b, _MM_SHUFFLE(3, 2, 3, 2)));
-}
-static inline __m512 sum_pairs_32(__m512 a, __m512 b) {
-    return _mm512_add_ps(_mm512_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0)),
-                         _mm512_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1)));
-}
-static inline __m512 reduce16_raw(const __m512 *v) {
-    __m512 l1[8], l2[4], l3[2];
-    for (int i = 0; i < 8; i++) l1[i] = sum_pairs_256(v[2 * i], v[2 * i + 1]);
-    for (int i = 0; i < 4; i++) l2[i] = sum_pairs_128(l1[2 * i], l1[2 * i + 1]);
-    for (int i = 0; i < 2; i++) l3[i] = sum_pairs_64(l2[2 * i], l2[2 * i + 1]);
-    return sum_pairs_32(l3[0], l3[1]);
-}
-static inline __m512 reduce16(const __m512 *v, __m512i order) {
-    return _mm512_permutexvar_ps(order, reduce16_raw(v));
-}
-/* Feed vector i with the value i in every lane: output lane j then holds 16 * (the
- * token it summed), which gives the permutation that restores token order. */
-static __m512i reduce16_order(void) {
-    __m512 probe[16];
-    for (int i = 0; i < 16; i++) probe[i] = _mm512_set1_ps((float)i);
-    float raw[16];
-    _mm512_storeu_ps(raw, reduce16_raw(probe));
-    int32_t idx[16];
-    for (int j = 0; j < 16; j++) idx[(int)(raw[j] / 16.0f + 0.5f)] = j;
-    return _mm512_loadu_si512((const void *)idx);
-}
+#define CHUNK (8 * VW) /* output columns per sweep over V: 8 accumulators */
 
 /* Scores scratch per OpenMP thread, grown as needed and kept: no malloc per sequence. */
 static float *scratch(int64_t n) {
@@ -71,62 +32,69 @@ static float *scratch(int64_t n) {
     return buf;
 }
 
-/* q . k for one key row: VDPBF16PS on bf16 pairs, or fp32 FMAs for an fp32 model. */
-static inline __m512 dot_row(const void *qv, const void *kr, const int64_t d, int f32) {
-    __m512 a = _mm512_setzero_ps();
-    if (f32) {
-        for (int64_t c = 0; c < d / 16; c++)
-            a = _mm512_fmadd_ps(_mm512_loadu_ps((const float *)qv + c * 16),
-                                _mm512_loadu_ps((const float *)kr + c * 16), a);
-    } else {
-        for (int64_t c = 0; c < d / 32; c++)
-            a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512((const uint16_t *)qv + c * 32),
-                                 (__m512bh)_mm512_loadu_si512((const uint16_t *)kr + c * 32));
-    }
+/* q . k for one key row (q already fp32). */
+INLINE vf dot_row(const float *qf, const char *kr, const int64_t d, int f32) {
+    vf a = vzero();
+    for (int64_t c = 0; c < d; c += VW) a += load_f32(qf + c) * load_w(kr, c, f32);
     return a;
 }
 
 /* One (sequence, KV head): its group's query heads against its tokens. `d` and `f32` are
  * constants in the specialised calls below, so the per-row loops unroll into registers. */
-static inline __attribute__((always_inline)) void attend_one(
-    const char *q, const char *kc, const char *vc, const int64_t *sl, int64_t len, int64_t row,
-    int64_t kh, int64_t group, const int64_t d, float scale, __m512i order, char *out, int f32) {
-    const int64_t es = f32 ? 4 : 2, rowb = row * es;
-    float *scores = scratch(group * (len + 16));
+INLINE void attend_one(const char *q, const char *kc, const char *vc, const int64_t *sl,
+                       int64_t len, int64_t row, int64_t kh, int64_t group, const int64_t d,
+                       float scale, const int *order, char *out, int f32) {
+    const int64_t es = f32 ? 4 : 2, rowb = row * es, stride = len + VW;
+    float *scores = scratch(group * stride);
+    float qf[MAX_DIM];
     for (int64_t g = 0; g < group; g++) {
         const char *qv = q + (kh * group + g) * d * es;
-        float *sc = scores + g * len;
-        /* pass 1: scores = q . k * scale; 16 tokens at a time share one tree reduction */
+        for (int64_t c = 0; c < d; c += VW) store_f32(qf + c, load_w(qv, c, f32));
+        float *sc = scores + g * stride;
+        /* pass 1: scores = q . k * scale; VW tokens at a time share one tree reduction */
         int64_t t = 0;
-        for (; t + 16 <= len; t += 16) {
-            __m512 acc[16];
-            for (int j = 0; j < 16; j++) acc[j] = dot_row(qv, kc + sl[t + j] * rowb + kh * d * es, d, f32);
-            _mm512_storeu_ps(sc + t, _mm512_mul_ps(reduce16(acc, order), _mm512_set1_ps(scale)));
+        for (; t + VW <= len; t += VW) {
+            vf acc[VW];
+#pragma GCC unroll 16
+            for (int j = 0; j < VW; j++) acc[j] = dot_row(qf, kc + sl[t + j] * rowb + kh * d * es, d, f32);
+            const vf r = reduce_vw_raw(acc) * splat(scale);
+#pragma GCC unroll 16
+            for (int j = 0; j < VW; j++) sc[t + order[j]] = r[j];
         }
-        for (; t < len; t++)
-            sc[t] = _mm512_reduce_add_ps(dot_row(qv, kc + sl[t] * rowb + kh * d * es, d, f32)) * scale;
-        /* softmax, in place */
+        for (; t < len; t++) sc[t] = hsum(dot_row(qf, kc + sl[t] * rowb + kh * d * es, d, f32)) * scale;
+        /* softmax numerators, in place */
         float mx = -INFINITY;
         for (int64_t i = 0; i < len; i++) mx = sc[i] > mx ? sc[i] : mx;
-        const __m512 vmx = _mm512_set1_ps(mx);
-        __m512 vsum = _mm512_setzero_ps();
-        for (t = 0; t < len; t += 16) {
-            const __mmask16 m = len - t >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (len - t)) - 1);
-            __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sc + t), vmx));
-            _mm512_mask_storeu_ps(sc + t, m, e);
-            vsum = _mm512_add_ps(vsum, _mm512_maskz_mov_ps(m, e));
+        vf vsum = vzero();
+        for (t = 0; t + VW <= len; t += VW) {
+            const vf e = exp_vf(load_f32(sc + t) - splat(mx));
+            store_f32(sc + t, e);
+            vsum += e;
         }
-        /* pass 2: out = sum_t p_t v_t / sum_t p_t (V rows are in cache after the first head) */
-        __m512 acc[MAX_DIM / 16];
-        for (int64_t c = 0; c < d / 16; c++) acc[c] = _mm512_setzero_ps();
-        for (t = 0; t < len; t++) {
-            const char *vr = vc + sl[t] * rowb + kh * d * es;
-            const __m512 p = _mm512_set1_ps(sc[t]);
-            for (int64_t c = 0; c < d / 16; c++) acc[c] = _mm512_fmadd_ps(p, load_w(vr, c * 16, f32), acc[c]);
+        float sum = hsum(vsum);
+        for (; t < len; t++) {
+            sc[t] = expf(sc[t] - mx);
+            sum += sc[t];
         }
-        const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(vsum));
+        /* pass 2: out = sum_t p_t v_t / sum_t p_t, CHUNK columns per sweep over the rows */
+        const vf inv = splat(1.0f / sum);
         char *o = out + (kh * group + g) * d * es;
-        for (int64_t c = 0; c < d / 16; c++) store_y(o, c * 16, _mm512_mul_ps(acc[c], inv), f32);
+        for (int64_t c0 = 0; c0 < d; c0 += CHUNK) {
+            const int64_t cols = d - c0 < CHUNK ? d - c0 : CHUNK;
+            vf acc[8];
+#pragma GCC unroll 8
+            for (int c = 0; c < 8; c++) acc[c] = vzero();
+            for (t = 0; t < len; t++) {
+                const char *vr = vc + sl[t] * rowb + (kh * d + c0) * es;
+                const vf p = splat(sc[t]);
+#pragma GCC unroll 8
+                for (int c = 0; c < 8; c++)
+                    if (c * VW < cols) acc[c] += p * load_w(vr, c * VW, f32);
+            }
+#pragma GCC unroll 8
+            for (int c = 0; c < 8; c++)
+                if (c * VW < cols) store_y(o, c0 + c * VW, acc[c] * inv, f32);
+        }
     }
 }
 
@@ -137,7 +105,14 @@ static void decode_attention(const char *q, int64_t ldq, const char *k_new, int6
                              float scale, char *out, int threads, int f32) {
     const int64_t group = h / kvh, es = f32 ? 4 : 2;
     const int64_t row = kvh * d; /* elements per slot */
-    const __m512i order = reduce16_order();
+    /* the lane order of reduce_vw_raw: feed vector i with i in every lane */
+    int order[VW];
+    {
+        vf probe[VW];
+        for (int i = 0; i < VW; i++) probe[i] = splat((float)i);
+        const vf r = reduce_vw_raw(probe);
+        for (int j = 0; j < VW; j++) order[j] = (int)(r[j] / VW + 0.5f);
+    }
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t item = 0; item < b * kvh; item++) {
         const int64_t s = item / kvh, kh = item % kvh;

@@ -1,0 +1,195 @@
+/* Portable SIMD helpers for pdcore's CPU kernels: one source, built once per ISA.
+ *
+ * Every kernel is written against `vf` (VW fp32 lanes) with GCC's vector extensions; the
+ * compiler flags of each build pick the width and the instructions:
+ *   -march=x86-64-v3 (AVX2+FMA)          VW = 8   16 ymm registers
+ *   -march=x86-64-v4 (AVX512F/BW/VL/DQ)  VW = 16  32 zmm registers
+ *   the same + -mavx512bf16              VW = 16  bf16 stores with VCVTNEPS2BF16
+ *   -march=armv8-a (NEON/ASIMD)          VW = 4   32 q registers
+ * native_cpu.py compiles the variant the running CPU supports (or the one PDCORE_CPU_ISA
+ * names) and loads it; the C has no per-ISA intrinsics except the one bf16 store below.
+ *
+ * bf16 is 16-bit storage only: loads widen to fp32 in registers (exact, a 16-bit shift),
+ * arithmetic is fp32, stores round to nearest even as torch does (NaN -> 0x7FC0).
+ */
+#ifndef PDCORE_VEC_H
+#define PDCORE_VEC_H
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__AVX512F__)
+#define VW 16
+#define VREGS 32
+#elif defined(__AVX2__)
+#define VW 8
+#define VREGS 16
+#elif defined(__ARM_NEON) || defined(__aarch64__)
+#define VW 4
+#define VREGS 32
+#else
+#define VW 4 /* SSE2 or anything else: 128-bit vectors, 16 registers */
+#define VREGS 16
+#endif
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#elif defined(__aarch64__)
+#include <arm_neon.h>
+#endif
+
+typedef float vf __attribute__((vector_size(VW * 4)));
+typedef int32_t vi __attribute__((vector_size(VW * 4)));
+typedef uint32_t vu __attribute__((vector_size(VW * 4)));
+typedef uint16_t vh __attribute__((vector_size(VW * 2)));
+
+#define INLINE static inline __attribute__((always_inline))
+
+/* A broadcast: an initialiser with VW copies ((vf){0} + s would be a real add: -0 + 0). */
+#if VW == 4
+#define SPLAT_INIT(s) {s, s, s, s}
+#elif VW == 8
+#define SPLAT_INIT(s) {s, s, s, s, s, s, s, s}
+#else
+#define SPLAT_INIT(s) {s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s}
+#endif
+INLINE vf splat(float s) { return (vf)SPLAT_INIT(s); }
+INLINE vf vzero(void) { return (vf){0}; }
+
+INLINE vf load_f32(const float *p) {
+    vf v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+INLINE void store_f32(float *p, vf v) { memcpy(p, &v, sizeof v); }
+
+/* The widening is the one place with per-ISA code: GCC 12 lowers the generic
+ * __builtin_convertvector(u16 -> u32) to four instructions on x86 (and goes through
+ * general registers on ARM) instead of one or two. */
+INLINE vf load_bf16(const uint16_t *p) {
+#if defined(__AVX512F__) && VW == 16
+    return (vf)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16);
+#elif defined(__AVX2__) && VW == 8
+    return (vf)_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16);
+#elif defined(__aarch64__) && VW == 4
+    return (vf)vshll_n_u16(vld1_u16(p), 16);
+#else
+    vh h;
+    memcpy(&h, p, sizeof h);
+    return (vf)(__builtin_convertvector(h, vu) << 16);
+#endif
+}
+
+/* fp32 -> bf16 bits, round to nearest even; NaN -> quiet NaN (torch's rule). */
+INLINE vh to_bf16_bits(vf x) {
+#if defined(__AVX512BF16__) && VW == 16
+    return (vh)_mm512_cvtneps_pbh((__m512)x);
+#else
+    const vu u = (vu)x;
+    vu r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    const vu nan = (vu)(x != x);
+    r = (r & ~nan) | (0x7FC0u & nan);
+    return __builtin_convertvector(r, vh);
+#endif
+}
+
+INLINE void store_bf16(uint16_t *p, vf x) {
+    vh h = to_bf16_bits(x);
+    memcpy(p, &h, sizeof h);
+}
+
+/* fp32 -> nearest bf16 -> fp32, without leaving registers. */
+INLINE vf round_bf16(vf x) {
+    const vu u = (vu)x;
+    vu r = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+    const vu nan = (vu)(x != x);
+    return (vf)((r & ~nan) | (0x7FC00000u & nan));
+}
+
+/* bf16 or fp32 element access; `f32` is a compile-time constant at every call site. */
+INLINE vf load_w(const void *p, int64_t i, int f32) {
+    return f32 ? load_f32((const float *)p + i) : load_bf16((const uint16_t *)p + i);
+}
+INLINE void store_y(void *p, int64_t i, vf v, int f32) {
+    if (f32)
+        store_f32((float *)p + i, v);
+    else
+        store_bf16((uint16_t *)p + i, v);
+}
+INLINE vf round_to(vf v, int f32) { return f32 ? v : round_bf16(v); }
+
+INLINE vf vmax(vf a, vf b) { /* NaN in a stays NaN */
+    const vi lt = a < b;
+    return (vf)(((vi)b & lt) | ((vi)a & ~lt));
+}
+
+INLINE vf vmin(vf a, vf b) { /* NaN in a stays NaN */
+    const vi gt = a > b;
+    return (vf)(((vi)b & gt) | ((vi)a & ~gt));
+}
+
+INLINE float hsum(vf v) {
+    float s = 0.0f;
+    for (int i = 0; i < VW; i++) s += v[i];
+    return s;
+}
+INLINE float hmax(vf v) {
+    float s = v[0];
+    for (int i = 1; i < VW; i++) s = v[i] > s ? v[i] : s;
+    return s;
+}
+
+/* exp(x), x clamped to [-87, 88] (2^n stays a normal float): 2^n (built in the exponent
+ * bits) times a degree-6 polynomial of e^f, f in [-ln2/2, ln2/2]; relative error below
+ * 1e-5, far below bf16's 4e-3. */
+INLINE vf exp_vf(vf x) {
+    x = vmin(vmax(x, splat(-87.0f)), splat(88.0f));
+    const vf t = x * splat(1.44269504088896341f);
+    const vf magic = splat(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
+    const vf n = (t + magic) - magic;
+    const vf f = (t - n) * splat(0.69314718055994531f);
+    vf p = splat(1.0f / 720.0f);
+    p = p * f + splat(1.0f / 120.0f);
+    p = p * f + splat(1.0f / 24.0f);
+    p = p * f + splat(1.0f / 6.0f);
+    p = p * f + splat(0.5f);
+    p = p * f + splat(1.0f);
+    p = p * f + splat(1.0f);
+    const vi e = (__builtin_convertvector(n, vi) + 127) << 23;
+    return p * (vf)e;
+}
+
+/* VW horizontal sums at once: log2(VW) levels of "add the two halves of a pair of vectors,
+ * side by side" (shuffles + adds). Lane j of the result holds the sum of vector
+ * reduce_order()[j]. */
+#define LO_IDX(i, s) ((i) % (2 * (s)) < (s) ? ((i) / (2 * (s))) * 2 * (s) + (i) % (2 * (s)) \
+                                            : VW + ((i) / (2 * (s))) * 2 * (s) + (i) % (2 * (s)) - (s))
+#define HI_IDX(i, s) (LO_IDX(i, s) + (s))
+#if VW == 4
+#define IDX_LIST(M, s) M(0, s), M(1, s), M(2, s), M(3, s)
+#elif VW == 8
+#define IDX_LIST(M, s) M(0, s), M(1, s), M(2, s), M(3, s), M(4, s), M(5, s), M(6, s), M(7, s)
+#else
+#define IDX_LIST(M, s)                                                                      \
+    M(0, s), M(1, s), M(2, s), M(3, s), M(4, s), M(5, s), M(6, s), M(7, s), M(8, s), M(9, s), \
+        M(10, s), M(11, s), M(12, s), M(13, s), M(14, s), M(15, s)
+#endif
+#define PAIR_LEVEL(S)                                                                        \
+    do {                                                                                     \
+        for (int i = 0; i < n / 2; i++)                                                      \
+            v[i] = __builtin_shuffle(v[2 * i], v[2 * i + 1], ((vi){IDX_LIST(LO_IDX, S)})) +  \
+                   __builtin_shuffle(v[2 * i], v[2 * i + 1], ((vi){IDX_LIST(HI_IDX, S)})); \
+        n /= 2;                                                                              \
+    } while (0)
+INLINE vf reduce_vw_raw(vf *v) { /* overwrites v */
+    int n = VW;
+    PAIR_LEVEL(VW / 2);
+    PAIR_LEVEL(VW / 4);
+#if VW >= 8
+    PAIR_LEVEL(VW / 8);
+#endif
+#if VW >= 16
+    PAIR_LEVEL(VW / 16);
+#endif
+    return v[0];
+}
+#endif

@@ -1,0 +1,257 @@
+"""The kernels' C, checked from a C harness against scalar references: natively for the
+variants this CPU runs, and for the ARM64 NEON variant under qemu-aarch64 where a cross
+compiler and qemu-user are installed (`apt-get install gcc-aarch64-linux-gnu qemu-user`).
+
+The torch-side tests (test_native_cpu.py) cover the variants the CPU runs through ctypes;
+this one exists so that a variant no local CPU runs is still executed, not only compiled.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pdcore.model import native_cpu
+
+HARNESS = r"""
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+void pdcore_f32_skinny_gemm(const float *, int64_t, int64_t, const float *, const float *,
+                            int64_t, int64_t, float *, int64_t, int);
+void pdcore_bf16_skinny_gemm(const uint16_t *, int64_t, int64_t, const uint16_t *,
+                             const uint16_t *, int64_t, int64_t, uint16_t *, int64_t, int);
+void pdcore_f32_bf16w_skinny_gemm(const float *, int64_t, int64_t, const uint16_t *,
+                                  const float *, int64_t, int64_t, float *, int64_t, int);
+void pdcore_f32_rms_norm(float *, const float *, const float *, float *, int64_t, int64_t,
+                         int64_t, int64_t, int64_t, float);
+void pdcore_f32_silu_mul(const float *, float *, int64_t, int64_t, int64_t, int64_t);
+void pdcore_f32_rope(float *, int64_t, int64_t, int64_t, int64_t, const float *,
+                     const float *, const int64_t *);
+void pdcore_f32_decode_attention(const float *, int64_t, const float *, int64_t,
+                                 const float *, int64_t, float *, float *, const int64_t *,
+                                 int64_t, const int64_t *, const int64_t *, int64_t, int64_t,
+                                 int64_t, int64_t, float, float *, int);
+
+static uint64_t seed = 42;
+static float rnd(void) {
+    seed = seed * 6364136223846793005ULL + 1442695040888963407ULL;
+    return (float)((seed >> 40) & 0xFFFFFF) / (float)0x800000 - 1.0f;
+}
+static float *frand(int64_t n) {
+    float *p = malloc(sizeof(float) * n + 64);
+    for (int64_t i = 0; i < n; i++) p[i] = rnd();
+    return p;
+}
+static uint16_t bf(float f) { /* round to nearest even */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+static float fb(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+static double worst = 0;
+static void track(const char *what, double err, double scale) {
+    double rel = err / (scale > 0 ? scale : 1);
+    if (rel > worst) worst = rel;
+    printf("%s %.3g\n", what, rel);
+}
+
+static void gemm_case(int64_t m, int64_t n, int64_t k) {
+    int64_t nb = (n + 15) / 16;
+    float *x = frand(m * k), *w = frand(n * k), *bias = frand(n);
+    float *pk = calloc(nb * k * 16, sizeof(float));
+    uint16_t *pkb = calloc(nb * k * 16, 2), *xb = malloc(2 * m * k), *bb = malloc(2 * n);
+    for (int64_t r = 0; r < n; r++)
+        for (int64_t c = 0; c < k; c++) {
+            w[r * k + c] = fb(bf(w[r * k + c])); /* bf16-exact weights: one reference */
+            pk[(r / 16) * k * 16 + c * 16 + r % 16] = w[r * k + c];
+            pkb[(r / 16) * k * 16 + c * 16 + r % 16] = bf(w[r * k + c]);
+        }
+    for (int64_t i = 0; i < m * k; i++) xb[i] = bf(x[i]);
+    for (int64_t i = 0; i < n; i++) bb[i] = bf(bias[i]);
+    float *y = malloc(4 * m * n), *yw = malloc(4 * m * n);
+    uint16_t *yb = malloc(2 * m * n);
+    pdcore_f32_skinny_gemm(x, m, k, pk, bias, n, k, y, n, 2);
+    pdcore_f32_bf16w_skinny_gemm(x, m, k, pkb, bias, n, k, yw, n, 2);
+    pdcore_bf16_skinny_gemm(xb, m, k, pkb, bb, n, k, yb, n, 2);
+    double e32 = 0, ew = 0, eb = 0, s = 0, sb = 0;
+    for (int64_t i = 0; i < m; i++)
+        for (int64_t j = 0; j < n; j++) {
+            double ref = bias[j], refb = fb(bb[j]);
+            for (int64_t c = 0; c < k; c++) {
+                ref += (double)x[i * k + c] * w[j * k + c];
+                refb += (double)fb(xb[i * k + c]) * w[j * k + c];
+            }
+            e32 = fmax(e32, fabs(y[i * n + j] - ref));
+            ew = fmax(ew, fabs(yw[i * n + j] - ref));
+            eb = fmax(eb, fabs(fb(yb[i * n + j]) - refb));
+            s = fmax(s, fabs(ref));
+            sb = fmax(sb, fabs(refb));
+        }
+    char name[64];
+    snprintf(name, sizeof name, "gemm_f32_m%ld_n%ld_k%ld", (long)m, (long)n, (long)k);
+    track(name, e32, s);
+    snprintf(name, sizeof name, "gemm_bf16w_m%ld_n%ld_k%ld", (long)m, (long)n, (long)k);
+    track(name, ew, s);
+    snprintf(name, sizeof name, "gemmbf16_m%ld_n%ld_k%ld", (long)m, (long)n, (long)k);
+    printf("%s %.3g\n", name, eb / sb); /* bf16 output: checked with its own tolerance */
+}
+
+static void elementwise(void) {
+    const int64_t rows = 3, h = 64;
+    float *x = frand(rows * h), *d = frand(rows * h), *w = frand(h), *out = malloc(4 * rows * h);
+    float *x0 = malloc(4 * rows * h);
+    memcpy(x0, x, 4 * rows * h);
+    pdcore_f32_rms_norm(x, d, w, out, rows, h, h, h, h, 1e-5f);
+    double e = 0;
+    for (int64_t r = 0; r < rows; r++) {
+        double ss = 0;
+        for (int64_t i = 0; i < h; i++) {
+            double v = (double)x0[r * h + i] + d[r * h + i];
+            ss += v * v;
+        }
+        double inv = 1.0 / sqrt(ss / h + 1e-5);
+        for (int64_t i = 0; i < h; i++) {
+            double v = (double)x0[r * h + i] + d[r * h + i];
+            e = fmax(e, fabs(out[r * h + i] - v * inv * w[i]) / 4);
+        }
+    }
+    track("rms_norm", e, 1);
+    float *gu = frand(rows * 2 * h), *o = malloc(4 * rows * h);
+    for (int64_t i = 0; i < rows * 2 * h; i++) gu[i] *= 12;
+    pdcore_f32_silu_mul(gu, o, rows, h, 2 * h, h);
+    e = 0;
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t i = 0; i < h; i++) {
+            double g = gu[r * 2 * h + i], u = gu[r * 2 * h + h + i];
+            e = fmax(e, fabs(o[r * h + i] - g / (1 + exp(-g)) * u) / 144);
+        }
+    track("silu_mul", e, 1);
+    const int64_t dim = 64, heads = 3, maxpos = 8;
+    float *qkv = frand(rows * heads * dim), *q0 = malloc(4 * rows * heads * dim);
+    float *cs = frand(maxpos * dim), *sn = frand(maxpos * dim);
+    int64_t pos[3] = {0, 5, 7};
+    memcpy(q0, qkv, 4 * rows * heads * dim);
+    pdcore_f32_rope(qkv, rows, heads * dim, heads, dim, cs, sn, pos);
+    e = 0;
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t hd = 0; hd < heads; hd++)
+            for (int64_t i = 0; i < dim; i++) {
+                const float *xv = q0 + r * heads * dim + hd * dim;
+                double rot = i < dim / 2 ? -xv[i + dim / 2] : xv[i - dim / 2];
+                double ref = xv[i] * cs[pos[r] * dim + i] + rot * sn[pos[r] * dim + i];
+                e = fmax(e, fabs(qkv[r * heads * dim + hd * dim + i] - ref));
+            }
+    track("rope", e, 2);
+}
+
+static void attention(int64_t h, int64_t kvh, int64_t d) {
+    const int64_t b = 5, max_len = 70, slots_total = 5 * 70;
+    int64_t lens[5] = {1, 16, 17, 33, 70};
+    float *kc = frand(slots_total * kvh * d), *vc = frand(slots_total * kvh * d);
+    float *q = frand(b * h * d), *kn = frand(b * kvh * d), *vn = frand(b * kvh * d);
+    int64_t *slots = malloc(8 * b * max_len), out_slots[5];
+    for (int64_t s = 0; s < b; s++) {
+        for (int64_t t = 0; t < max_len; t++) slots[s * max_len + t] = (s * 61 + t * 7) % slots_total;
+        for (int64_t t = 0; t < lens[s]; t++) /* distinct slots per sequence */
+            slots[s * max_len + t] = s * max_len + t;
+        out_slots[s] = slots[s * max_len + lens[s] - 1];
+    }
+    float *out = malloc(4 * b * h * d);
+    pdcore_f32_decode_attention(q, h * d, kn, kvh * d, vn, kvh * d, kc, vc, slots, max_len,
+                                out_slots, lens, b, h, kvh, d, 1.0f / sqrtf((float)d), out, 2);
+    double e = 0;
+    double *sc = malloc(8 * max_len);
+    for (int64_t s = 0; s < b; s++)
+        for (int64_t hh = 0; hh < h; hh++) {
+            int64_t kh = hh / (h / kvh);
+            double mx = -1e300, sum = 0;
+            for (int64_t t = 0; t < lens[s]; t++) {
+                const float *kr = kc + (slots[s * max_len + t] * kvh + kh) * d;
+                double dot = 0;
+                for (int64_t c = 0; c < d; c++) dot += (double)q[(s * h + hh) * d + c] * kr[c];
+                sc[t] = dot / sqrt((double)d);
+                mx = fmax(mx, sc[t]);
+            }
+            for (int64_t t = 0; t < lens[s]; t++) sum += (sc[t] = exp(sc[t] - mx));
+            for (int64_t c = 0; c < d; c++) {
+                double acc = 0;
+                for (int64_t t = 0; t < lens[s]; t++)
+                    acc += sc[t] * vc[(slots[s * max_len + t] * kvh + kh) * d + c];
+                e = fmax(e, fabs(out[(s * h + hh) * d + c] - acc / sum));
+            }
+        }
+    char name[64];
+    snprintf(name, sizeof name, "attention_h%ld_kvh%ld_d%ld", (long)h, (long)kvh, (long)d);
+    track(name, e, 1);
+}
+
+int main(void) {
+    int64_t shapes[][3] = {{1, 96, 64}, {5, 17, 33}, {7, 80, 577}, {13, 33, 16}, {32, 200, 96}};
+    for (int i = 0; i < 5; i++) gemm_case(shapes[i][0], shapes[i][1], shapes[i][2]);
+    elementwise();
+    attention(9, 3, 64);
+    attention(8, 8, 128);
+    attention(4, 1, 256);
+    printf("worst %.3g\n", worst);
+    return 0;
+}
+"""
+
+
+def _run_harness(tmp_path: Path, isa: str, cc: str, runner: list[str]) -> dict[str, float]:
+    so = tmp_path / f"{isa}.so"
+    native_cpu.compile_variant(isa, so, cc=cc)
+    src = tmp_path / "harness.c"
+    src.write_text(HARNESS)
+    exe = tmp_path / f"harness-{isa}"
+    subprocess.run(
+        [cc, "-O1", str(src), str(so), f"-Wl,-rpath,{tmp_path}", "-lm", "-fopenmp", "-o", str(exe)],
+        check=True,
+        capture_output=True,
+    )
+    out = subprocess.run([*runner, str(exe)], check=True, capture_output=True, text=True)
+    results = {}
+    for line in out.stdout.splitlines():
+        name, value = line.split()
+        results[name] = float(value)
+    return results
+
+
+def _check(results: dict[str, float]) -> None:
+    assert results["worst"] < 1e-5, results  # fp32 kernels: fp32 rounding only
+    for name, value in results.items():
+        if name.startswith("gemmbf16"):
+            assert value < 1e-2, (name, value)  # bf16 output: a few bf16 ulps
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512", "avx512bf16"])
+def test_x86_variant_in_c_harness(isa: str, tmp_path: Path) -> None:
+    if isa not in native_cpu.supported_variants():
+        pytest.skip(f"this CPU lacks {native_cpu._missing(isa)}")
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    _check(_run_harness(tmp_path, isa, cc, []))
+
+
+@pytest.mark.skipif(
+    shutil.which("aarch64-linux-gnu-gcc") is None or shutil.which("qemu-aarch64") is None,
+    reason="needs aarch64-linux-gnu-gcc and qemu-aarch64 (gcc-aarch64-linux-gnu, qemu-user)",
+)
+def test_neon_variant_runs_under_qemu(tmp_path: Path) -> None:
+    results = _run_harness(
+        tmp_path, "neon", "aarch64-linux-gnu-gcc", ["qemu-aarch64", "-L", "/usr/aarch64-linux-gnu"]
+    )
+    _check(results)
