@@ -210,9 +210,11 @@ int main(void) {
 """
 
 
-def _run_harness(tmp_path: Path, isa: str, cc: str, runner: list[str]) -> dict[str, float]:
+def _run_harness(
+    tmp_path: Path, isa: str, cc: str, runner: list[str], extra_flags: tuple[str, ...] = ()
+) -> dict[str, float]:
     so = tmp_path / f"{isa}.so"
-    native_cpu.compile_variant(isa, so, cc=cc)
+    native_cpu.compile_variant(isa, so, cc=cc, extra_flags=extra_flags)
     src = tmp_path / "harness.c"
     src.write_text(HARNESS)
     exe = tmp_path / f"harness-{isa}"
@@ -244,6 +246,19 @@ def test_x86_variant_in_c_harness(isa: str, tmp_path: Path) -> None:
     if cc is None:
         pytest.skip("no C compiler")
     _check(_run_harness(tmp_path, isa, cc, []))
+
+
+@pytest.mark.parametrize("width", [16, 4])
+def test_other_vector_widths_on_avx2(width: int, tmp_path: Path) -> None:
+    """The 16-lane code the AVX512 variants run (and the 4-lane code of NEON/SSE), built with
+    AVX2 instructions, so a width bug shows on any AVX2 machine -- only the two per-ISA
+    bf16 intrinsics of the AVX512 builds are left to an AVX512 CPU."""
+    if "avx2" not in native_cpu.supported_variants():
+        pytest.skip(f"this CPU lacks {native_cpu._missing('avx2')}")
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    _check(_run_harness(tmp_path, "avx2", cc, [], (f"-DPDCORE_VW={width}",)))
 
 
 @pytest.mark.skipif(

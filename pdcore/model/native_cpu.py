@@ -127,13 +127,16 @@ def _cache_dir() -> Path:
     return Path(base) / "kernels"
 
 
-def compile_variant(name: str, out: Path, cc: str | None = None) -> None:
+def compile_variant(
+    name: str, out: Path, cc: str | None = None, extra_flags: tuple[str, ...] = ()
+) -> None:
     """Build variant `name` into the shared object `out` (atomically) with `cc` (default:
-    $CC, cc or gcc). Raises RuntimeError or CalledProcessError (its stderr says why)."""
+    $CC, cc or gcc). Raises RuntimeError or CalledProcessError (its stderr says why).
+    `extra_flags` is for tests (e.g. `-DPDCORE_VW=16`: the 16-lane code on an AVX2 CPU)."""
     cc = cc or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise RuntimeError("no C compiler (cc/gcc) found")
-    flags = [*_COMMON_FLAGS, *VARIANTS[name].cflags]
+    flags = [*_COMMON_FLAGS, *VARIANTS[name].cflags, *extra_flags]
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         objs = []
