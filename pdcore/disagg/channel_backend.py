@@ -44,8 +44,9 @@ import itertools
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar, cast
 
 import msgpack
@@ -93,6 +94,9 @@ class _Peer(Generic[PeerT]):
     regions: RegionTable
     outbox: zmq.Socket[Any]
     transport: PeerT
+    unsent: deque[_Batch[PeerT, Any]] = field(default_factory=deque)
+    """Batches whose data is in place, in the order it landed, waiting for their
+    notification: sent strictly in this order, so a receiver hears of its rooms in order."""
 
 
 @dataclass
@@ -103,6 +107,7 @@ class _Batch(Generic[PeerT, WriteT]):
     deadline: float
     write: WriteT | None = None  # set by _start_write unless there are no runs (data_done)
     data_done: bool = False
+    queued: bool = False  # in its peer's `unsent` line
     state: BatchState = PENDING
 
 
@@ -297,6 +302,7 @@ class ChannelBackend(TransferBackend, Generic[PeerT, WriteT]):
             b = self._batches.pop(batch, None)
             if b is not None and not b.state.finished:
                 self._cancel(b)
+                b.state = failed("released")  # leaves its peer's notification line unsent
 
     def close(self) -> None:
         with self._lock:
@@ -336,14 +342,13 @@ class ChannelBackend(TransferBackend, Generic[PeerT, WriteT]):
                 return
             b.data_done = state.status is BatchStatus.DONE
         if b.data_done:
-            try:
-                if self._channel.send(b.peer.outbox, self.local_id, b.notification):
-                    b.state = DONE
-                    return
-                # else no live connection to the receiver (yet): retry until the deadline
-            except TransferError as exc:
-                b.state = failed(f"notifying peer {b.peer_id!r} failed: {exc}")
+            if not b.queued:
+                b.peer.unsent.append(b)
+                b.queued = True
+            self._flush_notifications(b.peer)
+            if b.state.finished:
                 return
+            # else no live connection to the receiver (yet): retry until the deadline
         if time.monotonic() > b.deadline:
             self._cancel(b)
             b.state = failed(
@@ -352,6 +357,24 @@ class ChannelBackend(TransferBackend, Generic[PeerT, WriteT]):
                 if b.data_done
                 else f"write to peer {b.peer_id!r} still pending after {self.config.timeout_s} s"
             )
+
+    def _flush_notifications(self, peer: _Peer[PeerT]) -> None:
+        """Hand over the peer's waiting notifications in order, until the channel has no
+        live connection (the rest wait for the next poll). Failed or released batches are
+        dropped from the line without a notification."""
+        while peer.unsent:
+            head = peer.unsent[0]
+            if head.state.finished:
+                peer.unsent.popleft()
+                continue
+            try:
+                if not self._channel.send(peer.outbox, self.local_id, head.notification):
+                    return
+            except TransferError as exc:
+                head.state = failed(f"notifying peer {head.peer_id!r} failed: {exc}")
+            else:
+                head.state = DONE
+            peer.unsent.popleft()
 
     def _cancel(self, b: _Batch[PeerT, WriteT]) -> bool:
         """Cancel the batch's write if its data is not in place yet; whether it was."""
