@@ -38,7 +38,7 @@ run: install
 	$(BIN)/pdcore launch
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=30
 
 # ruff (style), import-linter (the layer contracts in pyproject.toml), mypy (types).
 lint: install

@@ -13,7 +13,10 @@ cache read per token) / bandwidth is the fastest a token can be; the fraction is
 tok/s over that bound.
 
     .venv/bin/python bench/engine_vs_hf.py [--new-tokens 64] [--dtypes auto]
-        [--hf-dtypes float32,bfloat16]
+        [--hf-dtypes float32,bfloat16] [--quantizations auto,none]
+
+--quantizations runs pdcore once per value (auto keeps the GGUF's Q4_1/Q8_0 blocks, none
+dequantizes them); the roofline's bytes per token are then the quantized blocks' bytes.
 """
 
 from __future__ import annotations
@@ -112,8 +115,11 @@ def read_bandwidth_gb_s(gib: float = 1.0, repeats: int = 5) -> float:
 
 def _bytes_per_decode_token(engine, context: float) -> dict:
     """What one batch-1 decode step reads from memory: every weight the layers stream (in
-    the format stored: packed bf16/fp32, or the library's) plus the KV cache of `context`
+    the format stored: packed bf16/fp32, quantized blocks, or the library's) plus the KV
+    cache of `context`
     tokens. Embedding row and norms are negligible and left out."""
+    from pdcore.model.quantized import QuantLinear
+
     model = engine.core.runner.model
     linears = [
         lin
@@ -123,6 +129,9 @@ def _bytes_per_decode_token(engine, context: float) -> dict:
     linears.append(model.lm_head)
     weight_bytes = 0
     for lin in linears:
+        if isinstance(lin, QuantLinear):  # --quantization: the packed blocks
+            weight_bytes += lin.weight.nbytes
+            continue
         t = lin._packed if lin._kind == "native" else lin.weight
         weight_bytes += t.numel() * t.element_size()
     cfg = model.config
@@ -137,6 +146,11 @@ def main() -> None:
     parser.add_argument("--dtypes", default="auto", help="pdcore's dtypes (auto: its default)")
     parser.add_argument("--hf-dtypes", default="float32,bfloat16", help="transformers' dtypes")
     parser.add_argument(
+        "--quantizations",
+        default="auto",
+        help="pdcore's --quantization values, each run with every --dtypes (auto: its default)",
+    )
+    parser.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: torch's)"
     )
     parser.add_argument("--batches", default="1,8,32")
@@ -149,6 +163,7 @@ def main() -> None:
 
     from pdcore.engine.setup import pick_dtype
     from pdcore.model.loader import default_model_path
+    from pdcore.model.quantized import QuantLinear
     from pdcore.offline import Engine
 
     gguf = default_model_path()
@@ -166,11 +181,16 @@ def main() -> None:
         "batch1_roofline": {},
     }
     tokenizer = None
-    for dtype_name in args.dtypes.split(","):
-        engine = Engine(dtype=dtype_name, max_total_tokens=32768)
+    runs = [(d, q) for q in args.quantizations.split(",") for d in args.dtypes.split(",")]
+    for dtype_name, quant in runs:
+        engine = Engine(dtype=dtype_name, quantization=quant, max_total_tokens=32768)
         tokenizer = engine.tokenizer
         resolved = str(engine.core.dtype).removeprefix("torch.")
         key = f"{dtype_name} ({resolved})" if dtype_name == "auto" else dtype_name
+        if args.quantizations != "auto":
+            model = engine.core.runner.model
+            held = model.lm_head.weight.label if isinstance(model.lm_head, QuantLinear) else "none"
+            key += f", quantization {quant}" + (f" ({held})" if quant == "auto" else "")
 
         def prompts_for(batch: int, length: int, tok=engine.tokenizer) -> list[list[int]]:
             return _prompts(tok, batch, length)

@@ -38,5 +38,27 @@ def pdcore_register_routing_policies(register: Register) -> None:
     register(
         "round_robin",
         "pdcore.router.policies:RoundRobinPolicy",
-        description="the next prefill and the next decode server in turn",
+        description="the next worker of the role in turn",
+    )
+    register(
+        "random",
+        "pdcore.router.policies:RandomPolicy",
+        description="a uniformly random worker of the role",
+    )
+    register(
+        "power_of_two",
+        "pdcore.router.policy_power_of_two:PowerOfTwoPolicy",
+        description="of two random workers, the less loaded (/get_load, in-flight)",
+    )
+    register(
+        "cache_aware",
+        "pdcore.router.policy_cache_aware:CacheAwarePolicy",
+        description="the worker whose prefix tree of past prompts matches best, "
+        "balanced by load (SGLang's default)",
+    )
+    register(
+        "kv_aware",
+        "pdcore.router.policy_kv_aware:KvAwarePolicy",
+        description="the worker whose prefix cache really holds the most of the prompt "
+        "(/kv_cache_blocks), minus a load penalty",
     )

@@ -28,6 +28,19 @@ START_TIMEOUT_S = 600.0
 def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill", type=int, default=1, help="prefill instances (default 1)")
     parser.add_argument("--decode", type=int, default=1, help="decode instances (default 1)")
+    parser.add_argument(
+        "--prefill-tp",
+        type=int,
+        default=1,
+        help="TP ranks of each prefill instance (--tp-size of its `pdcore serve`; default 1)",
+    )
+    parser.add_argument(
+        "--decode-tp",
+        type=int,
+        default=1,
+        help="TP ranks of each decode instance; may differ from --prefill-tp (KV moves "
+        "sliced by head; default 1)",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address every process binds to")
     parser.add_argument("--port", type=int, default=8000, help="the router's port (default 8000)")
     parser.add_argument("--model-path", default=None, help="model (default: SmolLM2-135M-Instruct)")
@@ -95,7 +108,11 @@ class Deployment:
         self.args = args
         self.children: list[_Child] = []
         self.backend = pick_backend(args.backend)
-        threads = max(1, (os.cpu_count() or 2) // max(1, args.prefill + args.decode))
+        for flag in ("prefill_tp", "decode_tp"):
+            if getattr(args, flag) < 1:
+                raise SystemExit(f"pdcore launch: error: --{flag.replace('_', '-')} must be >= 1")
+        ranks = args.prefill * args.prefill_tp + args.decode * args.decode_tp
+        threads = max(1, (os.cpu_count() or 2) // max(1, ranks))
         self.common = [
             *(["--model-path", args.model_path] if args.model_path else []),
             "--host",
@@ -120,10 +137,12 @@ class Deployment:
             port, boot = free_port(host), free_port(host)
             argv = ["serve", *self.common, "--port", str(port), "--disaggregation-mode", "prefill"]
             argv += ["--disaggregation-bootstrap-port", str(boot)]
+            argv += ["--tp-size", str(self.args.prefill_tp)]
             prefills.append(self._spawn(f"prefill-{i}", argv, f"http://{host}:{port}", boot=boot))
         for i in range(self.args.decode):
             port = free_port(host)
             argv = ["serve", *self.common, "--port", str(port), "--disaggregation-mode", "decode"]
+            argv += ["--tp-size", str(self.args.decode_tp)]
             decodes.append(self._spawn(f"decode-{i}", argv, f"http://{host}:{port}"))
         self._wait_healthy(prefills + decodes)
         router_argv = [
@@ -188,8 +207,9 @@ def run_launch(args: argparse.Namespace) -> int:
     try:
         url = deployment.start()
         print(
-            f"pdcore launch: ready at {url} (router) with {args.prefill} prefill and "
-            f"{args.decode} decode instance(s), backend {deployment.backend}; Ctrl-C stops all",
+            f"pdcore launch: ready at {url} (router) with {args.prefill} prefill (tp "
+            f"{args.prefill_tp}) and {args.decode} decode (tp {args.decode_tp}) instance(s), "
+            f"backend {deployment.backend}; Ctrl-C stops all",
             flush=True,
         )
         died = deployment.watch()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal
 
 from pdcore.disagg.settings import DisaggSettings
@@ -70,6 +71,14 @@ class ServerSettings(DisaggSettings, ProfileSettings):
         "holds exactly then stay bf16 in memory, widened to fp32 in registers. Logged at "
         "start-up; see 'Choosing --dtype'.",
     )
+    quantization: Literal["auto", "none", "gguf", "int8", "w8a16"] = setting(
+        "auto",
+        "Weight-only quantized linear layers (CPU; math in fp32). gguf: a GGUF's Q4_0, "
+        "Q4_1 and Q8_0 tensors kept as shipped (others dequantized); int8 / w8a16: any "
+        "model's linear weights quantized at load to int8 per output channel; none: "
+        "dequantized to --dtype at load. auto: gguf for a GGUF on a CPU with pdcore's "
+        "kernels, else none. See docs/benchmarks.md for speed and accuracy.",
+    )
     device: str = setting(
         "auto",
         "Where the model runs: auto (cuda when available, else cpu), cpu, cuda, or npu / "
@@ -125,7 +134,32 @@ class ServerSettings(DisaggSettings, ProfileSettings):
         "1, 2, 4, ... up to it); larger batches run eagerly.",
         gt=0,
     )
-    api_key: str | None = setting(None, "Require `Authorization: Bearer <key>` on API routes.")
+    api_key: str | None = setting(
+        None,
+        "Require `Authorization: Bearer <key>` on every route except /health (compared in "
+        "constant time). Never shown by /server_info.",
+    )
+    max_request_body_bytes: int = setting(
+        32 * 1024 * 1024,
+        "Largest request body accepted; a larger one gets 413 before it is read in full.",
+        gt=0,
+    )
+    http_header_timeout: float = setting(
+        10.0,
+        "Seconds a client has to send a request's headers (from connecting, or from the "
+        "previous response on a kept-alive connection); a slower one is disconnected "
+        "(slow-loris).",
+        gt=0,
+    )
+    http_body_timeout: float = setting(
+        30.0,
+        "Seconds a client has to send a request's whole body once its headers arrived; a "
+        "slower one gets 408.",
+        gt=0,
+    )
+    timeout_keep_alive: float = setting(
+        5.0, "Seconds an idle kept-alive HTTP connection stays open (uvicorn's).", gt=0
+    )
     log_level: Literal["debug", "info", "warning", "error"] = setting("info", "Logging level.")
     disable_radix_cache: bool = setting(
         False, "Turn prefix caching off: every prompt is prefilled from scratch."
@@ -151,8 +185,19 @@ class ServerSettings(DisaggSettings, ProfileSettings):
         1,
         "Tensor-parallel ranks: one process per rank, each holding its share of the heads "
         "and MLP channels (gloo on CPU, NCCL on CUDA). The model's heads must divide (see "
-        "docs/parallelism.md). Unified serving only for now.",
+        "docs/parallelism.md). A PD side may use its own tp size: prefill and decode "
+        "of different sizes exchange KV sliced by head.",
         flags=["--tp"],
+        ge=1,
+    )
+    pp_size: int = setting(
+        1,
+        "Pipeline-parallel stages: one process per stage, each holding a contiguous range "
+        "of the layers and a KV pool for them (embedding on the first, final norm and LM "
+        "head on the last); activations pass stage to stage (gloo send/recv on CPU, NCCL "
+        "on CUDA). Llama family, unified serving, one node, with --tp-size 1 and "
+        "--dp-size 1 for now (see docs/parallelism.md).",
+        flags=["--pp"],
         ge=1,
     )
     nnodes: int = setting(
@@ -180,6 +225,32 @@ class ServerSettings(DisaggSettings, ProfileSettings):
         "Accepted for SGLang compatibility. pdcore never runs model code from outside: its "
         "own Llama-family implementation reads config and weights only.",
     )
+    dp_size: int = setting(
+        1,
+        "Data-parallel replicas: N engines (each with --tp-size ranks and its own KV pool) "
+        "behind this one HTTP server; each request goes to one replica, chosen by "
+        "--load-balance-method (on a PD prefill: replica bootstrap_room % N, so decode "
+        "finds the KV). One node (see docs/parallelism.md).",
+        flags=["--dp"],
+        ge=1,
+    )
+    load_balance_method: Literal[
+        "round_robin", "shortest_queue", "minimum_tokens", "prefix_aware"
+    ] = setting(
+        "round_robin",
+        "How --dp-size replicas share requests. round_robin: in turn. shortest_queue: the "
+        "replica with the fewest open requests. minimum_tokens: the fewest prompt + "
+        "max_new_tokens of open requests. prefix_aware: the replica that most recently got "
+        "the longest prefix of the prompt (its prefix cache likely holds it), unless that "
+        "replica is busier than the least busy one by more than "
+        "--dp-balance-abs-threshold requests; else shortest_queue.",
+    )
+    dp_balance_abs_threshold: int = setting(
+        8,
+        "prefix_aware: the most open requests a replica may have above the least busy one "
+        "and still be chosen for its cached prefix.",
+        ge=0,
+    )
 
     def engine_config(self) -> EngineConfig:
         """The fields the engine reads, as the engine's own typed config."""
@@ -191,13 +262,42 @@ class ServerSettings(DisaggSettings, ProfileSettings):
         wanted = profile.profile_prefill or profile.profile_decode
         return EngineConfig(
             **{name: getattr(self, name) for name in names},
-            tp_ranks_per_node=self.tp_ranks_per_node,
+            # Every dp replica's ranks share this node's default KV budget.
+            tp_ranks_per_node=self.engine_procs_per_node,
             profile=profile if wanted else None,
         )
 
     @property
     def tp_ranks_per_node(self) -> int:
         return max(self.tp_size // self.nnodes, 1)
+
+    def model_problem(self) -> tuple[str, str] | None:
+        """(flag, reason) when an HF model folder names an architecture pdcore does not
+        implement, or one that cannot run with these flags yet; reads config.json only
+        (a .gguf or the default model is checked when it loads)."""
+        if not self.model_path or not (Path(self.model_path).expanduser() / "config.json").exists():
+            return None
+        from pdcore.model import registry
+
+        try:
+            config = registry.config_from_hf(Path(self.model_path).expanduser() / "config.json")
+            registry.check_parallel(config, self.tp_size)
+        except ValueError as exc:
+            return "--model-path", str(exc)
+        if self.disaggregation_mode != "null" and registry.family_for(config).attention != "mha":
+            return "--disaggregation-mode", (
+                f"PD transfer of {registry.family_for(config).architecture}'s MLA latent cache "
+                "is not built yet; serve it unified (--disaggregation-mode null)"
+            )
+        return None
+
+    def quantization_problem(self) -> tuple[str, str] | None:
+        """(flag, reason) when --quantization cannot work with the model and device flags;
+        reads only the flags, never the model."""
+        from pdcore.model.quantized import quantization_problem
+
+        why = quantization_problem(self.quantization, self.model_path, self.device, self.tp_size)
+        return None if why is None else ("--quantization", why)
 
     def tp_problem(self) -> tuple[str, str] | None:
         """(flag, reason) when the parallelism flags do not fit together or with the
@@ -218,8 +318,6 @@ class ServerSettings(DisaggSettings, ProfileSettings):
                 return "--dist-init-addr", str(exc)
         if tp == 1:
             return None
-        if self.disaggregation_mode != "null":
-            return "--tp-size", "PD with --tp-size > 1 is not supported yet"
         from pdcore.model.loader import ModelNotFoundError, read_model_config
         from pdcore.model.parallel import check_tp_size
 
@@ -230,6 +328,56 @@ class ServerSettings(DisaggSettings, ProfileSettings):
         except ValueError as exc:
             return "--tp-size", str(exc)
         return None
+
+    def dp_problem(self) -> tuple[str, str] | None:
+        """(flag, reason) when --dp-size does not fit the other flags."""
+        if self.dp_size == 1:
+            return None
+        if self.nnodes > 1:
+            return "--dp-size", "data parallelism runs on one node (--nnodes 1) for now"
+        return None
+
+    def pp_problem(self) -> tuple[str, str] | None:
+        """(flag, reason) when --pp-size does not fit the other flags or the model; reads
+        only the model's config."""
+        pp = self.pp_size
+        if pp == 1:
+            return None
+        if self.tp_size > 1:
+            return "--pp-size", "--pp-size > 1 with --tp-size > 1 is not supported yet"
+        if self.dp_size > 1:
+            return "--pp-size", "--pp-size > 1 with --dp-size > 1 is not supported yet"
+        if self.disaggregation_mode != "null":
+            return "--pp-size", (
+                "--pp-size > 1 with --disaggregation-mode prefill/decode is not supported "
+                "yet; serve unified (--disaggregation-mode null)"
+            )
+        if self.nnodes > 1:
+            return "--pp-size", "pipeline stages run on one node (--nnodes 1) for now"
+        from pdcore.model.loader import ModelNotFoundError, read_model_config
+        from pdcore.model.pipeline_split import pp_size_problem
+        from pdcore.model.registry import family_for
+
+        try:
+            config = read_model_config(self.model_path)
+            family = family_for(config)
+        except ModelNotFoundError as exc:
+            return "--model-path", str(exc)
+        except ValueError as exc:
+            return "--model-path", str(exc)
+        if family.module != "pdcore.model.llama_family":
+            return "--pp-size", (
+                f"pipeline parallelism is built for Llama-family models only, not "
+                f"{family.architecture}"
+            )
+        problem = pp_size_problem(config, pp)
+        return None if problem is None else ("--pp-size", problem)
+
+    @property
+    def engine_procs_per_node(self) -> int:
+        """Engine processes on this node (every dp replica's TP ranks, or the pipeline's
+        stages): they share the node's cores and its default KV budget."""
+        return self.tp_ranks_per_node * self.dp_size * self.pp_size
 
 
 def parse_serve_args(argv: Sequence[str] | None = None) -> ServerSettings:
@@ -264,7 +412,13 @@ def serve_settings_or_exit(
                 f"--device {settings.device}: torch_npu is not installed (Ascend's PyTorch "
                 "adapter, pip install torch-npu matching your torch and CANN)"
             )
-    problem = settings.tp_problem()
+    problem = (
+        settings.model_problem()
+        or settings.tp_problem()
+        or settings.dp_problem()
+        or settings.pp_problem()
+        or settings.quantization_problem()
+    )
     if problem is not None:
         parser.error(f"{problem[0]}: {problem[1]}")
     if settings.disaggregation_mode != "null":

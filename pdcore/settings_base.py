@@ -192,7 +192,7 @@ def _check_plugin_fields(model_cls: type[BaseSettings], settings: Any, given: se
 
     for name, field in model_cls.model_fields.items():
         kind = _extra(field, "registry")
-        if kind:
+        if kind and getattr(settings, name) is not None:  # None: an optional plugin unset
             try:
                 get_registry(kind).require(getattr(settings, name))
             except PluginError as exc:

@@ -104,14 +104,17 @@ def test_policies_through_the_registry(plugin_env: dict[str, str]) -> None:
         import sys, time
         from types import SimpleNamespace as R
         from pdcore.plugins import get_registry
-        from pdcore.router.policies import Worker
+        from pdcore.router.policies import RouteRequest, Worker
 
-        route = get_registry("routing_policy").create("least_inflight")
+        reg = get_registry("routing_policy")
+        prefill = reg.create("least_inflight", role="prefill", settings=None)
+        decode = reg.create("least_inflight", role="decode", settings=None)
         p = [Worker("p0", "prefill", in_flight=2), Worker("p1", "prefill", in_flight=1),
              Worker("p2", "prefill", in_flight=1)]
         d = [Worker("d0", "decode", in_flight=3), Worker("d1", "decode", in_flight=0)]
-        assert route.select(p, d, {}) == (1, 1)
-        assert route.select(p[:1], d[:1], {}) == (0, 0)
+        req = RouteRequest({}, "")
+        assert (prefill.select(p, req), decode.select(d, req)) == (1, 1)
+        assert (prefill.select(p[:1], req), decode.select(d[:1], req)) == (0, 0)
         assert "torch" not in sys.modules, "the plugin module must stay light for the router"
 
         sjf = get_registry("schedule_policy").create("sjf")

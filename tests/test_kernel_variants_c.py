@@ -4,6 +4,8 @@ compiler and qemu-user are installed (`apt-get install gcc-aarch64-linux-gnu qem
 
 The torch-side tests (test_native_cpu.py) cover the variants the CPU runs through ctypes;
 this one exists so that a variant no local CPU runs is still executed, not only compiled.
+The quantized GEMM (Q4 / Q8 blocks with fp16 scales, subnormal ones included; int8 per
+channel) is checked here the same way.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ void pdcore_f32_decode_attention(const float *, int64_t, const float *, int64_t,
                                  const float *, int64_t, float *, float *, const int64_t *,
                                  int64_t, const int64_t *, const int64_t *, int64_t, int64_t,
                                  int64_t, int64_t, float, float *, int);
+void pdcore_quant_gemm(const float *, int64_t, int64_t, const uint8_t *, int, const float *,
+                       int64_t, int64_t, float *, int64_t, int);
 
 static uint64_t seed = 42;
 static float rnd(void) {
@@ -106,6 +110,78 @@ static void gemm_case(int64_t m, int64_t n, int64_t k) {
     track(name, ew, s);
     snprintf(name, sizeof name, "gemmbf16_m%ld_n%ld_k%ld", (long)m, (long)n, (long)k);
     printf("%s %.3g\n", name, eb / sb); /* bf16 output: checked with its own tolerance */
+}
+
+static uint32_t rbits(void) {
+    seed = seed * 6364136223846793005ULL + 1442695040888963407ULL;
+    return (uint32_t)(seed >> 33);
+}
+static float h2f(uint16_t h) { /* fp16 -> fp32, finite values */
+    int e = (h >> 10) & 31, mt = h & 1023;
+    float v = e ? ldexpf((float)(1024 + mt), e - 25) : ldexpf((float)mt, -24);
+    return (h & 0x8000) ? -v : v;
+}
+static uint16_t rand_f16(void) { /* normal scales in [2^-8, 2^0), 1 in 8 subnormal */
+    uint32_t r = rbits();
+    uint16_t e = (r & 7) == 0 ? 0 : (uint16_t)(7 + (r >> 3) % 8);
+    return (uint16_t)(((r >> 8) & 1) << 15 | e << 10 | ((r >> 9) & 1023));
+}
+
+/* Quantized GEMM (fmt 0: Q4 d/m per block, 1: Q8 d per block, 2: int8 per channel) against
+ * the weights it encodes, in double. */
+static void quant_case(int fmt, int64_t m, int64_t n, int64_t k) {
+    const int64_t panels = (n + 15) / 16, nb = k / 32;
+    const int64_t pb = fmt == 0 ? nb * 320 : fmt == 1 ? nb * 544 : 64 + 16 * k;
+    uint8_t *pk = calloc(panels * pb, 1);
+    float *w = calloc(n * k, sizeof(float)), *x = frand(m * k), *bias = frand(n);
+    for (int64_t r = 0; r < n; r++) {
+        uint8_t *pan = pk + (r / 16) * pb;
+        const int lane = (int)(r % 16);
+        if (fmt == 2) {
+            float s = rnd() * 0.01f;
+            memcpy(pan + lane * 4, &s, 4);
+            for (int64_t c = 0; c < k; c++) {
+                int8_t q = (int8_t)(rbits() % 255 - 127);
+                pan[64 + c * 16 + lane] = (uint8_t)q;
+                w[r * k + c] = s * q;
+            }
+            continue;
+        }
+        for (int64_t b = 0; b < nb; b++) {
+            uint8_t *blk = pan + b * (fmt == 0 ? 320 : 544);
+            uint16_t d = rand_f16(), mn = rand_f16();
+            memcpy(blk + lane * 2, &d, 2);
+            float *wr = w + r * k + b * 32;
+            if (fmt == 0) {
+                memcpy(blk + 32 + lane * 2, &mn, 2);
+                for (int j = 0; j < 16; j++) {
+                    uint8_t byte = (uint8_t)rbits();
+                    blk[64 + j * 16 + lane] = byte;
+                    wr[j] = (float)((double)h2f(d) * (byte & 15) + h2f(mn));
+                    wr[j + 16] = (float)((double)h2f(d) * (byte >> 4) + h2f(mn));
+                }
+            } else {
+                for (int j = 0; j < 32; j++) {
+                    int8_t q = (int8_t)rbits();
+                    blk[32 + j * 16 + lane] = (uint8_t)q;
+                    wr[j] = h2f(d) * q;
+                }
+            }
+        }
+    }
+    float *y = malloc(4 * m * n);
+    pdcore_quant_gemm(x, m, k, pk, fmt, bias, n, k, y, n, 2);
+    double e = 0, sc = 0;
+    for (int64_t i = 0; i < m; i++)
+        for (int64_t j = 0; j < n; j++) {
+            double ref = bias[j];
+            for (int64_t c = 0; c < k; c++) ref += (double)x[i * k + c] * w[j * k + c];
+            e = fmax(e, fabs(y[i * n + j] - ref));
+            sc = fmax(sc, fabs(ref));
+        }
+    char name[64];
+    snprintf(name, sizeof name, "quant%d_m%ld_n%ld_k%ld", fmt, (long)m, (long)n, (long)k);
+    track(name, e, sc);
 }
 
 static void elementwise(void) {
@@ -200,6 +276,9 @@ static void attention(int64_t h, int64_t kvh, int64_t d) {
 int main(void) {
     int64_t shapes[][3] = {{1, 96, 64}, {5, 17, 33}, {7, 80, 577}, {13, 33, 16}, {32, 200, 96}};
     for (int i = 0; i < 5; i++) gemm_case(shapes[i][0], shapes[i][1], shapes[i][2]);
+    int64_t qshapes[][3] = {{1, 17, 64}, {2, 16, 96}, {3, 33, 576}, {5, 40, 128}, {9, 7, 32}, {33, 20, 64}};
+    for (int fmt = 0; fmt < 3; fmt++)
+        for (int i = 0; i < 6; i++) quant_case(fmt, qshapes[i][0], qshapes[i][1], qshapes[i][2]);
     elementwise();
     attention(9, 3, 64);
     attention(8, 8, 128);

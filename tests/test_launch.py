@@ -36,6 +36,7 @@ def test_launch_serves_and_stops_everything(tiny_llama_dir: Path, tmp_path: Path
     log = tmp_path / "launch.log"
     cmd = [sys.executable, "-m", "pdcore.cli", "launch", "--port", str(port)]
     cmd += ["--model-path", str(tiny_llama_dir), "--serve-arg=--dtype=float32"]
+    cmd += ["--prefill-tp", "2", "--decode-tp", "1"]  # PD across tp sizes (tiny: 2 KV heads)
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=ENV)
         try:
@@ -44,6 +45,7 @@ def test_launch_serves_and_stops_everything(tiny_llama_dir: Path, tmp_path: Path
                 assert proc.poll() is None, log.read_text()
                 assert time.monotonic() < deadline, log.read_text()
                 time.sleep(0.2)
+            assert b"prefill (tp 2) and 1 decode (tp 1)" in log.read_bytes()
             body = {"text": "Hello", "sampling_params": {"temperature": 0, "max_new_tokens": 8}}
             r = httpx.post(f"http://127.0.0.1:{port}/generate", json=body, timeout=120)
             assert r.status_code == 200 and len(r.json()["output_ids"]) == 8

@@ -13,7 +13,7 @@ import pytest
 
 from pdcore.plugins import reset_plugin_manager
 from pdcore.router.pd import batch_size, with_bootstrap
-from pdcore.router.policies import RoundRobinPolicy, Worker
+from pdcore.router.policies import RoundRobinPolicy, RouteRequest, Worker
 from pdcore.router.settings import PrefillWorker, RouterSettings, parse_router_args
 from pdcore.settings_docs import update_doc
 from tests.conftest import free_port
@@ -87,8 +87,14 @@ def test_every_setting_is_also_an_env_var(monkeypatch: pytest.MonkeyPatch) -> No
         (
             ["--pd-disaggregation", "--prefill", P, "--decode", D, "--policy", "round_robbin"],
             {},
-            "--policy: unknown routing policy 'round_robbin'; installed: round_robin",
+            "--policy: unknown routing policy 'round_robbin'; installed: ",
         ),
+        (
+            ["--pd-disaggregation", "--prefill", P, "--decode", D, "--decode-policy", "rr"],
+            {},
+            "--decode-policy: unknown routing policy 'rr'; installed: ",
+        ),
+        (["--pd-disaggregation", "--prefill", "8998", P, "--decode", D], {}, "before any URL"),
         (
             ["--pd-disaggregation", "--prefill", P, "--decode", D],
             {"PDCORE_ROUTER_PORT": "0"},
@@ -168,12 +174,13 @@ def test_round_robin_is_registered_and_cycles() -> None:
 
     reg = get_registry("routing_policy")
     assert "round_robin" in reg
-    policy = reg.create("round_robin")
+    policy = reg.create("round_robin", role="decode", settings=None)
     assert isinstance(policy, RoundRobinPolicy)
-    prefills = [Worker(f"http://p{i}:1", "prefill") for i in range(2)]
     decodes = [Worker(f"http://d{i}:1", "decode") for i in range(3)]
-    picks = [policy.select(prefills, decodes, {}) for _ in range(6)]
-    assert picks == [(0, 0), (1, 1), (0, 2), (1, 0), (0, 1), (1, 2)]
+    picks = [policy.select(decodes, RouteRequest({})) for _ in range(6)]
+    assert picks == [0, 1, 2, 0, 1, 2]
+    rand = reg.create("random", role="prefill", settings=None)
+    assert {rand.select(decodes, RouteRequest({})) for _ in range(60)} == {0, 1, 2}
 
 
 def test_batch_size_follows_sglang() -> None:

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -55,6 +56,22 @@ class RouterProcess(ManagedProcess):
         args = [sys.executable, "-m", "pdcore.cli", "router", "--port", str(self.port), *flags]
         super().__init__(args, log_path, clean_env(**(env or {})))
 
+    def wait_ready(self, timeout: float | None = None):
+        """Up and serving HTTP: /liveness answers 200 (or /health, for a router without
+        /liveness) -- pdcore's /health is 503 while no prefill or no decode is available."""
+        deadline = time.monotonic() + (timeout or self.start_timeout)
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log()}")
+            for path in ("/liveness", "/health"):
+                try:
+                    if httpx.get(self.url + path, timeout=2.0).status_code == 200:
+                        return self
+                except httpx.HTTPError:
+                    pass
+            time.sleep(0.1)
+        raise TimeoutError(f"{self.name} not up after {timeout}s:\n{self.log()}")
+
 
 def pd_flags(prefills: list[Any], decodes: list[Any], *extra: str) -> list[str]:
     """`--pd-disaggregation --prefill URL [PORT] ... --decode URL ...`; a prefill given as
@@ -69,7 +86,8 @@ def pd_flags(prefills: list[Any], decodes: list[Any], *extra: str) -> list[str]:
 
 class FakeWorker:
     """A fake prefill or decode server. Set `status`, `delay`, `events`, `event_delay`,
-    `fail_event_at` to shape its answers; read `bodies`, `arrivals`, `active`, `aborted`."""
+    `fail_event_at`, `live_status` (of /health) to shape its answers; read `bodies`,
+    `arrivals`, `active`, `aborted`."""
 
     GENERATE = ("/generate", "/v1/completions", "/v1/chat/completions")
 
@@ -84,7 +102,7 @@ class FakeWorker:
         self.reset()
         routes = [Route(p, self._generate, methods=["POST"]) for p in self.GENERATE]
         routes += [
-            Route("/health", lambda r: Response(status_code=200)),
+            Route("/health", lambda r: Response(status_code=self.live_status)),
             Route("/health_generate", self._health_generate),
             Route("/server_info", lambda r: JSONResponse({"name": self.name})),
             Route("/get_load", lambda r: JSONResponse([{"dp_rank": 0, "num_reqs": self.active}])),
@@ -108,7 +126,8 @@ class FakeWorker:
         self.events = 3
         self.event_delay = 0.0
         self.fail_event_at: int | None = None
-        self.health_status = 200
+        self.health_status = 200  # /health_generate
+        self.live_status = 200  # /health
         self.flush_status = 200
 
     def stop(self) -> None:

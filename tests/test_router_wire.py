@@ -22,6 +22,7 @@ pytestmark = [pytest.mark.timeout(60)]
 ROOT = Path(__file__).resolve().parents[1]
 
 TIMEOUT_S = 3  # the routers' --request-timeout-secs
+SINGLE_ATTEMPT = ("--disable-retries", "--disable-circuit-breaker")
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,9 @@ def _reset(fakes: dict[str, FakeWorker]) -> None:
 
 @contextlib.contextmanager
 def _router(tmp: Path, *flags: str, env: dict[str, str] | None = None) -> Iterator[RouterProcess]:
-    flags = (*flags, "--request-timeout-secs", str(TIMEOUT_S))
+    # One attempt per request and no breakers: these tests pin down how a single attempt
+    # fails; retries and breakers have their own tests (test_router_gateway*.py).
+    flags = (*flags, "--request-timeout-secs", str(TIMEOUT_S), *SINGLE_ATTEMPT)
     router = RouterProcess(tmp / "router.log", *flags, env=env)
     try:
         LIVE_ROUTERS.append(router.wait_ready())

@@ -284,7 +284,7 @@ def test_info_routes(http: httpx.Client, tiny_llama_dir: Path) -> None:
         assert info["is_generation"] is True and info["model_path"] == str(tiny_llama_dir)
         assert "tokenizer_path" in info
     load = http.get("/get_load").json()
-    assert isinstance(load, list) and set(load[0]) == {
+    assert isinstance(load, list) and set(load[0]) >= {  # SGLang's keys, plus tp_size/ranks
         "dp_rank",
         "num_reqs",
         "num_waiting_reqs",

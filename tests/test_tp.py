@@ -10,11 +10,9 @@ import signal
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import openai
 import pytest
 import torch
 
@@ -23,7 +21,7 @@ from pdcore.model.config import ModelConfig
 from pdcore.model.forward_batch import ForwardBatch
 from pdcore.model.parallel import HeadShard, check_tp_size, valid_tp_sizes
 from tests.conftest import free_port
-from tests.hf_reference import PROMPTS, hf_greedy, load_hf_model
+from tests.openai_parity import check_against_hf as _check_against_hf
 from tests.server_helpers import ManagedProcess, ServerProcess, pid_alive, wait_until
 
 MAX_TOKENS = 8
@@ -239,56 +237,16 @@ def test_tp_flag_combinations_are_checked(capsys, tiny_llama_dir: Path) -> None:
     assert "--dist-init-addr" in _serve_error(
         capsys, *model, "--tp", "2", "--dist-init-addr", "nohostport"
     )
-    err = _serve_error(capsys, *model, "--tp", "2", "--disaggregation-mode", "prefill")
-    assert "PD with --tp-size > 1 is not supported yet" in err
-
     from pdcore.settings import parse_serve_args
+
+    pd = parse_serve_args([*model, "--tp", "2", "--disaggregation-mode", "prefill"])
+    assert pd.tp_size == 2  # PD with TP (tests/test_pd_tp.py)
 
     ok = parse_serve_args([*model, "--tp", "2", "--trust-remote-code"])
     assert ok.tp_size == 2 and ok.engine_config().tp_size == 2
 
 
 # --- real servers ---------------------------------------------------------------------------
-
-
-def _hf_reference(model_path: str | None, tok) -> list[list[int]]:
-    ids = [tok.encode(p) for p in PROMPTS]
-    return hf_greedy(load_hf_model(model_path), ids, MAX_TOKENS, [tok.eos_token_id])
-
-
-def _check_against_hf(url: str, model_path: str | None) -> None:
-    """8 prompts at once through the openai client (stream and not) and /generate."""
-    from pdcore.model.tokenizer import load_tokenizer
-
-    tok = load_tokenizer(model_path)
-    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
-
-    def complete(prompt: str, stream: bool) -> str:
-        kwargs = {"model": "m", "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0}
-        if not stream:
-            return client.completions.create(**kwargs).choices[0].text
-        chunks = client.completions.create(stream=True, **kwargs)
-        return "".join(c.choices[0].text for c in chunks if c.choices)
-
-    def generate(prompt: str) -> list[int]:
-        body = {
-            "input_ids": tok.encode(prompt),
-            "sampling_params": {"temperature": 0, "max_new_tokens": MAX_TOKENS},
-        }
-        return httpx.post(url + "/generate", json=body, timeout=300).json()["output_ids"]
-
-    with ThreadPoolExecutor(3 * len(PROMPTS)) as pool:
-        plain = [pool.submit(complete, p, False) for p in PROMPTS]
-        streamed = [pool.submit(complete, p, True) for p in PROMPTS]
-        ids = [pool.submit(generate, p) for p in PROMPTS]
-        got = [[f.result() for f in fs] for fs in (plain, streamed, ids)]
-    want = _hf_reference(model_path, tok)
-    assert sum(map(len, want)) > 4 * len(PROMPTS)  # not a vacuous pass
-    for i, ref in enumerate(want):
-        text = tok.decode(ref, skip_special_tokens=True)
-        assert got[0][i] == text, f"prompt {i} (not streamed)"
-        assert got[1][i] == text, f"prompt {i} (streamed)"
-        assert got[2][i] == ref, f"prompt {i} (/generate ids)"
 
 
 def _followers(server: ServerProcess) -> list[int]:

@@ -18,9 +18,10 @@ import time
 from collections import OrderedDict
 from typing import Any
 
-from pdcore.disagg.kv_poll import KVPoll, pd_failure
+from pdcore.disagg.kv_poll import KVPoll, overloaded, pd_failure
 from pdcore.disagg.kv_receiver import DecodeKVManager, KVReceiver
 from pdcore.disagg.settings import DisaggSettings
+from pdcore.disagg.tp_plan import tp_place
 from pdcore.engine.pipeline import BootstrapInfo, Pipeline, PipelineHost
 from pdcore.engine.request import Request, RequestError
 from pdcore.engine.scheduler import pages_for
@@ -37,10 +38,11 @@ class DecodePipeline(Pipeline):
     def __init__(self, host: PipelineHost, settings: DisaggSettings, bind_host: str) -> None:
         """`bind_host`: the address this side's transfer endpoint advertises (--host)."""
         super().__init__(host)
-        self.manager = DecodeKVManager(settings, host.kv_pool, bind_host)
+        self.manager = DecodeKVManager(settings, host.kv_pool, bind_host, *tp_place(host))
         self.prealloc_queue: OrderedDict[Request, KVReceiver] = OrderedDict()
         self.transfer_queue: dict[Request, KVReceiver] = {}
         self.quarantine: list[tuple[float, list[int]]] = []
+        self.prealloc_timeout = settings.disaggregation_prealloc_timeout
 
     def add(self, req: Request, bootstrap: BootstrapInfo | None) -> None:
         if bootstrap is None or bootstrap.room is None or not bootstrap.host:
@@ -54,6 +56,7 @@ class DecodePipeline(Pipeline):
     def advance(self) -> None:
         self.manager.tick()
         self._release_quarantine()
+        self._expire_prealloc()
         self._advance_prealloc()
         for req, receiver in list(self.transfer_queue.items()):
             state = receiver.poll()
@@ -93,6 +96,23 @@ class DecodePipeline(Pipeline):
             self.transfer_queue[req] = receiver
             receiver.prealloc(list(req.pages))
 
+    def _expire_prealloc(self) -> None:
+        """Admission control: a request waits for free pages at most
+        --disaggregation-prealloc-timeout, then gets 503 (and prefill is told to drop the
+        room) -- it never waits for ever behind a full pool (SGLang #30033). The queue is in
+        arrival order, so the sweep stops at the first request still within its time."""
+        now = time.monotonic()
+        for req, receiver in list(self.prealloc_queue.items()):
+            if now - req.arrival_time <= self.prealloc_timeout:
+                break
+            del self.prealloc_queue[req]
+            reason = (
+                f"no free KV cache pages on this decode instance within "
+                f"{self.prealloc_timeout:g} s (--disaggregation-prealloc-timeout); retry later"
+            )
+            receiver.abort(reason)
+            self.host.finish_request(req, overloaded(f"decode: {reason}"))
+
     def _fail(self, req: Request, receiver: KVReceiver) -> None:
         reason = receiver.failure_reason or "KV transfer from the prefill instance failed"
         self.host.finish_request(req, pd_failure(f"decode: {reason}"))
@@ -120,6 +140,9 @@ class DecodePipeline(Pipeline):
 
     def metrics(self, drain_samples: bool = False) -> dict[str, Any]:
         return self.manager.metrics(drain_samples)
+
+    def transfers_by_rank(self) -> dict[int, int]:
+        return self.manager.transfers_by_rank()
 
     def close(self) -> None:
         self.manager.close()

@@ -27,3 +27,9 @@ def pd_failure(message: str) -> dict[str, Any]:
     """finish_reason of a request PD could not serve; the HTTP layer turns it into a 5xx.
     Shared by both pipelines so a client sees one shape whichever side failed."""
     return {"type": "abort", "message": message, "status_code": 502}
+
+
+def overloaded(message: str) -> dict[str, Any]:
+    """finish_reason of a request refused for want of capacity (the KV pool stayed full):
+    a 503, which a router or client may retry elsewhere or later."""
+    return {"type": "abort", "message": message, "status_code": 503}

@@ -17,6 +17,7 @@ from typing import Any
 from pdcore.disagg.kv_poll import KVPoll, pd_failure
 from pdcore.disagg.kv_sender import KVSender, PrefillKVManager
 from pdcore.disagg.settings import DisaggSettings
+from pdcore.disagg.tp_plan import tp_place
 from pdcore.engine.pipeline import BootstrapInfo, Pipeline, PipelineHost
 from pdcore.engine.request import Request, RequestError
 from pdcore.engine.scheduler import pages_for
@@ -29,7 +30,7 @@ class PrefillPipeline(Pipeline):
         """`bind_host`: the address the bootstrap server and the control socket listen on
         (the server's --host)."""
         super().__init__(host)
-        self.manager = PrefillKVManager(settings, host.kv_pool, bind_host)
+        self.manager = PrefillKVManager(settings, host.kv_pool, bind_host, *tp_place(host))
         self.bootstrap_queue: dict[Request, KVSender] = {}
         self.inflight: dict[Request, KVSender] = {}
         self._senders: dict[Request, KVSender] = {}
@@ -99,6 +100,9 @@ class PrefillPipeline(Pipeline):
 
     def metrics(self, drain_samples: bool = False) -> dict[str, Any]:
         return self.manager.metrics(drain_samples)
+
+    def transfers_by_rank(self) -> dict[int, int]:
+        return self.manager.transfers_by_rank()
 
     def close(self) -> None:
         self.manager.close()

@@ -57,6 +57,12 @@ class DisaggSettings(PdcoreSettings):
         gt=0,
         env_aliases=_sglang("disaggregation_waiting_timeout"),
     )
+    disaggregation_prealloc_timeout: float = setting(
+        120.0,
+        "Decode: seconds a request may wait for free KV pages to pre-allocate (the pool is "
+        "full) before it is refused with 503; pre-allocation never overcommits the pool.",
+        gt=0,
+    )
     disaggregation_heartbeat_interval: float = setting(
         5.0,
         "Seconds between heartbeats from decode to each prefill instance it uses (prefill "
@@ -93,4 +99,12 @@ class DisaggSettings(PdcoreSettings):
         "serialises every send.",
         gt=0,
         env_aliases=_sglang("disaggregation_queue_size"),
+    )
+    disaggregation_auth_token: str | None = setting(
+        None,
+        "Shared secret of the PD control plane: when set (to the same value on every "
+        "prefill and decode instance), every bootstrap query and control message carries an "
+        "HMAC-SHA256 of it, and peers without it are refused before anything is registered "
+        "(docs/reliability.md). Never logged or shown by /server_info. Unset: the control "
+        "plane is open to whoever can reach it.",
     )

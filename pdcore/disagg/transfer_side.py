@@ -9,6 +9,7 @@ from typing import Literal
 from pdcore.disagg.messages import KVSpec
 from pdcore.disagg.metrics import TransferStats
 from pdcore.disagg.settings import DisaggSettings
+from pdcore.disagg.tp_plan import TPPlace
 from pdcore.disagg.transfer import (
     KVLayout,
     TransferBackend,
@@ -28,10 +29,16 @@ class TransferSide:
 
     @classmethod
     def open(
-        cls, role: Literal["prefill", "decode"], settings: DisaggSettings, pool: KVPool, host: str
+        cls,
+        role: Literal["prefill", "decode"],
+        settings: DisaggSettings,
+        pool: KVPool,
+        host: str,
+        place: TPPlace | None = None,
     ) -> TransferSide:
         """The backend's deadline is the side's own wait: prefill's bootstrap timeout, or
-        decode's waiting timeout."""
+        decode's waiting timeout. `place`: this rank's TP rank and KV heads (none: no TP)."""
+        place = place or TPPlace()
         name = settings.disaggregation_transfer_backend
         timeout = (
             settings.disaggregation_bootstrap_timeout
@@ -41,12 +48,22 @@ class TransferSide:
         backend = create_transfer_backend(
             name,
             TransferConfig(
-                local_id=f"{role}-{default_local_id()}",
+                local_id=f"{role}-tp{place.rank}-{default_local_id()}",
                 host=host,
                 ib_device=settings.disaggregation_ib_device,
                 timeout_s=timeout,
             ),
         )
         return cls(
-            KVLayout.from_pool(pool), KVSpec.from_pool(name, pool), backend, TransferStats(name)
+            KVLayout.from_pool(pool),
+            KVSpec.from_pool(
+                name,
+                pool,
+                tp_rank=place.rank,
+                tp_size=place.size,
+                kv_head_start=place.kv_head_start,
+                total_kv_heads=place.total_kv_heads,
+            ),
+            backend,
+            TransferStats(name),
         )

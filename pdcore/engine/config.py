@@ -26,6 +26,8 @@ class EngineConfig:
     tokenizer_path: str | None = None
     served_model_name: str | None = None
     dtype: DType = "auto"
+    quantization: str = "auto"
+    """auto, none, gguf, int8 or w8a16 (see pdcore.model.quantized)."""
     device: Device = "auto"
     base_gpu_id: int = 0
     page_size: int = 16
@@ -43,6 +45,8 @@ class EngineConfig:
     cpu_threads: int | None = None
     tp_size: int = 1
     """Tensor-parallel ranks (the TP group itself is handed to EngineCore)."""
+    pp_size: int = 1
+    """Pipeline stages (the stage group itself is handed to EngineCore)."""
     tp_ranks_per_node: int = 1
     """TP ranks sharing this node's memory (the CPU pool budget is split between them)."""
     profile: ProfileSettings | None = None

@@ -27,8 +27,9 @@ from pdcore.engine.sampler import sample
 from pdcore.engine.sampling_params import SamplingParams
 from pdcore.engine.scheduler import ScheduledBatch, Scheduler
 from pdcore.engine.tp_worker import load_rank
+from pdcore.model.config import ModelConfig
 from pdcore.model.kv_pool import KVPool
-from pdcore.model.parallel import TPGroup
+from pdcore.model.parallel import HeadShard, TPGroup
 from pdcore.plugins import get_plugin_manager, get_registry, notify
 from pdcore.profiling import PhaseProfiler
 
@@ -52,11 +53,13 @@ class EngineCore:
         settings: EngineConfig,
         pipeline_factory: PipelineFactory = Pipeline,
         tp: TPGroup | None = None,
+        pp: TPGroup | None = None,
     ) -> None:
         """Load the model and build the KV pool, scheduler and pipeline. `pipeline_factory`
         picks the mode (the unified `Pipeline` by default; PD modes from pdcore.disagg).
         `tp`: with tensor parallelism, this core is rank 0 (the driver) of that group; the
-        other ranks run `pdcore.engine.tp_worker.FollowerWorker`."""
+        other ranks run `pdcore.engine.tp_worker.FollowerWorker`. `pp`: with pipeline
+        parallelism, this core is stage 0 of that group (pdcore.engine.pp_stage)."""
         if settings.cpu_threads:
             torch.set_num_threads(settings.cpu_threads)
         if settings.random_seed is not None:
@@ -69,7 +72,13 @@ class EngineCore:
             )
         self.settings = settings
         started = time.monotonic()
-        loaded = load_rank(settings, self.tp)
+        self.pp = pp or TPGroup()
+        if self.pp.enabled:
+            from pdcore.engine.pp_stage import load_stage
+
+            loaded = load_stage(settings, self.pp)
+        else:
+            loaded = load_rank(settings, self.tp)
         self.resolved = loaded.resolved
         config = self.resolved.config
         self.device = loaded.device
@@ -104,10 +113,11 @@ class EngineCore:
         self._observe_finish = bool(
             get_plugin_manager().hook.pdcore_request_finished.get_hookimpls()
         )
-        self.pipeline = pipeline_factory(EngineHost(self))
-        if self.tp.enabled and self.pipeline.mode != "null":
-            self._stop_followers()
-            raise ValueError("PD with --tp-size > 1 is not supported yet")
+        try:
+            self.pipeline = pipeline_factory(EngineHost(self))
+        except BaseException:
+            self._stop_followers()  # followers blocked in the next broadcast: let them go
+            raise
         self.profiler = (
             None
             if settings.profile is None
@@ -338,13 +348,31 @@ class EngineCore:
         self.allocator.flush()
         return True
 
-    def get_load(self) -> dict[str, int]:
+    def get_load(self) -> dict[str, Any]:
+        """SGLang's load fields, plus the TP size and, per TP rank, the KV tokens its pool
+        holds and the KV transfers in flight on it. Rank 0's allocator is the one page
+        table of every rank (a page id names the same slots everywhere), so a page freed
+        here is free on all of them; what a follower can still hold on its own is a
+        transfer its agent has not finished."""
         queued = self.pipeline.num_queued()
+        tokens = self.allocator.num_used() * self.page_size
+        transfers = self.pipeline.transfers_by_rank()
         return {
             "num_reqs": len(self.scheduler.running) + len(self.scheduler.waiting) + queued,
             "num_waiting_reqs": len(self.scheduler.waiting) + queued,
-            "num_tokens": self.allocator.num_used() * self.page_size,
+            "num_tokens": tokens,
+            "tp_size": self.tp.size,
+            "ranks": [
+                {"tp_rank": r, "num_tokens": tokens, "kv_transfers": transfers.get(r, 0)}
+                for r in range(self.tp.size)
+            ],
         }
+
+    def kv_cache_blocks(self) -> dict[str, Any]:
+        """The prefix cache's pages as chain hashes (`page_allocator.page_hash`), for a
+        KV-aware router: it hashes a prompt's token ids the same way and counts the leading
+        pages found here."""
+        return {"page_size": self.page_size, "hashes": self.allocator.cached_hashes()}
 
     def get_stats(self, drain_samples: bool = False) -> dict[str, Any]:
         """Gauges and counters; `drain_samples` (only /metrics) also hands out the transfer
@@ -368,6 +396,7 @@ class EngineCore:
         return {
             "model_path": self.resolved.source,
             "served_model_name": self.model_name,
+            **_model_kind(self.resolved.config),
             "dtype": str(self.dtype).removeprefix("torch."),
             "device": str(self.device),
             "page_size": self.page_size,
@@ -380,11 +409,20 @@ class EngineCore:
             "disable_radix_cache": s.disable_radix_cache,
             "disaggregation_mode": self.pipeline.mode,
             "tp_size": self.tp.size,
+            "pp_size": self.pp.size,
             "kv_heads_per_rank": self.runner.model.num_kv_heads,
             "vocab_size": self.resolved.config.vocab_size,
             "model_folder": str(Path(self.resolved.folder)),
             "startup_seconds": round(self.startup_seconds, 3),
         }
+
+
+def _model_kind(config: ModelConfig) -> dict[str, Any]:
+    """/server_info's word on the model: HF architecture, attention (KV layout), MoE."""
+    from pdcore.model.registry import family_for
+
+    family = family_for(config)
+    return {"architecture": family.architecture, "attention": family.attention, "moe": family.moe}
 
 
 class EngineHost:
@@ -403,6 +441,16 @@ class EngineHost:
     def kv_pool(self) -> KVPool:
         return self._core.runner.pool
 
+    @property
+    def tp_group(self) -> TPGroup:
+        return self._core.tp
+
+    @property
+    def kv_head_range(self) -> tuple[int, int]:
+        config = self._core.resolved.config
+        shard = HeadShard.of(config, self._core.tp.size, self._core.tp.rank)
+        return shard.kv_head_start, config.num_kv_heads
+
     def admit(self, req: Request) -> None:
         self._core.scheduler.add(req)
 
@@ -416,10 +464,11 @@ class EngineHost:
         scheduler = self._core.scheduler
         allocator = self._core.allocator
         running = len(scheduler.running)
-        # Keep a page per running request so pre-allocation never starves decoding.
+        # Keep a page per running request, and per request whose KV is on its way (it joins
+        # the running batch next), so pre-allocation never starves decoding.
         if running + in_flight >= scheduler.max_running:
             return None
-        if count > allocator.num_available() - running:
+        if count > allocator.num_available() - running - in_flight:
             return None
         return allocator.allocate(count)
 

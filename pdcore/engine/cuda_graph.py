@@ -24,7 +24,7 @@ import torch
 from pdcore.model.attention import AttentionBackend
 from pdcore.model.forward_batch import ForwardBatch
 from pdcore.model.kv_pool import KVPool
-from pdcore.model.llama import LlamaModel
+from pdcore.model.registry import CausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class _CapturedAttention:
 class CudaGraphRunner:
     def __init__(
         self,
-        model: LlamaModel,
+        model: CausalLM,
         pool: KVPool,
         attn: GraphAttentionBackend,
         max_bs: int,

@@ -15,7 +15,7 @@ from pdcore.engine.tp_sync import BatchBroadcaster
 from pdcore.model.attention import AttentionBackend
 from pdcore.model.forward_batch import ForwardBatch
 from pdcore.model.kv_pool import KVPool
-from pdcore.model.llama import LlamaModel
+from pdcore.model.registry import CausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ DEFAULT_CUDA_GRAPH_MAX_BS = 64
 class ModelRunner:
     def __init__(
         self,
-        model: LlamaModel,
+        model: CausalLM,
         pool: KVPool,
         attn_backend: AttentionBackend,
         *,
@@ -101,7 +101,7 @@ class ModelRunner:
 
 
 def _make_graph_runner(
-    model: LlamaModel, pool: KVPool, attn: AttentionBackend, max_bs: int
+    model: CausalLM, pool: KVPool, attn: AttentionBackend, max_bs: int
 ) -> CudaGraphRunner | None:
     from pdcore.engine.cuda_graph import CudaGraphRunner, supports_cuda_graph
 

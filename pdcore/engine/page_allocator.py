@@ -56,6 +56,11 @@ class PageAllocator:
     def num_cached(self) -> int:
         return len(self._page_of_hash)
 
+    def cached_hashes(self) -> list[int]:
+        """The chain hash of every cached page (held or idle): what a KV-aware router
+        compares a prompt's own page hashes with."""
+        return list(self._page_of_hash)
+
     def allocate(self, count: int) -> list[int]:
         if count > self.num_available():
             raise OutOfPagesError(f"need {count} pages, {self.num_available()} available")

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from pdcore.engine.request import Request
 from pdcore.model.kv_pool import KVPool
+from pdcore.model.parallel import TPGroup
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,15 @@ class PipelineHost(Protocol):
     @property
     def kv_pool(self) -> KVPool:
         """The KV page pool, whose memory a PD pipeline registers with its transfer backend."""
+
+    @property
+    def tp_group(self) -> TPGroup:
+        """This engine's TP group (it is rank 0); size 1 without tensor parallelism."""
+
+    @property
+    def kv_head_range(self) -> tuple[int, int]:
+        """(first global KV head this rank's pool holds, the model's KV heads): what a PD
+        side tells its peer so prefill and decode of different tp sizes can meet."""
 
     def admit(self, req: Request) -> None:
         """Queue the request for the scheduler: its prompt is computed here."""
@@ -98,6 +108,10 @@ class Pipeline:
         return 0
 
     def queue_sizes(self) -> dict[str, int]:
+        return {}
+
+    def transfers_by_rank(self) -> dict[int, int]:
+        """PD with TP: KV transfers in flight into or out of each TP rank's pool."""
         return {}
 
     def metrics(self, drain_samples: bool = False) -> dict[str, Any]:

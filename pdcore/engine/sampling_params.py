@@ -94,7 +94,7 @@ class SamplingParams:
         """Raise SamplingParamsError naming the first bad field."""
         _check_int(self, "max_new_tokens", minimum=0)
         _check_int(self, "min_new_tokens", minimum=0)
-        _check_int(self, "top_k", minimum=-1)
+        _check_int(self, "top_k", minimum=-1, maximum=_MAX_ID)
         if self.top_k == 0:
             raise SamplingParamsError("top_k", "top_k must be -1 (disabled) or >= 1")
         _check_float(self, "temperature", low=0.0)
@@ -107,10 +107,14 @@ class SamplingParams:
             isinstance(self.seed, bool) or not isinstance(self.seed, int)
         ):
             raise SamplingParamsError("seed", "seed must be an integer")
+        if self.seed is not None and not -_MAX_SEED <= self.seed <= _MAX_SEED:
+            # torch takes 64-bit seeds, and the sampler adds the output position to it.
+            raise SamplingParamsError("seed", f"seed must be within +-{_MAX_SEED}")
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
             raise SamplingParamsError("stop", "stop must be a non-empty string or a list of them")
         if not isinstance(self.stop_token_ids, list) or not all(
-            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= _MAX_ID
+            for t in self.stop_token_ids
         ):
             raise SamplingParamsError(
                 "stop_token_ids", "stop_token_ids must be a list of token ids"
@@ -120,12 +124,25 @@ class SamplingParams:
                 raise SamplingParamsError(name, f"{name} must be a boolean")
 
 
-def _check_int(params: SamplingParams, name: str, minimum: int) -> None:
+# Bounds that keep values inside what the sampler's int64 tensors and torch's seeds hold
+# (found by fuzzing: top_k=10**30 or a 70-bit seed raised inside the engine's step).
+_MAX_ID = 2**31 - 1
+_MAX_SEED = 2**62
+
+
+def _check_int(params: SamplingParams, name: str, minimum: int, maximum: int | None = None) -> None:
     value = getattr(params, name)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise SamplingParamsError(name, f"{name} must be an integer, got {value!r}")
+        raise SamplingParamsError(name, f"{name} must be an integer, got {_short(value)}")
     if value < minimum:
-        raise SamplingParamsError(name, f"{name} must be >= {minimum}, got {value}")
+        raise SamplingParamsError(name, f"{name} must be >= {minimum}, got {_short(value)}")
+    if maximum is not None and value > maximum:
+        raise SamplingParamsError(name, f"{name} must be <= {maximum}, got {_short(value)}")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _check_float(
@@ -137,11 +154,16 @@ def _check_float(
 ) -> None:
     value = getattr(params, name)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise SamplingParamsError(name, f"{name} must be a number, got {value!r}")
-    value = float(value)
+        raise SamplingParamsError(name, f"{name} must be a number, got {_short(value)}")
+    try:
+        value = float(value)
+    except OverflowError:  # an integer beyond any float (10**400): found by fuzzing
+        raise SamplingParamsError(name, f"{name} must be a finite number") from None
     setattr(params, name, value)
     if value != value:  # NaN
         raise SamplingParamsError(name, f"{name} must be a number, got NaN")
+    if value in (float("inf"), float("-inf")):  # inf temperature: NaN probabilities
+        raise SamplingParamsError(name, f"{name} must be a finite number, got {value}")
     if low is not None and (value <= low if low_open else value < low):
         op = ">" if low_open else ">="
         raise SamplingParamsError(name, f"{name} must be {op} {low}, got {value}")

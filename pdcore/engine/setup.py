@@ -9,8 +9,8 @@ from typing import Any
 import torch
 
 from pdcore.model.config import ModelConfig
-from pdcore.model.kv_pool import KVPool
 from pdcore.model.parallel import local_kv_heads
+from pdcore.model.registry import kv_bytes_per_token
 
 logger = logging.getLogger(__name__)
 
@@ -153,9 +153,7 @@ def pool_pages(
     """Number of pages (including the padding page) for one rank's KV pool. With tensor
     parallelism a rank stores only its KV heads (local_kv_heads), and on a CPU the ranks of
     one node share its memory, so each takes 1/ranks_per_node of the CPU budget."""
-    per_token = KVPool.bytes_per_token(
-        config.num_layers, local_kv_heads(config, tp_size), config.head_dim, dtype
-    )
+    per_token = kv_bytes_per_token(config, dtype, tp_size)  # in the family's KV layout
     if max_total_tokens is not None:
         tokens = max_total_tokens
     else:

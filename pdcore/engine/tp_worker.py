@@ -21,10 +21,10 @@ from pdcore.engine.kv_memory import kv_pool_allocation
 from pdcore.engine.model_runner import ModelRunner
 from pdcore.engine.setup import pick_device, pick_dtype, pool_pages
 from pdcore.engine.tp_sync import BATCH, STOP, BatchReceiver
-from pdcore.model.kv_pool import KVPool
-from pdcore.model.llama import LlamaModel
+from pdcore.model import registry
 from pdcore.model.loader import ResolvedModel, load_state_dict, resolve_model
 from pdcore.model.parallel import TPGroup, check_tp_size
+from pdcore.model.quantized import load_quantized
 from pdcore.plugins import get_registry
 
 logger = logging.getLogger(__name__)
@@ -45,6 +45,8 @@ def load_rank(settings: EngineConfig, tp: TPGroup | None = None) -> LoadedRank:
     tp = tp or TPGroup()
     resolved = resolve_model(settings.model_path)
     config = resolved.config
+    family = registry.family_for(config)
+    registry.check_parallel(config, tp.size)
     check_tp_size(config, tp.size)
     device = tp.device if tp.enabled else pick_device(settings.device, settings.base_gpu_id)
     dtype = pick_dtype(settings.dtype, device)
@@ -72,19 +74,23 @@ def load_rank(settings: EngineConfig, tp: TPGroup | None = None) -> LoadedRank:
             capacity_tokens,
         )
         context = capacity_tokens
-    model = LlamaModel(config, load_state_dict(resolved), dtype, device, context + 1, tp)
+    quant = None
+    if family.quantized_linear or settings.quantization not in ("auto", "none"):
+        quant = load_quantized(settings.quantization, resolved.source, config, device, tp.size)
+    state = load_state_dict(resolved)
+    model = registry.build_model(config, state, dtype, device, context + 1, tp, quant)
     with kv_pool_allocation(device):  # a plugin's allocator, where its transport needs one
-        pool = KVPool(
-            config.num_layers,
-            num_pages,
-            settings.page_size,
-            model.num_kv_heads,
-            config.head_dim,
-            dtype,
-            device,
+        pool = registry.make_kv_pool(config, num_pages, settings.page_size, dtype, device, tp.size)
+    backend = settings.attention_backend
+    if not family.uses_attention_backend and backend != "torch":
+        logger.info(
+            "%s attends in its own code: --attention-backend %s unused",
+            family.architecture,
+            backend,
         )
+        backend = "torch"
     attn = get_registry("attention_backend").create(
-        settings.attention_backend,
+        backend,
         num_heads=model.num_heads,
         num_kv_heads=model.num_kv_heads,
         head_dim=config.head_dim,
@@ -95,7 +101,7 @@ def load_rank(settings: EngineConfig, tp: TPGroup | None = None) -> LoadedRank:
         model,
         pool,
         attn,
-        disable_cuda_graph=settings.disable_cuda_graph,
+        disable_cuda_graph=settings.disable_cuda_graph or not family.cuda_graphs,
         cuda_graph_max_bs=settings.cuda_graph_max_bs,
     )
     return LoadedRank(resolved, device, dtype, runner, num_pages, context)

@@ -28,6 +28,11 @@ class ModelConfig:
     rope_scaling: dict[str, Any] | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    # The HF `architectures` entry that picks the model family (pdcore.model.registry);
+    # empty for configs read from GGUF metadata, whose `architecture` then decides.
+    hf_architecture: str = ""
+    # Numbers only one family reads (MLA ranks, MoE routing), as config.json spells them.
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         assert self.num_heads % self.num_kv_heads == 0, (
@@ -56,6 +61,13 @@ class ModelConfig:
                 f"unsupported model_type '{model_type}' in {path}; "
                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
+        return cls.from_hf_dict(cfg)
+
+    @classmethod
+    def from_hf_dict(cls, cfg: dict[str, Any], **overrides: Any) -> ModelConfig:
+        """The fields every family shares, from a parsed config.json; a family's reader
+        (pdcore.model.registry) passes what it reads differently as `overrides`."""
+        model_type = str(cfg.get("model_type", "llama")).lower()
         num_heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])
         eos = cfg.get("eos_token_id")
@@ -74,7 +86,7 @@ class ModelConfig:
             "default",
         ):
             rope_scaling = None
-        return cls(
+        fields: dict[str, Any] = dict(
             architecture=model_type,
             vocab_size=int(cfg["vocab_size"]),
             hidden_size=hidden,
@@ -91,4 +103,6 @@ class ModelConfig:
             rope_scaling=rope_scaling,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            hf_architecture=str((cfg.get("architectures") or [""])[0]),
         )
+        return cls(**{**fields, **overrides})

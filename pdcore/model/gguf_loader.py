@@ -1,7 +1,9 @@
 """Turn a llama.cpp GGUF file into Hugging Face-named fp32 tensors and a ModelConfig.
 
 Dequantizes exactly as transformers' GGUF integration does (including llama.cpp's q/k row
-permutation, undone here), so pdcore and transformers run on the same weights.
+permutation, undone here), so pdcore and transformers run on the same weights. For
+`--quantization gguf`, `read_gguf_quantized` hands out the linear weights' raw blocks
+instead (same names, same row order), for pdcore.model.quantized to repack.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from pdcore.model.config import SUPPORTED_ARCHITECTURES, ModelConfig
 
 if TYPE_CHECKING:
     from gguf import GGUFReader
+
+    from pdcore.model.quantized import GGUFRows
 
 _LAYER_TENSORS = {
     "attn_q": "self_attn.q_proj",
@@ -121,3 +125,34 @@ def iter_gguf_tensors(
 
 def count_gguf_tensors(reader: GGUFReader) -> int:
     return sum(1 for t in reader.tensors if _hf_name(t.name) is not None)
+
+
+_NOT_LINEAR = ("attn_norm", "ffn_norm", "output_norm")
+
+
+def read_gguf_quantized(path: Path, config: ModelConfig) -> dict[str, GGUFRows]:
+    """The linear weights (and token_embd, the tied LM head) whose type the quantized
+    kernels read (Q4_0, Q4_1, Q8_0), as raw blocks by HF name, q/k rows un-permuted like
+    `iter_gguf_tensors` does. Blocks lie along K, so permuting rows moves whole blocks."""
+    import gguf
+
+    from pdcore.model.quantized import GGUF_KERNEL_TYPES, GGUFRows
+
+    reader = gguf.GGUFReader(str(path))
+    out: dict[str, GGUFRows] = {}
+    for tensor in reader.tensors:
+        name = _hf_name(tensor.name)
+        kind = tensor.tensor_type.name
+        if (
+            name is None
+            or kind not in GGUF_KERNEL_TYPES
+            or tensor.name.split(".")[-2] in _NOT_LINEAR
+        ):
+            continue
+        data = np.asarray(tensor.data)  # uint8 [N, row bytes], memory-mapped
+        if ".attn_q." in tensor.name:
+            data = _unpermute(data, config.num_heads)
+        elif ".attn_k." in tensor.name:
+            data = _unpermute(data, config.num_kv_heads)
+        out[name] = GGUFRows(kind, data, int(tensor.shape[0]))
+    return out

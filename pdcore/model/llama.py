@@ -18,6 +18,7 @@ from pdcore.model.forward_batch import ForwardBatch
 from pdcore.model.kv_pool import KVPool
 from pdcore.model.linear import Linear
 from pdcore.model.parallel import HeadShard, TPGroup
+from pdcore.model.quantized import QuantizedWeights, QuantLinear
 from pdcore.model.rope import RotaryTable, apply_rotary
 
 logger = logging.getLogger(__name__)
@@ -27,7 +28,13 @@ class _Layer:
     __slots__ = ("input_norm", "qkv", "o_proj", "post_norm", "gate_up", "down")
 
     def __init__(
-        self, state: dict[str, torch.Tensor], prefix: str, to, shard: HeadShard, head_dim: int
+        self,
+        state: dict[str, torch.Tensor],
+        prefix: str,
+        to,
+        shard: HeadShard,
+        head_dim: int,
+        quant: QuantizedWeights | None = None,
     ) -> None:
         attn = prefix + "self_attn."
         self.input_norm = to(state[prefix + "input_layernorm.weight"])
@@ -38,21 +45,40 @@ class _Layer:
         kv_rows = (shard.kv_head_start * head_dim, shard.num_kv_heads * head_dim)
         rows = {"q": q_rows, "k": kv_rows, "v": kv_rows}
         bias_names = [attn + f"{p}_proj.bias" for p in "qkv"]
-        self.qkv = Linear(
-            to(torch.cat([state[attn + f"{p}_proj.weight"].narrow(0, *rows[p]) for p in "qkv"])),
+        qkv_bias = (
             to(torch.cat([state[n].narrow(0, *rows[p]) for p, n in zip("qkv", bias_names)]))
             if bias_names[0] in state
-            else None,
+            else None
         )
-        self.o_proj = Linear(to(state[attn + "o_proj.weight"].narrow(1, *q_rows)))
+
+        def linear(names: list[str], dense, bias: torch.Tensor | None = None):
+            # quantized weights are whole tensors (no TP: quantized.resolve refuses it)
+            made = quant.linear(names, state, bias) if quant is not None else None
+            return made if made is not None else Linear(to(dense()), bias)
+
+        self.qkv = linear(
+            [attn + f"{p}_proj.weight" for p in "qkv"],
+            lambda: torch.cat(
+                [state[attn + f"{p}_proj.weight"].narrow(0, *rows[p]) for p in "qkv"]
+            ),
+            qkv_bias,
+        )
+        self.o_proj = linear(
+            [attn + "o_proj.weight"], lambda: state[attn + "o_proj.weight"].narrow(1, *q_rows)
+        )
         self.post_norm = to(state[prefix + "post_attention_layernorm.weight"])
         mlp = prefix + "mlp."
         channels = (shard.intermediate_start, shard.intermediate)
-        gate_up = torch.cat(
-            [state[mlp + f"{p}_proj.weight"].narrow(0, *channels) for p in ("gate", "up")]
+        self.gate_up = linear(
+            [mlp + "gate_proj.weight", mlp + "up_proj.weight"],
+            lambda: torch.cat(
+                [state[mlp + f"{p}_proj.weight"].narrow(0, *channels) for p in ("gate", "up")]
+            ),
         )
-        self.gate_up = Linear(to(gate_up))
-        self.down = Linear(to(state[mlp + "down_proj.weight"].narrow(1, *channels)))
+        self.down = linear(
+            [mlp + "down_proj.weight"],
+            lambda: state[mlp + "down_proj.weight"].narrow(1, *channels),
+        )
 
 
 class LlamaModel:
@@ -64,11 +90,16 @@ class LlamaModel:
         device: torch.device,
         max_positions: int,
         tp: TPGroup | None = None,
+        quant: QuantizedWeights | None = None,
+        layer_range: range | None = None,
     ) -> None:
-        """`tp`: this rank's place in a tensor-parallel group; it then holds its shard of
+        """`layer_range`: with pipeline parallelism, the global layers this stage holds
+        (pdcore.model.pipeline_split); its KV pool then has just those, indexed from 0.
+        `tp`: this rank's place in a tensor-parallel group; it then holds its shard of
         the attention and MLP weights (llama.py's _Layer) and sums the row-parallel outputs
         over the group. Embedding and LM head are replicated; only the driver (rank 0)
-        computes logits."""
+        computes logits. `quant`: linear weights kept quantized (pdcore.model.quantized;
+        --quantization), the rest from `state`."""
         self.config = config
         self.dtype = dtype
         self.device = device
@@ -87,14 +118,21 @@ class LlamaModel:
             )
         self.embed = to(state["model.embed_tokens.weight"])
         self.layers = [
-            _Layer(state, f"model.layers.{i}.", to, shard, config.head_dim)
-            for i in range(config.num_layers)
+            _Layer(state, f"model.layers.{i}.", to, shard, config.head_dim, quant)
+            for i in (layer_range if layer_range is not None else range(config.num_layers))
         ]
         self.norm = to(state["model.norm.weight"])
-        self.lm_head: Linear | None = None  # followers never compute logits
+        self.lm_head: Linear | QuantLinear | None = None  # followers never compute logits
         if self.tp.is_driver:
             tied = config.tie_word_embeddings or "lm_head.weight" not in state
-            self.lm_head = Linear(self.embed if tied else to(state["lm_head.weight"]))
+            head = "model.embed_tokens.weight" if tied else "lm_head.weight"
+            q_head = quant.linear([head], state) if quant is not None else None
+            self.lm_head = q_head or Linear(self.embed if tied else to(state[head]))
+        if quant is not None:
+            logger.info(
+                "quantized linear weights: %s%s", quant.method,
+                f"; dense: {', '.join(quant.dense)}" if quant.dense else "",
+            )  # fmt: skip
         self.rotary = RotaryTable(
             config.head_dim, config.rope_theta, config.rope_scaling, max_positions, dtype, device
         )
@@ -121,7 +159,16 @@ class LlamaModel:
         """Return fp32 logits for the rows in batch.logits_indices: [S, vocab] (a TP
         follower returns an empty tensor: only the driver samples)."""
         attn.prepare(batch, pool)
-        hidden = F.embedding(batch.input_ids, self.embed)
+        hidden = self.run_layers(F.embedding(batch.input_ids, self.embed), batch, pool, attn)
+        if self.lm_head is None:
+            return hidden.new_empty((0,))
+        return self.logits(hidden, batch)
+
+    def run_layers(
+        self, hidden: torch.Tensor, batch: ForwardBatch, pool: KVPool, attn: AttentionBackend
+    ) -> torch.Tensor:
+        """This model's layers over `hidden` (the residual stream, [T, hidden_size]);
+        `attn.prepare` must have run for `batch`. A pipeline stage calls it directly."""
         if self._native is not None and hidden.shape[0] <= native_cpu.MAX_ROWS:
             hidden = self._layers_native(self._native, hidden, batch, pool, attn)
         else:
@@ -133,8 +180,11 @@ class LlamaModel:
                 x = self._rms_norm(hidden, layer.post_norm)
                 gate, up = layer.gate_up(x).chunk(2, dim=-1)
                 hidden = hidden + self.tp.all_reduce(layer.down(F.silu(gate) * up))
-        if self.lm_head is None:
-            return hidden.new_empty((0,))
+        return hidden
+
+    def logits(self, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """fp32 logits of the rows in batch.logits_indices (the final norm, the LM head)."""
+        assert self.lm_head is not None
         hidden = hidden.index_select(0, batch.logits_indices)
         hidden = self._rms_norm(hidden, self.norm)
         return self.lm_head(hidden).float()

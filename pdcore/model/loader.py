@@ -84,7 +84,9 @@ def resolve_model(model_path: str | None) -> ResolvedModel:
         return ResolvedModel(str(path), folder, config)
     if not (path / "config.json").exists():
         raise ModelNotFoundError(f"--model-path {path}: no config.json in this folder")
-    return ResolvedModel(str(path), path, ModelConfig.from_hf_config(path / "config.json"))
+    from pdcore.model.registry import config_from_hf  # the family's reader, by architecture
+
+    return ResolvedModel(str(path), path, config_from_hf(path / "config.json"))
 
 
 def read_model_config(model_path: str | None) -> ModelConfig:
@@ -156,13 +158,29 @@ def _convert_gguf(path: Path, out: Path) -> None:
 
 
 def load_state_dict(model: ResolvedModel) -> dict[str, torch.Tensor]:
-    """All tensors of the folder's safetensors files, HF names, as stored (memory-mapped)."""
+    """All tensors of the folder's safetensors files, HF names, as stored (memory-mapped).
+    A sharded checkpoint's model.safetensors.index.json decides which files are read, and
+    every tensor it lists must be found."""
     from safetensors.torch import load_file
 
-    files = sorted(model.folder.glob("*.safetensors"))
+    index = model.folder / "model.safetensors.index.json"
+    weight_map: dict[str, str] = {}
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = [model.folder / name for name in sorted(set(weight_map.values()))]
+        absent = [f.name for f in files if not f.exists()]
+        if absent:
+            raise ModelNotFoundError(f"{index} lists shards that are missing: {', '.join(absent)}")
+    else:
+        files = sorted(model.folder.glob("*.safetensors"))
     if not files:
         raise ModelNotFoundError(f"no .safetensors files in {model.folder}")
     state: dict[str, torch.Tensor] = {}
     for file in files:
         state.update(load_file(str(file)))
+    lost = [name for name in weight_map if name not in state]
+    if lost:
+        raise ModelNotFoundError(
+            f"{index} maps {len(lost)} tensors its shards lack, e.g. {', '.join(lost[:3])}"
+        )
     return state

@@ -1,5 +1,6 @@
 """Our CPU kernels for bf16 and fp32 models (`kernels/*.c`: skinny GEMM, RMSNorm fused
-with the residual add, SiLU-and-mul, RoPE, paged decode attention), compiled once per machine.
+with the residual add, SiLU-and-mul, RoPE, paged decode attention, and the GEMM over
+quantized weights -- GGUF Q4_0/Q4_1/Q8_0 blocks, int8 per channel), compiled once per machine.
 
 One C source for every CPU: the kernels are written with GCC's vector extensions
 (`kernels/vec.h`) and built per ISA variant -- x86-64-v3 (AVX2+FMA), x86-64-v4 (AVX512F),
@@ -197,6 +198,8 @@ def _load(isa: str | None) -> ctypes.CDLL | None:
         _declare(getattr(lib, f"pdcore_{kind}_rope"), [p, i64, i64, i64, i64, p, p, p])
         attn = [p, i64, p, i64, p, i64, p, p, p, i64, p, p, i64, i64, i64, i64, f32, p, i32]
         _declare(getattr(lib, f"pdcore_{kind}_decode_attention"), attn)
+    _declare(lib.pdcore_quant_gemm, [p, i64, i64, p, i32, p, i64, i64, p, i64, i32])
+    _declare(lib.pdcore_quant_dequantize, [p, i32, i64, i64, p, i32])
     lib.pdcore_isa = isa  # type: ignore[attr-defined]
     logger.info("native CPU kernels: %s", isa)
     return lib
@@ -243,6 +246,36 @@ class Kernels:
         self._silu_mul = getattr(lib, f"pdcore_{kind}_silu_mul")
         self._rope = getattr(lib, f"pdcore_{kind}_rope")
         self._attention = getattr(lib, f"pdcore_{kind}_decode_attention")
+        self._quant_gemm = lib.pdcore_quant_gemm
+        self._quant_dequantize = lib.pdcore_quant_dequantize
+
+    def quant_gemm(
+        self,
+        x: torch.Tensor,
+        packed: torch.Tensor,
+        fmt: int,
+        n: int,
+        k: int,
+        bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """fp32 x [M, K] (rows may be strided) @ W.T (+ fp32 bias) -> fp32 [M, N], W held
+        quantized in `packed` (format `fmt`; see pdcore/model/quantized.py)."""
+        m = x.shape[0]
+        if x.stride(1) != 1:
+            x = x.contiguous()
+        y = torch.empty((m, n), dtype=torch.float32)
+        self._quant_gemm(
+            x.data_ptr(), m, x.stride(0), packed.data_ptr(), fmt,
+            0 if bias is None else bias.data_ptr(), n, k, y.data_ptr(), n,
+            torch.get_num_threads(),
+        )  # fmt: skip
+        return y
+
+    def quant_dequantize(self, packed: torch.Tensor, fmt: int, n: int, k: int) -> torch.Tensor:
+        """The quantized weights widened to fp32 [N, K]."""
+        w = torch.empty((n, k), dtype=torch.float32)
+        self._quant_dequantize(packed.data_ptr(), fmt, n, k, w.data_ptr(), torch.get_num_threads())
+        return w
 
     def gemm(
         self, x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None = None

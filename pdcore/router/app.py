@@ -1,27 +1,29 @@
 """The Starlette app of `pdcore router`: the PD routes, admin routes over all workers,
-request metrics, and OpenAI-style error bodies.
+worker registration, health, metrics, and OpenAI-style error bodies.
 
-Generation goes through `pd.route_pd`; the admin routes fan out to the workers at once and
-say, per worker, what each answered, so one dead worker is named rather than hidden.
+Generation goes through `pd.route_pd`; the admin routes fan out to every registered worker
+at once and say, per worker, what each answered, so one dead worker is named rather than
+hidden.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 import httpx
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import pdcore
+from pdcore.router import workers_api
+from pdcore.router.edge import OPEN_PATHS, ApiKeyMiddleware, MetricsMiddleware, RequestIdMiddleware
 from pdcore.router.metrics import CONTENT_TYPE
-from pdcore.router.pd import FORWARDED_HEADERS, RouterState, route_pd
+from pdcore.router.pd import RouterState, route_pd, worker_headers
 from pdcore.router.policies import Worker
 from pdcore.web.errors import error_body, error_handlers
 
@@ -34,7 +36,7 @@ def _state(request: Request) -> RouterState:
 
 
 def _headers(request: Request) -> dict[str, str]:
-    return {h: request.headers[h] for h in FORWARDED_HEADERS if h in request.headers}
+    return worker_headers(_state(request), request)
 
 
 async def _call(
@@ -64,10 +66,15 @@ async def _fan_out(
     request: Request, method: str, path: str, timeout: float = ADMIN_TIMEOUT_S
 ) -> list[dict[str, Any]]:
     state = _state(request)
-    workers = [*state.prefills, *state.decodes]
+    workers = _all(state)
     headers = _headers(request)
     calls = (_call(state, w, method, path, headers, timeout) for w in workers)
     return list(await asyncio.gather(*calls))
+
+
+def _all(state: RouterState) -> list[Worker]:
+    """Every registered worker, prefills first (the order the admin answers list them)."""
+    return [*state.prefills, *state.decodes]
 
 
 def _ok(result: dict[str, Any]) -> bool:
@@ -91,8 +98,35 @@ def _by_role(results: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
 
 
 async def health(request: Request) -> Response:
-    """200 while the router runs (workers are checked by /health_generate)."""
+    """200 while at least one prefill and one decode are available (healthy, breaker not
+    open), else 503 naming the missing role -- the router could not serve a request."""
+    state = _state(request)
+    missing = [role for role in ("prefill", "decode") if not state.pool.available(role)]
+    if not missing:
+        return Response(status_code=200)
+    message = " and ".join(f"no {role} server is available" for role in missing)
+    message += "; GET /workers shows each worker's health and circuit breaker"
+    return JSONResponse(error_body(message, type="service_unavailable"), status_code=503)
+
+
+async def liveness(request: Request) -> Response:
+    """200 while the router process runs, whatever its workers do."""
     return Response(status_code=200)
+
+
+async def readiness(request: Request) -> Response:
+    """Like /health, with the per-role counts in the body."""
+    state = _state(request)
+    counts = {
+        role: {
+            "registered": len(state.pool.workers(role)),
+            "available": len(state.pool.available(role)),
+        }
+        for role in ("prefill", "decode")
+    }
+    ready = all(c["available"] for c in counts.values())
+    body = {"status": "ready" if ready else "not ready", **counts}
+    return JSONResponse(body, status_code=200 if ready else 503)
 
 
 async def health_generate(request: Request) -> Response:
@@ -106,10 +140,15 @@ async def health_generate(request: Request) -> Response:
 
 
 async def _first_decode(request: Request, path: str) -> Response:
+    """`path` from the first available decode server (any registered one if none is)."""
     state = _state(request)
-    result = await _call(state, state.decodes[0], "GET", path, _headers(request))
+    decodes = state.pool.available("decode") or state.decodes
+    if not decodes:
+        message = "no decode server is registered"
+        return JSONResponse(error_body(message, type="service_unavailable"), 503)
+    result = await _call(state, decodes[0], "GET", path, _headers(request))
     if "error" in result:
-        message = f"the decode server {state.decodes[0].url} did not answer {path}: "
+        message = f"the decode server {decodes[0].url} did not answer {path}: "
         return JSONResponse(error_body(message + result["error"], type="server_error"), 502)
     return JSONResponse(result["body"], status_code=result["status"])
 
@@ -125,12 +164,17 @@ async def model_info(request: Request) -> Response:
 async def server_info(request: Request) -> Response:
     """The router's own settings and each worker's /server_info."""
     state = _state(request)
+    workers = _all(state)
     results = await _fan_out(request, "GET", "/server_info")
-    for r, w in zip(results, [*state.prefills, *state.decodes], strict=True):
+    for r, w in zip(results, workers, strict=True):
         if w.role == "prefill":
             r["bootstrap_port"] = w.bootstrap_port
         r["server_info"] = r.pop("body", None)
     router = state.settings.model_dump(mode="json")
+    if router.get("api_key"):
+        router["api_key"] = "<redacted>"
+    router["prefill"] = [{"url": w.url, "bootstrap_port": w.bootstrap_port} for w in state.prefills]
+    router["decode"] = [w.url for w in state.decodes]
     router.update({"version": pdcore.__version__, "mode": "pd"})
     return JSONResponse({"router": router, **_by_role(results)})
 
@@ -138,8 +182,9 @@ async def server_info(request: Request) -> Response:
 async def get_load(request: Request) -> Response:
     """Each worker's /get_load, with the router's own count of its requests in flight."""
     state = _state(request)
+    workers = _all(state)
     results = await _fan_out(request, "GET", "/get_load")
-    for r, w in zip(results, [*state.prefills, *state.decodes], strict=True):
+    for r, w in zip(results, workers, strict=True):
         r["load"] = r.pop("body", None)
         r["router_in_flight"] = w.in_flight
     return JSONResponse(_by_role(results))
@@ -157,7 +202,9 @@ async def flush_cache(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    return Response(_state(request).metrics.render(), media_type=CONTENT_TYPE)
+    state = _state(request)
+    state.metrics.sync_workers(state.pool, state.admission.active, state.admission.queued)
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
 
 ROUTES = [
@@ -175,41 +222,43 @@ ROUTES = [
     Route("/flush_cache", flush_cache, methods=["GET", "POST"]),
     Route("/metrics", metrics, methods=["GET"]),
 ]
+ROUTES += [
+    Route("/liveness", liveness, methods=["GET"]),
+    Route("/readiness", readiness, methods=["GET"]),
+    *workers_api.ROUTES,
+]
 _ROUTE_PATHS = {route.path for route in ROUTES}
-
-
-class MetricsMiddleware:
-    """Counts every request by route (unknown paths share one label) and status, and
-    observes its latency up to the end of the response (a stream's last event)."""
-
-    def __init__(self, app: ASGIApp, state: RouterState) -> None:
-        self.app = app
-        self.state = state
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        status = [500]
-        t0 = time.monotonic()
-
-        async def send_wrapper(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        route = scope["path"] if scope["path"] in _ROUTE_PATHS else "other"
-        try:
-            await self.app(scope, receive, send_wrapper)
-        finally:
-            self.state.metrics.observe_request(route, status[0], time.monotonic() - t0)
 
 
 def build_app(state: RouterState) -> Starlette:
     """The router app; `state` is reachable from routes as request.app.state.router."""
+    s = state.settings
+    middleware = [
+        Middleware(MetricsMiddleware, metrics=state.metrics, paths=_ROUTE_PATHS),
+        Middleware(RequestIdMiddleware, header_names=s.request_id_headers),
+    ]
+    if s.cors_allowed_origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=s.cors_allowed_origins,
+                allow_methods=["*"],
+                allow_headers=["*"],
+                expose_headers=["x-request-id"],
+            )
+        )
+    middleware.append(Middleware(ApiKeyMiddleware, api_key=s.api_key, open_paths=OPEN_PATHS))
     app = Starlette(
         routes=ROUTES,
-        middleware=[Middleware(MetricsMiddleware, state=state)],
+        middleware=middleware,
         exception_handlers=error_handlers("Router error"),
     )
+    app.state.router = state
+    return app
+
+
+def build_metrics_app(state: RouterState) -> Starlette:
+    """/metrics alone, for --prometheus-port (a scraper that must not reach the API)."""
+    app = Starlette(routes=[Route("/metrics", metrics, methods=["GET"])])
     app.state.router = state
     return app

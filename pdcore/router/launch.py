@@ -7,6 +7,7 @@ A light process: starlette, uvicorn and httpx only -- never torch, the model or 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import sys
@@ -17,18 +18,21 @@ import httpx
 import uvicorn
 
 from pdcore.plugins import get_registry
-from pdcore.router.app import build_app
+from pdcore.router.admission import Admission, TokenBucket
+from pdcore.router.app import build_app, build_metrics_app
+from pdcore.router.health import HealthChecker, probe
 from pdcore.router.legs import CONNECT_TIMEOUT_S
 from pdcore.router.metrics import RouterMetrics
 from pdcore.router.pd import RouterState
-from pdcore.router.policies import Worker
+from pdcore.router.policies import RoutingPolicy, Worker
+from pdcore.router.resilience import Backoff, BreakerState
 from pdcore.router.settings import RouterSettings
+from pdcore.router.workers import ROLES, WorkerPool
 from pdcore.web.errors import check_port
 
 logger = logging.getLogger("pdcore.router")
 
-GRACEFUL_SHUTDOWN_S = 5
-_STARTUP_POLL_S = 0.5
+_STARTUP_PROBE_TIMEOUT_S = 5.0
 
 
 class _Terminate(BaseException):
@@ -46,13 +50,16 @@ def run_router(settings: RouterSettings) -> int:
     Raises SystemExit with a message when the port cannot be listened on or a worker is
     not healthy within --worker-startup-timeout-secs.
     """
+    level = "warning" if settings.log_level == "warn" else settings.log_level
     logging.basicConfig(
-        level=settings.log_level.upper(),
+        level=level.upper(),
         format="%(asctime)s [router] %(levelname)s %(name)s: %(message)s",
     )
-    if settings.log_level != "debug":  # httpx logs every request at INFO
+    if level != "debug":  # httpx logs every request at INFO
         logging.getLogger("httpx").setLevel(logging.WARNING)
     check_port("pdcore router", settings.host, settings.port)
+    if settings.prometheus_port is not None:
+        check_port("pdcore router", settings.prometheus_host, settings.prometheus_port)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         asyncio.run(_serve(settings))
@@ -63,10 +70,57 @@ def run_router(settings: RouterSettings) -> int:
     return 0
 
 
-def make_workers(settings: RouterSettings) -> tuple[list[Worker], list[Worker]]:
-    prefills = [Worker(p.url, "prefill", p.bootstrap_port) for p in settings.prefill]
-    decodes = [Worker(url, "decode") for url in settings.decode]
-    return prefills, decodes
+def make_pool(settings: RouterSettings, metrics: RouterMetrics) -> WorkerPool:
+    """The workers from --prefill and --decode, in command-line order."""
+
+    def breaker_changed(worker: Worker, old: BreakerState, new: BreakerState) -> None:
+        metrics.cb_transitions.labels(
+            worker=worker.url, role=worker.role, from_state=old.value, to_state=new.value
+        ).inc()
+
+    pool = WorkerPool(settings, on_breaker_change=breaker_changed)
+    for p in settings.prefill:
+        pool.add(p.url, "prefill", p.bootstrap_port)
+    for url in settings.decode:
+        pool.add(url, "decode")
+    return pool
+
+
+def make_policies(settings: RouterSettings) -> dict[str, RoutingPolicy]:
+    """One policy object per role, each made by its factory with (role=, settings=)."""
+    registry = get_registry("routing_policy")
+    return {
+        role: registry.create(settings.role_policy(role), role=role, settings=settings)
+        for role in ROLES
+    }
+
+
+def make_state(settings: RouterSettings, client: httpx.AsyncClient) -> RouterState:
+    metrics = RouterMetrics(settings.prometheus_duration_buckets)
+    rate = settings.rate_limit_tokens_per_second
+    bucket = TokenBucket(rate, max(1.0, rate)) if rate else None
+    admission = Admission(
+        settings.max_concurrent_requests,
+        settings.queue_size,
+        settings.queue_timeout_secs,
+        bucket,
+        on_reject=lambda reason: metrics.rejected.labels(reason=reason).inc(),
+    )
+    backoff = Backoff(
+        settings.retry_initial_backoff_ms / 1000,
+        settings.retry_max_backoff_ms / 1000,
+        settings.retry_backoff_multiplier,
+        settings.retry_jitter_factor,
+    )
+    return RouterState(
+        settings,
+        make_pool(settings, metrics),
+        make_policies(settings),
+        client,
+        metrics,
+        admission,
+        backoff,
+    )
 
 
 def _client(settings: RouterSettings) -> httpx.AsyncClient:
@@ -78,49 +132,104 @@ def _client(settings: RouterSettings) -> httpx.AsyncClient:
     )
 
 
+def _auth(settings: RouterSettings) -> dict[str, str]:
+    return {"authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
+
+
+def _background(state: RouterState) -> list[asyncio.Task[Any]]:
+    """The health checker and each policy's own `run` task, if it has one."""
+    s = state.settings
+    tasks = []
+    if not s.disable_health_check:
+        checker = HealthChecker(state.pool, state.client, s, state.metrics, _auth(s))
+        tasks.append(asyncio.create_task(checker.run(), name="health-checker"))
+    for role, policy in state.policies.items():
+        run = getattr(policy, "run", None)
+        if run is not None:
+            workers = functools.partial(state.pool.workers, role)
+            tasks.append(asyncio.create_task(run(state.client, workers), name=f"policy-{role}"))
+    return tasks
+
+
 async def _serve(settings: RouterSettings) -> None:
-    prefills, decodes = make_workers(settings)
-    policy = get_registry("routing_policy").create(settings.policy)
     async with _client(settings) as client:
-        await wait_for_workers(client, [*prefills, *decodes], settings.worker_startup_timeout_secs)
-        state = RouterState(settings, prefills, decodes, policy, client, RouterMetrics())
-        config = uvicorn.Config(
-            build_app(state),
-            host=settings.host,
-            port=settings.port,
-            log_level=settings.log_level,
-            access_log=settings.log_level == "debug",
-            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-            lifespan="off",
-        )
+        state = make_state(settings, client)
+        if not settings.disable_health_check:
+            workers = [m.worker for m in state.pool]
+            await wait_for_workers(client, workers, settings, _auth(settings))
+        level = "warning" if settings.log_level == "warn" else settings.log_level
+        servers = [
+            uvicorn.Server(
+                uvicorn.Config(
+                    build_app(state),
+                    host=settings.host,
+                    port=settings.port,
+                    log_level=level,
+                    access_log=level == "debug",
+                    timeout_graceful_shutdown=round(settings.shutdown_grace_period_secs),
+                    lifespan="off",
+                )
+            )
+        ]
+        if settings.prometheus_port is not None:
+            config = uvicorn.Config(
+                build_metrics_app(state),
+                host=settings.prometheus_host,
+                port=settings.prometheus_port,
+                log_level="warning",
+                access_log=False,
+                lifespan="off",
+            )
+            servers.append(_MetricsServer(config))
         logger.info(
-            "PD router on http://%s:%d: prefill %s; decode %s; policy %s",
+            "PD router on http://%s:%d: prefill %s; decode %s; policies prefill=%s decode=%s",
             settings.host,
             settings.port,
-            ", ".join(f"{w.url} (bootstrap port {w.bootstrap_port})" for w in prefills),
-            ", ".join(w.url for w in decodes),
-            settings.policy,
+            ", ".join(f"{w.url} (bootstrap port {w.bootstrap_port})" for w in state.prefills),
+            ", ".join(w.url for w in state.decodes),
+            settings.role_policy("prefill"),
+            settings.role_policy("decode"),
         )
+        tasks = _background(state)
         try:
-            await uvicorn.Server(config).serve()
+            main = asyncio.ensure_future(servers[0].serve())
+            extra = [asyncio.ensure_future(srv.serve()) for srv in servers[1:]]
+            await main
         finally:
-            for task in list(state.background):
+            for srv in servers[1:]:
+                srv.should_exit = True
+            for task in [*tasks, *list(state.background)]:
                 task.cancel()
-            await asyncio.gather(*state.background, return_exceptions=True)
+            await asyncio.gather(*tasks, *state.background, *extra, return_exceptions=True)
+
+
+class _MetricsServer(uvicorn.Server):
+    """The --prometheus-port server: signals are the main server's business."""
+
+    def install_signal_handlers(self) -> None:
+        return None
 
 
 async def wait_for_workers(
-    client: httpx.AsyncClient, workers: list[Worker], timeout: float
+    client: httpx.AsyncClient,
+    workers: list[Worker],
+    settings: RouterSettings,
+    headers: dict[str, str] | None = None,
 ) -> None:
-    """Return once every worker's /health answers 200; exit naming those that do not."""
+    """Return once every worker's health endpoint answers 200; exit naming those that do
+    not after --worker-startup-timeout-secs (0: do not wait)."""
+    timeout = settings.worker_startup_timeout_secs
     if timeout <= 0:
         return
     deadline = time.monotonic() + timeout
     last: dict[str, str] = {}
     pending = list(workers)
+    path = settings.health_check_endpoint
     logger.info("waiting up to %gs for %d workers to be healthy", timeout, len(pending))
     while pending:
-        results = await asyncio.gather(*(_health(client, w) for w in pending))
+        results = await asyncio.gather(
+            *(probe(client, w, path, _STARTUP_PROBE_TIMEOUT_S, headers) for w in pending)
+        )
         last = {w.url: r for w, r in zip(pending, results, strict=True) if r is not None}
         pending = [w for w in pending if w.url in last]
         if not pending:
@@ -131,16 +240,7 @@ async def wait_for_workers(
                 f"pdcore router: workers not healthy after {timeout:g}s "
                 f"(--worker-startup-timeout-secs): {names}"
             )
-        await asyncio.sleep(_STARTUP_POLL_S)
-
-
-async def _health(client: httpx.AsyncClient, worker: Worker) -> str | None:
-    """None when healthy, else why not."""
-    try:
-        r = await client.get(worker.url + "/health", timeout=5.0)
-    except httpx.HTTPError as exc:
-        return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    return None if r.status_code == 200 else f"/health answered {r.status_code}"
+        await asyncio.sleep(settings.worker_startup_check_interval)
 
 
 if __name__ == "__main__":  # python -m pdcore.router.launch [pdcore router flags]

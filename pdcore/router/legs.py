@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse, Response
 
 from pdcore.router.metrics import RouterMetrics
 from pdcore.router.policies import Worker
+from pdcore.router.resilience import is_worker_fault
 from pdcore.web.errors import error_body
 
 _MAX_ERROR_BODY = 64 * 1024
@@ -47,6 +48,11 @@ class LegError(Exception):
         self.body = body
         self.content_type = content_type
         super().__init__(f"the {worker.role} leg ({worker.url}) failed: {detail}")
+
+    @property
+    def worker_fault(self) -> bool:
+        """The worker failed (not the client's input): retry, and count it on the breaker."""
+        return is_worker_fault(self.reason, self.status)
 
     @property
     def passthrough(self) -> bool:

@@ -1,11 +1,16 @@
-"""Prometheus metrics of the router: requests by route and status, requests and failures
-per worker and leg, requests in flight per worker, and request latency.
+"""Prometheus metrics of the router, named in the spirit of SGLang's router (whose Rust
+gateway exports `smg_router_ttft_seconds`, `smg_worker_cb_state`, `smg_worker_retries_total`,
+...): requests by route and status, latency and TTFT, and per worker its selections, legs,
+failures, in-flight requests, health and circuit breaker; retries; flow control.
 
 Like the server's, the collectors live in a registry of their own, so several routers in
 one process (tests) never collide.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -15,6 +20,11 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+
+from pdcore.router.resilience import BREAKER_GAUGE
+
+if TYPE_CHECKING:
+    from pdcore.router.workers import Member
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -42,7 +52,8 @@ _LATENCY_BUCKETS = (
 class RouterMetrics:
     """The router's collectors and the calls the app makes on them."""
 
-    def __init__(self) -> None:
+    def __init__(self, buckets: Sequence[float] | None = None) -> None:
+        buckets = tuple(buckets) if buckets else _LATENCY_BUCKETS
         self.registry = r = CollectorRegistry()
         self.requests = Counter(
             "pdcore_router_requests",
@@ -54,7 +65,86 @@ class RouterMetrics:
             "pdcore_router_request_latency_seconds",
             "Time from a request's arrival at the router to the end of its response.",
             ["route"],
-            buckets=_LATENCY_BUCKETS,
+            buckets=buckets,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "pdcore_router_ttft_seconds",
+            "Time from a streamed request's arrival at the router to its first event leaving "
+            "for the client (retries included).",
+            ["route"],
+            buckets=buckets,
+            registry=r,
+        )
+        self.selections = Counter(
+            "pdcore_router_worker_selections",
+            "Times the routing policy picked each worker.",
+            ["worker", "role"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "pdcore_router_retries",
+            "Attempts retried, by the role of the leg that failed and why.",
+            ["role", "reason"],
+            registry=r,
+        )
+        self.retries_exhausted = Counter(
+            "pdcore_router_retries_exhausted",
+            "Requests that failed after their last allowed attempt (--retry-max-retries).",
+            ["route"],
+            registry=r,
+        )
+        self.no_worker = Counter(
+            "pdcore_router_no_available_worker",
+            "Requests answered 503 because no worker of a role was available.",
+            ["role"],
+            registry=r,
+        )
+        self.cb_state = Gauge(
+            "pdcore_router_worker_cb_state",
+            "Circuit breaker state of each worker: 0 closed, 1 open, 2 half-open.",
+            ["worker", "role"],
+            registry=r,
+        )
+        self.cb_transitions = Counter(
+            "pdcore_router_worker_cb_transitions",
+            "Circuit breaker state changes per worker.",
+            ["worker", "role", "from_state", "to_state"],
+            registry=r,
+        )
+        self.health = Gauge(
+            "pdcore_router_worker_health",
+            "1 while a worker passes its health checks, else 0.",
+            ["worker", "role"],
+            registry=r,
+        )
+        self.health_checks = Counter(
+            "pdcore_router_worker_health_checks",
+            "Health checks per worker, by result (ok, failed).",
+            ["worker", "role", "result"],
+            registry=r,
+        )
+        self.pool_size = Gauge(
+            "pdcore_router_workers",
+            "Registered workers per role, and how many of them are available.",
+            ["role", "state"],
+            registry=r,
+        )
+        self.active = Gauge(
+            "pdcore_router_requests_active",
+            "Generation requests admitted and not yet finished.",
+            registry=r,
+        )
+        self.queued = Gauge(
+            "pdcore_router_queue_depth",
+            "Generation requests waiting for a slot (--max-concurrent-requests).",
+            registry=r,
+        )
+        self.rejected = Counter(
+            "pdcore_router_rejected_requests",
+            "Requests turned away by flow control, by reason "
+            "(queue_full, queue_timeout, rate_limited).",
+            ["reason"],
             registry=r,
         )
         self.worker_requests = Counter(
@@ -89,6 +179,28 @@ class RouterMetrics:
         self.in_flight.labels(worker=worker, role=role).dec()
         if failure is not None:
             self.leg_failures.labels(worker=worker, role=role, reason=failure).inc()
+
+    def selected(self, worker: str, role: str) -> None:
+        self.selections.labels(worker=worker, role=role).inc()
+
+    def sync_workers(self, members: Iterable[Member], active: int, queued: int) -> None:
+        """Set the per-worker gauges from the pool as it is now (called before a scrape, so
+        lazily changing states such as an expiring breaker are always current)."""
+        self.cb_state.clear()
+        self.health.clear()
+        counts = {
+            (role, st): 0 for role in ("prefill", "decode") for st in ("registered", "available")
+        }
+        for m in members:
+            w = m.worker
+            self.cb_state.labels(worker=w.url, role=w.role).set(BREAKER_GAUGE[m.breaker.state])
+            self.health.labels(worker=w.url, role=w.role).set(1 if w.healthy else 0)
+            counts[(w.role, "registered")] += 1
+            counts[(w.role, "available")] += int(m.available)
+        for (role, st), n in counts.items():
+            self.pool_size.labels(role=role, state=st).set(n)
+        self.active.set(active)
+        self.queued.set(queued)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

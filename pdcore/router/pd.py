@@ -2,19 +2,25 @@
 
 For POST /generate, /v1/completions and /v1/chat/completions the router
 
-1. picks a (prefill, decode) pair with the routing policy;
-2. adds `bootstrap_host` (the prefill URL's host), `bootstrap_port` (from `--prefill URL
+1. waits for a slot (flow control, `admission.py`);
+2. picks a decode server, then a prefill server, each with its role's routing policy, among
+   the *available* workers (healthy, breaker not open). With no decode available it answers
+   503 at once and sends nothing to any prefill: a prefill with no decode to take its KV
+   cache would only hold pages until its bootstrap timeout;
+3. adds `bootstrap_host` (the prefill URL's host), `bootstrap_port` (from `--prefill URL
    PORT`, or null) and `bootstrap_room` (a random 63-bit int) to the body -- lists of them,
    one per item, for a /generate batch -- exactly as SGLang's router does;
-3. sends the same bytes to both workers at the same time;
-4. answers with decode's response, as SSE when decode streams and as one body otherwise,
+4. sends the same bytes to both workers at the same time;
+5. answers with decode's response, as SSE when decode streams and as one body otherwise,
    while reading and dropping prefill's (which may stream too).
 
-The first failure decides: if either leg fails before decode's response is complete, the
-other leg is cancelled (its connection closed, so the worker aborts the request) and the
-client gets the failing leg's error -- in the body, or as a last SSE event once a stream has
-started. A client that goes away cancels both legs. Once decode's response is complete,
-prefill is left to finish on its own.
+The first failure decides: if either leg fails, the other leg is cancelled at once (its
+connection closed, so the worker aborts the request). A worker's fault (no connection, 5xx,
+408, 429, silence, a dropped connection, an error event) is retried -- a new room, both legs
+again, preferring other workers -- until `--retry-max-retries` attempts, but only while
+nothing has reached the client: a stream is committed when decode's first event arrives.
+After that a failure ends the stream with an error event. A client that goes away cancels
+both legs. Once decode's response is complete, prefill is left to finish on its own.
 """
 
 from __future__ import annotations
@@ -24,21 +30,25 @@ import contextlib
 import json
 import logging
 import secrets
-from collections.abc import Awaitable
+import time
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
+from pdcore.router.admission import Admission, Rejected, Ticket
 from pdcore.router.legs import Leg, LegError
 from pdcore.router.metrics import RouterMetrics
-from pdcore.router.policies import RoutingPolicy, Worker
+from pdcore.router.policies import RouteRequest, RoutingPolicy, Worker
+from pdcore.router.resilience import Backoff
 from pdcore.router.settings import RouterSettings
-from pdcore.web.errors import parse_json, require_object
+from pdcore.router.workers import WorkerPool
+from pdcore.web.errors import ProtocolError, error_body, parse_json, require_object
 from pdcore.web.streaming import (
     SSE_DONE,
     ClientDisconnected,
@@ -50,7 +60,7 @@ logger = logging.getLogger("pdcore.router")
 
 T = TypeVar("T")
 CLIENT_CLOSED = 499  # nginx's "client closed the request", for the log and the metrics
-FORWARDED_HEADERS = ("authorization",)
+REQUEST_ID_HEADER = "x-request-id"
 
 
 @dataclass
@@ -58,17 +68,42 @@ class RouterState:
     """Everything the routes need; stored on app.state.router."""
 
     settings: RouterSettings
-    prefills: list[Worker]
-    decodes: list[Worker]
-    policy: RoutingPolicy
+    pool: WorkerPool
+    policies: dict[str, RoutingPolicy]  # by role
     client: httpx.AsyncClient
-    metrics: RouterMetrics = field(default_factory=RouterMetrics)
+    metrics: RouterMetrics
+    admission: Admission
+    backoff: Backoff
     background: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    @property
+    def prefills(self) -> list[Worker]:
+        return self.pool.workers("prefill")
+
+    @property
+    def decodes(self) -> list[Worker]:
+        return self.pool.workers("decode")
 
     def keep(self, task: asyncio.Task[Any]) -> None:
         """Hold a task that outlives its request (a prefill leg finishing on its own)."""
         self.background.add(task)
         task.add_done_callback(self.background.discard)
+
+
+def worker_headers(state: RouterState, request: Request) -> dict[str, str]:
+    """Headers every call to a worker carries for this client request: the request id, and
+    the router's --api-key as a bearer token (else the client's Authorization, unchanged)."""
+    headers = {REQUEST_ID_HEADER: request_id(request)}
+    if state.settings.api_key:
+        headers["authorization"] = f"Bearer {state.settings.api_key}"
+    elif "authorization" in request.headers:
+        headers["authorization"] = request.headers["authorization"]
+    return headers
+
+
+def request_id(request: Request) -> str:
+    """The id RequestIdMiddleware gave this request ('' outside it, e.g. in unit tests)."""
+    return str(request.scope.get("state", {}).get("request_id", ""))
 
 
 def bootstrap_room() -> int:
@@ -105,29 +140,119 @@ def with_bootstrap(body: dict[str, Any], prefill: Worker) -> dict[str, Any]:
     return {**body, **extra}
 
 
-def select_pair(state: RouterState, body: dict[str, Any]) -> tuple[Worker, Worker]:
-    p, d = state.policy.select(state.prefills, state.decodes, body)
-    if not (0 <= p < len(state.prefills) and 0 <= d < len(state.decodes)):
-        raise RuntimeError(
-            f"routing policy {state.settings.policy!r} chose ({p}, {d}) for "
-            f"{len(state.prefills)} prefill and {len(state.decodes)} decode servers"
+def _prompt_text(value: Any) -> str:
+    """A prompt as text: a string as is, token ids joined with spaces, a batch's first item."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value:
+        first = value[0]
+        if isinstance(first, (str, list)):
+            return _prompt_text(first)
+        return " ".join(str(t) for t in value)
+    return ""
+
+
+def _message_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # OpenAI content parts
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return ""
+
+
+def route_text(body: dict[str, Any]) -> str:
+    """The prompt as a prefix cache would see it (see policies.RouteRequest): `text` or
+    `prompt`, chat messages' contents joined in order, or token ids joined with spaces."""
+    for key in ("text", "prompt", "input_ids"):
+        if body.get(key) is not None:
+            return _prompt_text(body[key])
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        return "\n".join(_message_text(m.get("content")) for m in messages if isinstance(m, dict))
+    return ""
+
+
+class NoWorkerAvailable(Exception):
+    """No worker of a role may take a request now: the client gets 503."""
+
+    def __init__(self, state: RouterState, role: str, last: LegError | None) -> None:
+        members = [m for m in state.pool if m.worker.role == role]
+        why = ", ".join(
+            f"{m.worker.url} ({'unhealthy' if not m.worker.healthy else 'circuit open'})"
+            for m in members
         )
-    return state.prefills[p], state.decodes[d]
+        message = f"No {role} server is available" + (
+            f": {why}" if why else " (none is registered; POST /workers to add one)"
+        )
+        if last is not None:
+            message += f"; the last attempt failed: {last}"
+        super().__init__(message)
+        self.role = role
+
+    def response(self) -> JSONResponse:
+        body = error_body(str(self), type="service_unavailable", code=f"no_{self.role}_available")
+        return JSONResponse(body, status_code=503, headers={"retry-after": "1"})
+
+
+def _pick(state: RouterState, role: str, request: RouteRequest, avoid: set[Worker]) -> Worker:
+    """One available worker of `role`, chosen by its policy; workers that failed this
+    request already are left out while others remain."""
+    available = state.pool.available(role)
+    fresh = [w for w in available if w not in avoid]
+    workers = fresh or available
+    i = state.policies[role].select(workers, request)
+    if not 0 <= i < len(workers):
+        raise RuntimeError(
+            f"routing policy {state.settings.role_policy(role)!r} chose index {i} "
+            f"for {len(workers)} {role} servers"
+        )
+    worker = workers[i]
+    state.metrics.selected(worker.url, role)
+    return worker
+
+
+def select_pair(
+    state: RouterState, request: RouteRequest, avoid: set[Worker], last: LegError | None = None
+) -> tuple[Worker, Worker]:
+    """(prefill, decode) for one attempt; raises NoWorkerAvailable before choosing either
+    when a role has none, so a prefill is never sent work no decode can finish."""
+    for role in ("decode", "prefill"):
+        if not state.pool.available(role):
+            state.metrics.no_worker.labels(role=role).inc()
+            raise NoWorkerAvailable(state, role, last)
+    decode = _pick(state, "decode", request, avoid)
+    prefill = _pick(state, "prefill", request, avoid)
+    return prefill, decode
 
 
 class PDCall:
-    """The two legs of one request and the rule that the first failure cancels both."""
+    """The two legs of one attempt and the rule that the first failure cancels both."""
 
     def __init__(self, state: RouterState, prefill: Leg, decode: Leg) -> None:
         self.state = state
         self.prefill = prefill
         self.decode = decode
         self.prefill_task = asyncio.create_task(prefill.run_to_end())
+        self.prefill_task.add_done_callback(self._prefill_done)
         self._tasks: list[asyncio.Task[Any]] = [self.prefill_task]
 
     def _prefill_error(self) -> BaseException | None:
         t = self.prefill_task
         return t.exception() if t.done() and not t.cancelled() else None
+
+    def _prefill_done(self, task: asyncio.Task[Any]) -> None:
+        """Feed prefill's outcome to its breaker (a cancelled leg tells nothing)."""
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None:
+            self.state.pool.record_result(self.prefill.worker, True)
+        elif isinstance(exc, LegError) and exc.worker_fault:
+            self.state.pool.record_result(self.prefill.worker, False)
+
+    def decode_failed(self, exc: LegError) -> None:
+        if exc.worker is self.decode.worker and exc.worker_fault:
+            self.state.pool.record_result(self.decode.worker, False)
 
     async def race(self, work: Awaitable[T]) -> T:
         """Await a step of the decode leg; raise prefill's LegError if prefill fails first."""
@@ -146,6 +271,7 @@ class PDCall:
     async def finish(self) -> None:
         """Decode's response is complete: let prefill end on its own, in the background."""
         await self.decode.close()
+        self.state.pool.record_result(self.decode.worker, True)
         if not self.prefill_task.done():
             self.state.keep(self.prefill_task)
         self.prefill_task.add_done_callback(self._log_late_failure)
@@ -163,32 +289,109 @@ class PDCall:
         await self.decode.close()
 
 
+async def _first_event(events: AsyncIterator[bytes]) -> bytes | None:
+    try:
+        return await events.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
 async def route_pd(request: Request) -> Response | PDStreamResponse:
     """POST /generate, /v1/completions, /v1/chat/completions."""
     state: RouterState = request.app.state.router
-    body = require_object(parse_json(await request.body()))
-    prefill, decode = select_pair(state, body)
+    t0 = time.monotonic()
+    raw = await request.body()
+    limit = state.settings.max_payload_size
+    if len(raw) > limit:
+        raise ProtocolError(
+            f"The request body is {len(raw)} bytes; the router accepts at most {limit} "
+            "(--max-payload-size)",
+            status=413,
+        )
+    body = require_object(parse_json(raw))
+    try:
+        ticket = await until_disconnected(request.receive, state.admission.admit())
+    except Rejected as exc:
+        logger.warning("%s", exc)
+        return exc.response()
+    except ClientDisconnected:
+        return Response(status_code=CLIENT_CLOSED)
+    response: Response | PDStreamResponse | None = None
+    try:
+        response = await _route_with_retries(state, request, body, ticket, t0)
+    except ClientDisconnected:
+        return Response(status_code=CLIENT_CLOSED)
+    finally:
+        if not isinstance(response, PDStreamResponse):
+            ticket.release()  # a stream releases its slot when it ends
+    return response
+
+
+async def _route_with_retries(
+    state: RouterState, request: Request, body: dict[str, Any], ticket: Ticket, t0: float
+) -> Response | PDStreamResponse:
+    route_request = RouteRequest(body, route_text(body))
+    headers = {"content-type": "application/json", **worker_headers(state, request)}
+    attempts = state.settings.max_attempts
+    avoid: set[Worker] = set()
+    last: LegError | None = None
+    for attempt in range(1, attempts + 1):
+        try:
+            prefill, decode = select_pair(state, route_request, avoid, last)
+        except NoWorkerAvailable as exc:
+            logger.warning("%s", exc)
+            return exc.response()
+        try:
+            return await _attempt(state, request, body, prefill, decode, headers, ticket, t0)
+        except LegError as exc:
+            logger.warning("%s (attempt %d of %d)", exc, attempt, attempts)
+            if not exc.worker_fault:
+                return exc.response()
+            if attempt == attempts:
+                if attempts > 1:
+                    state.metrics.retries_exhausted.labels(route=request.url.path).inc()
+                return exc.response()
+            last = exc
+            avoid.add(exc.worker)
+            state.metrics.retries.labels(role=exc.worker.role, reason=exc.reason).inc()
+            delay = state.backoff.delay(attempt)
+            await until_disconnected(request.receive, asyncio.sleep(delay))
+    raise AssertionError("unreachable: the last attempt returns")
+
+
+async def _attempt(
+    state: RouterState,
+    request: Request,
+    body: dict[str, Any],
+    prefill: Worker,
+    decode: Worker,
+    headers: dict[str, str],
+    ticket: Ticket,
+    t0: float,
+) -> Response | PDStreamResponse:
+    """One attempt: both legs, up to the point where the client gets something."""
     payload = json.dumps(with_bootstrap(body, prefill)).encode()
-    headers = {"content-type": "application/json"}
-    headers.update({h: request.headers[h] for h in FORWARDED_HEADERS if h in request.headers})
     path, timeout = request.url.path, state.settings.request_timeout_secs
     legs = [
         Leg(state.client, w, path, payload, headers, state.metrics, timeout)
         for w in (prefill, decode)
     ]
     call = PDCall(state, *legs)
+    receive = request.receive
     try:
-        await until_disconnected(request.receive, call.race(call.decode.open()))
+        await until_disconnected(receive, call.race(call.decode.open()))
         if call.decode.is_sse:
-            return PDStreamResponse(call)
-        content = await until_disconnected(request.receive, call.race(call.decode.read()))
-    except ClientDisconnected:
-        await call.cancel()
-        return Response(status_code=CLIENT_CLOSED)
+            # Committed only once decode's first event is here: a failure before it is
+            # still retried, since the client has had nothing yet.
+            events = call.decode.events()
+            first = await until_disconnected(receive, call.race(_first_event(events)))
+            state.metrics.ttft.labels(route=path).observe(time.monotonic() - t0)
+            return PDStreamResponse(call, events, first, ticket)
+        content = await until_disconnected(receive, call.race(call.decode.read()))
     except LegError as exc:
         await call.cancel()
-        logger.warning("%s", exc)
-        return exc.response()
+        call.decode_failed(exc)
+        raise
     except BaseException:
         await call.cancel()
         raise
@@ -201,14 +404,20 @@ async def route_pd(request: Request) -> Response | PDStreamResponse:
 
 
 class PDStreamResponse:
-    """Decode's SSE stream, relayed event by event to the client.
+    """Decode's SSE stream, relayed event by event (the bytes as decode sent them).
 
     Ends early -- cancelling both legs -- when the client disconnects, or when either leg
-    fails, in which case the client's last events are the error and `data: [DONE]`.
+    fails, in which case the client's last events are the error and `data: [DONE]`. Holds
+    the request's flow-control slot until it ends.
     """
 
-    def __init__(self, call: PDCall) -> None:
+    def __init__(
+        self, call: PDCall, events: AsyncIterator[bytes], first: bytes | None, ticket: Ticket
+    ) -> None:
         self.call = call
+        self.events = events
+        self.first = first
+        self.ticket = ticket
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         call, head = self.call, self.call.decode.response
@@ -227,19 +436,25 @@ class PDStreamResponse:
         except LegError as exc:
             logger.warning("%s", exc)
             await call.cancel()  # stop the relay before writing after it
+            call.decode_failed(exc)
             with contextlib.suppress(OSError):
                 await _send_error(send, exc)
         except OSError:  # the client's socket broke
             pass
         finally:
-            if finished:
-                await call.finish()
-            else:
-                await call.cancel()
+            try:
+                if finished:
+                    await call.finish()
+                else:
+                    await call.cancel()
+            finally:
+                self.ticket.release()
 
     async def _relay(self, send: Send) -> None:
-        async for event in self.call.decode.events():
-            await send({"type": "http.response.body", "body": event, "more_body": True})
+        if self.first is not None:
+            await send({"type": "http.response.body", "body": self.first, "more_body": True})
+            async for event in self.events:
+                await send({"type": "http.response.body", "body": event, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 

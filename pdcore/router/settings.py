@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 from pydantic_settings import NoDecode, SettingsConfigDict
 
+from pdcore.router.policy_settings import PolicyOptions
 from pdcore.settings_base import (
     PdcoreSettings,
     build_parser,
@@ -82,21 +83,45 @@ def _split_env_list(value: Any) -> Any:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
-def _prefill_item(item: Any) -> PrefillWorker:
+def _is_port_token(token: Any) -> bool:
+    """A bootstrap port (or `none`) following a prefill URL, rather than another URL."""
+    if token is None or isinstance(token, int):
+        return True
+    return isinstance(token, str) and (
+        token.strip().isdigit() or token.strip().lower() in ("none", "null")
+    )
+
+
+def _prefill_items(item: Any) -> list[PrefillWorker]:
+    """One `--prefill` occurrence (or env entry) as workers. It holds URLs, each optionally
+    followed by its bootstrap port: `URL`, `URL PORT`, or the reference's `URL1 URL2 PORT2`."""
     if isinstance(item, PrefillWorker):
-        return item
+        return [item]
     if isinstance(item, dict):
         item = [item.get("url"), item.get("bootstrap_port")]
     elif isinstance(item, str):
         item = item.split()
-    if not isinstance(item, (list, tuple)) or not 1 <= len(item) <= 2:
-        raise _invalid(f"takes a URL and optionally a bootstrap port, got {item!r}")
-    url = _check_url(item[0])
-    port = _bootstrap_port(item[1] if len(item) > 1 else None, url)
-    return PrefillWorker(url=url, bootstrap_port=port)
+    if not isinstance(item, (list, tuple)) or not item:
+        raise _invalid(f"takes URLs, each optionally followed by a bootstrap port, got {item!r}")
+    out: list[PrefillWorker] = []
+    port_given = True
+    for token in item:
+        if not _is_port_token(token):
+            out.append(PrefillWorker(url=_check_url(token)))
+            port_given = False
+            continue
+        if not out or port_given:
+            where = f"after {out[-1].url}" if out else "before any URL"
+            raise _invalid(
+                f"unexpected {token!r} {where}: each prefill URL may be followed by one "
+                "bootstrap port (or 'none')"
+            )
+        out[-1] = PrefillWorker(url=out[-1].url, bootstrap_port=_bootstrap_port(token, out[-1].url))
+        port_given = True
+    return out
 
 
-class RouterOptions(PdcoreSettings):
+class RouterOptions(PdcoreSettings, PolicyOptions):
     """Router settings (pdcore router)."""
 
     model_config = SettingsConfigDict(env_prefix="PDCORE_ROUTER_")
@@ -105,8 +130,18 @@ class RouterOptions(PdcoreSettings):
     port: int = setting(8000, "Port the router listens on.", ge=1, le=65535)
     policy: str = setting(
         "round_robin",
-        "How a prefill/decode pair is picked for each request: an installed routing policy "
-        "(pdcore plugins).",
+        "Routing policy for both roles unless --prefill-policy / --decode-policy say "
+        "otherwise: an installed routing policy (pdcore plugins).",
+        registry="routing_policy",
+    )
+    prefill_policy: str | None = setting(
+        None,
+        "Routing policy that picks the prefill server (default: --policy).",
+        registry="routing_policy",
+    )
+    decode_policy: str | None = setting(
+        None,
+        "Routing policy that picks the decode server (default: --policy).",
         registry="routing_policy",
     )
     request_timeout_secs: float = setting(
@@ -121,7 +156,144 @@ class RouterOptions(PdcoreSettings):
         "giving up (0: do not wait).",
         ge=0,
     )
-    log_level: Literal["debug", "info", "warning", "error"] = setting("info", "Logging level.")
+    worker_startup_check_interval: float = setting(
+        0.5, "Seconds between two health probes of a worker while waiting at start-up.", gt=0
+    )
+    log_level: Literal["debug", "info", "warn", "warning", "error"] = setting(
+        "info", "Logging level (`warn` is `warning`)."
+    )
+    # --- health checks ---
+    health_check_interval_secs: float = setting(
+        10.0,
+        "Seconds between two active health checks of every worker (its health endpoint, "
+        "and /get_load for the policies).",
+        gt=0,
+    )
+    health_check_timeout_secs: float = setting(
+        5.0, "A health check not answered within this many seconds failed.", gt=0
+    )
+    health_failure_threshold: int = setting(
+        3, "Failed health checks in a row that take a worker out of rotation.", ge=1
+    )
+    health_success_threshold: int = setting(
+        2, "Passed health checks in a row that bring an unhealthy worker back.", ge=1
+    )
+    health_check_endpoint: str = setting(
+        "/health", "Path probed by the health checks (200 means healthy)."
+    )
+    disable_health_check: bool = setting(
+        False,
+        "No health checks: neither the wait at start-up nor the periodic checks (workers "
+        "then leave rotation only through their circuit breakers).",
+    )
+    # --- retries ---
+    retry_max_retries: int = setting(
+        5,
+        "Most attempts per request, the first included (SGLang's meaning: 1 = no retry). "
+        "A retry uses a new bootstrap room and sends both legs again, on other workers when "
+        "there are any; never once a byte of the answer reached the client.",
+        ge=1,
+    )
+    retry_initial_backoff_ms: float = setting(
+        50.0, "Pause before the first retry, in milliseconds.", ge=0
+    )
+    retry_max_backoff_ms: float = setting(
+        30000.0, "Longest pause between two attempts, in milliseconds.", ge=0
+    )
+    retry_backoff_multiplier: float = setting(
+        1.5, "Each pause is the previous one times this (capped by --retry-max-backoff-ms).", ge=1
+    )
+    retry_jitter_factor: float = setting(
+        0.2, "Each pause is scaled by a random factor in [1 - this, 1 + this].", ge=0, le=1
+    )
+    disable_retries: bool = setting(False, "Never retry (as --retry-max-retries 1).")
+    # --- circuit breakers ---
+    cb_failure_threshold: int = setting(
+        10, "Failed requests in a row on a worker that open its circuit breaker.", ge=1
+    )
+    cb_success_threshold: int = setting(
+        3, "Successful requests in a row in half-open state that close the breaker.", ge=1
+    )
+    cb_timeout_duration_secs: float = setting(
+        60.0, "Seconds an open breaker keeps its worker out before letting probes through.", gt=0
+    )
+    cb_window_duration_secs: float = setting(
+        120.0,
+        "A failure streak is forgotten when its last failure is older than this many seconds.",
+        gt=0,
+    )
+    disable_circuit_breaker: bool = setting(
+        False, "Breakers never open (failures are still counted, for /workers)."
+    )
+    # --- flow control ---
+    max_concurrent_requests: int = setting(
+        -1,
+        "Most generation requests the router runs at once; more wait in a queue "
+        "(-1 or 0: no limit).",
+        ge=-1,
+    )
+    queue_size: int = setting(
+        100,
+        "Requests that may wait for a slot (with --max-concurrent-requests); one more is "
+        "answered 429 at once (0: no queue).",
+        ge=0,
+    )
+    queue_timeout_secs: float = setting(
+        60.0, "A request that waited this long in the queue is answered 408.", gt=0
+    )
+    rate_limit_tokens_per_second: float | None = setting(
+        None,
+        "Most generation requests admitted per second (a token bucket holding one second's "
+        "worth); one more is answered 429 at once. Default: no rate limit.",
+        flags=["--rate-limit"],
+        gt=0,
+    )
+    max_payload_size: int = setting(
+        512 * 1024 * 1024, "Largest request body accepted, in bytes (larger: 413).", ge=1
+    )
+    # --- security and observability ---
+    api_key: str | None = setting(
+        None,
+        "Clients must send `Authorization: Bearer KEY` (every route but /health, /liveness "
+        "and /readiness); the router sends it to the workers too.",
+    )
+    request_id_headers: list[str] = setting(
+        ["x-request-id", "x-correlation-id", "x-trace-id"],
+        "Headers read, in order, for the client's request id (a new one is made when none "
+        "is there); it goes to the workers and back to the client as X-Request-ID.",
+    )
+    cors_allowed_origins: list[str] = setting(
+        [], "Origins allowed to call the router from a browser (CORS; `*` for any)."
+    )
+    prometheus_port: int | None = setting(
+        None,
+        "Also serve /metrics on this port (it is always on the router's own port).",
+        ge=1,
+        le=65535,
+    )
+    prometheus_host: str = setting("127.0.0.1", "Address the --prometheus-port server binds to.")
+    prometheus_duration_buckets: list[float] | None = setting(
+        None, "Bucket bounds, in seconds, of the latency and TTFT histograms."
+    )
+    shutdown_grace_period_secs: float = setting(
+        5.0, "On SIGTERM or Ctrl-C, in-flight requests get this many seconds to finish.", ge=0
+    )
+
+    @property
+    def max_attempts(self) -> int:
+        return 1 if self.disable_retries else self.retry_max_retries
+
+    def role_policy(self, role: str) -> str:
+        """The policy name for `role` ("prefill" or "decode")."""
+        chosen = self.prefill_policy if role == "prefill" else self.decode_policy
+        return chosen or self.policy
+
+    @field_validator("health_check_endpoint")
+    @classmethod
+    def _check_endpoint(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise _invalid(f"{value!r} is not a path; expected e.g. /health")
+        return value
 
 
 class RouterSettings(RouterOptions):
@@ -132,13 +304,15 @@ class RouterSettings(RouterOptions):
     )
     prefill: Annotated[list[PrefillWorker], NoDecode] = setting(
         [],
-        "A prefill server: `--prefill URL [BOOTSTRAP_PORT]`, repeated for each one. "
-        "BOOTSTRAP_PORT is a port or `none` (the server's own --disaggregation-bootstrap-port, "
-        "8998 by default). Env: JSON, or `URL [PORT],URL [PORT]`.",
+        "Prefill servers: `--prefill URL [BOOTSTRAP_PORT] [URL [BOOTSTRAP_PORT] ...]`, the "
+        "flag repeated or not. BOOTSTRAP_PORT is a port or `none` (the server's own "
+        "--disaggregation-bootstrap-port, 8998 by default). Env: JSON, or "
+        "`URL [PORT],URL [PORT]`.",
     )
     decode: Annotated[list[str], NoDecode] = setting(
         [],
-        "A decode server URL, `--decode URL`, repeated for each one. Env: JSON, or `URL,URL`.",
+        "Decode server URLs: `--decode URL [URL ...]`, the flag repeated or not. Env: JSON, "
+        "or `URL,URL`.",
     )
 
     @field_validator("prefill", mode="before")
@@ -147,7 +321,11 @@ class RouterSettings(RouterOptions):
         items = _split_env_list(value)
         if not isinstance(items, list):
             raise _invalid(f"expected a list of prefill servers, got {items!r}")
-        return [_prefill_item(item) for item in items]
+        workers = [w for item in items for w in _prefill_items(item)]
+        urls = [w.url for w in workers]
+        if len(set(urls)) != len(urls):
+            raise _invalid(f"a prefill server is listed twice: {urls}")
+        return workers
 
     @field_validator("decode", mode="before")
     @classmethod
@@ -158,7 +336,10 @@ class RouterSettings(RouterOptions):
         flat: list[Any] = []
         for item in items:  # argparse gives one list per --decode
             flat.extend(item if isinstance(item, (list, tuple)) else [item])
-        return [_check_url(url) for url in flat]
+        urls = [_check_url(url) for url in flat]
+        if len(set(urls)) != len(urls):
+            raise _invalid(f"a decode server is listed twice: {urls}")
+        return urls
 
     @model_validator(mode="after")
     def _check_mode(self) -> RouterSettings:

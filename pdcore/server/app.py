@@ -9,7 +9,8 @@ operators rely on (health, load, cache, info, metrics) are here.
 from __future__ import annotations
 
 import asyncio
-import secrets
+import hashlib
+import hmac
 import uuid
 from typing import Any
 
@@ -26,6 +27,7 @@ from pdcore.model.generation_defaults import SAMPLING_KEYS
 from pdcore.server import native_api, openai_api
 from pdcore.server.engine_client import EngineDeadError
 from pdcore.server.generation import Generation, ServerState, make_job, unavailable
+from pdcore.server.http_limits import BodyLimitMiddleware
 from pdcore.server.metrics import CONTENT_TYPE
 from pdcore.web.errors import ProtocolError, error_body, error_handlers, parse_json, require_object
 
@@ -70,7 +72,8 @@ async def health_generate(request: Request) -> Response:
 
 async def server_info(request: Request) -> Response:
     state = _state(request)
-    info: dict[str, Any] = state.settings.model_dump(exclude={"api_key"})
+    info: dict[str, Any] = state.settings.model_dump(exclude=SECRET_SETTINGS)
+    info["disaggregation_auth"] = bool(state.settings.disaggregation_auth_token)
     info.update(await _control(state, "server_info"))
     info.update(
         {
@@ -78,10 +81,10 @@ async def server_info(request: Request) -> Response:
             "served_model_name": state.model_name,
             "tp_size": state.settings.tp_size,
             "nnodes": state.settings.nnodes,
-            "dp_size": 1,
+            "dp_size": state.settings.dp_size,
             "disaggregation_mode": state.settings.disaggregation_mode,
             "context_length": state.max_context_len,
-            "internal_states": [await _control(state, "stats")],
+            "internal_states": await _control(state, "stats"),  # one per dp replica
             # What a request's unset sampling fields take (--sampling-defaults), in full.
             "default_sampling_params": effective_sampling_defaults(state),
             "default_sampling_params_source": state.sampling_defaults.source,
@@ -89,6 +92,10 @@ async def server_info(request: Request) -> Response:
         }
     )
     return JSONResponse(info)
+
+
+# Settings that are secrets: never in /server_info (nor in logs or error bodies).
+SECRET_SETTINGS = {"api_key", "disaggregation_auth_token"}
 
 
 def effective_sampling_defaults(state: ServerState) -> dict[str, Any]:
@@ -113,8 +120,29 @@ async def model_info(request: Request) -> Response:
 
 
 async def get_load(request: Request) -> Response:
-    load = await _control(_state(request), "get_load")
-    return JSONResponse([{"dp_rank": 0, **load}])
+    """SGLang's shape: one `{dp_rank, num_reqs, num_waiting_reqs, num_tokens}` per alive
+    data-parallel replica."""
+    return JSONResponse(await _control(_state(request), "get_load"))
+
+
+async def kv_cache_blocks(request: Request) -> Response:
+    """The pages the prefix cache holds, as chain hashes, for a KV-aware router.
+
+    Each page of `page_size` tokens is named by blake2b-64 over its token ids (int64,
+    little-endian) then its parent page's hash (8 bytes, little-endian; 0 for the first
+    page), as 16 hex digits: a router that hashes a prompt's token ids the same way knows
+    how many of its leading tokens this server would not have to compute again.
+    """
+    blocks = await _control(_state(request), "kv_cache_blocks")
+    hashes = [f"{h:016x}" for h in blocks["hashes"]]
+    return JSONResponse(
+        {
+            "page_size": blocks["page_size"],
+            "hash": "blake2b64-chain",
+            "num_blocks": len(hashes),
+            "blocks": hashes,
+        }
+    )
 
 
 async def flush_cache(request: Request) -> Response:
@@ -171,24 +199,31 @@ ROUTES = [
     Route("/get_model_info", model_info, methods=["GET"]),
     Route("/get_load", get_load, methods=["GET"]),
     Route("/flush_cache", flush_cache, methods=["GET", "POST"]),
+    Route("/kv_cache_blocks", kv_cache_blocks, methods=["GET"]),
     Route("/abort_request", abort_request, methods=["POST"]),
     Route("/metrics", metrics, methods=["GET"]),
 ]
 _ROUTE_PATHS = {route.path for route in ROUTES}
 
 
+def _digest(value: bytes) -> bytes:
+    return hashlib.sha256(value).digest()
+
+
 class AuthMiddleware:
-    """With an API key set, every route but /health needs `Authorization: Bearer <key>`."""
+    """With an API key set, every route but /health needs `Authorization: Bearer <key>`.
+    Compared in constant time, as digests, so neither the key's bytes nor its length can be
+    learned from response times."""
 
     def __init__(self, app: ASGIApp, api_key: str | None) -> None:
         self.app = app
-        self.expected = f"Bearer {api_key}".encode() if api_key else None
+        self.expected = _digest(f"Bearer {api_key}".encode()) if api_key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.expected is None or scope["type"] != "http" or scope["path"] == "/health":
             return await self.app(scope, receive, send)
         given = dict(scope["headers"]).get(b"authorization", b"")
-        if secrets.compare_digest(given, self.expected):
+        if hmac.compare_digest(_digest(given), self.expected):
             return await self.app(scope, receive, send)
         body = error_body(
             "Invalid or missing API key (send `Authorization: Bearer <key>`).",
@@ -229,6 +264,12 @@ def build_app(state: ServerState) -> Starlette:
         middleware=[
             Middleware(MetricsMiddleware, state=state),
             Middleware(AuthMiddleware, api_key=state.settings.api_key),
+            # After the key check: a stranger's body is never read.
+            Middleware(
+                BodyLimitMiddleware,
+                max_bytes=state.settings.max_request_body_bytes,
+                timeout_s=state.settings.http_body_timeout,
+            ),
         ],
         exception_handlers=error_handlers("Internal server error"),
     )

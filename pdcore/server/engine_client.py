@@ -103,7 +103,8 @@ class Stream:
 class EngineClient:
     """Owns both sockets (bound here; the engine connects) and the table of live requests."""
 
-    def __init__(self, ipc_dir: str) -> None:
+    def __init__(self, ipc_dir: str, label: str = "engine process") -> None:
+        self.label = label  # names this engine in logs and errors ("dp rank 1 engine")
         self.request_addr = f"ipc://{os.path.join(ipc_dir, 'requests')}"
         self.output_addr = f"ipc://{os.path.join(ipc_dir, 'outputs')}"
         self._sync_ctx = zmq.Context()
@@ -166,7 +167,7 @@ class EngineClient:
         assert self._proc is not None
         loop.remove_reader(self._proc.sentinel)
         self._proc.join(0)
-        self._mark_dead(f"engine process exited with code {self._proc.exitcode}")
+        self._mark_dead(f"{self.label} exited with code {self._proc.exitcode}")
 
     def _on_follower_exit(self, proc: BaseProcess, rank: int) -> None:
         asyncio.get_running_loop().remove_reader(proc.sentinel)

@@ -89,6 +89,7 @@ class Control(WireMessage):
     TYPE: ClassVar[str] = "control"
     id: int
     op: str  # "ping" | "get_load" | "flush_cache" | "server_info" | "stats" | "metrics"
+    # | "kv_cache_blocks"
 
 
 # ---- engine -> frontend ----------------------------------------------------------------

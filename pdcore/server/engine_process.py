@@ -7,7 +7,8 @@ msgpack maps (never pickle), one list of them per send, in both directions:
 
 frontend -> engine: Generate(rid, input_ids, sampling_params, return_logprob, bootstrap)
                     Abort(rid)
-                    Control(id, op: "ping"|"get_load"|"flush_cache"|"server_info"|"stats"|"metrics")
+                    Control(id, op: "ping"|"get_load"|"flush_cache"|"server_info"|"stats"|"metrics"
+                                    |"kv_cache_blocks")
 engine -> frontend: Ready(model_name, max_context_len, server_info)   (once)
                     StartupError(message)                              (then exit)
                     Output(RequestOutput)
@@ -39,13 +40,15 @@ from typing import Any
 import zmq
 
 from pdcore.disagg.pipelines import pipeline_factory
+from pdcore.disagg.rank_channel import RankAgent
+from pdcore.disagg.tp_plan import TPPlace
 from pdcore.engine.core import EngineCore
 from pdcore.engine.pipeline import BootstrapInfo
 from pdcore.engine.request import RequestError, RequestOutput
 from pdcore.engine.sampling_params import SamplingParams, SamplingParamsError
 from pdcore.engine.setup import pick_device
 from pdcore.engine.tp_worker import FollowerWorker
-from pdcore.model.parallel import TPGroup, bind_address, init_tp_group
+from pdcore.model.parallel import HeadShard, TPGroup, bind_address, init_tp_group
 from pdcore.server.engine_messages import (
     Abort,
     Control,
@@ -152,9 +155,11 @@ def follower_main(
         format=f"%(asctime)s [tp{rank}] %(levelname)s %(name)s: %(message)s",
     )
     tp: TPGroup | None = None
+    agent: RankAgent | None = None
     try:
         tp = _join_tp_group(settings, rank, init_addr)
         worker = FollowerWorker(settings.engine_config(), tp)
+        agent = _pd_agent(settings, worker, tp)
         logger.info("TP rank %d ready", rank)
         worker.run()
     except Exception as exc:
@@ -163,7 +168,21 @@ def follower_main(
         sys.exit(1)
     finally:
         if tp is not None:
-            tp.close()
+            tp.close()  # first: rank 0 waits for every rank to leave the group
+        if agent is not None:
+            agent.close()
+
+
+def _pd_agent(settings: ServerSettings, worker: FollowerWorker, tp: TPGroup) -> RankAgent | None:
+    """On a PD side every TP rank moves its own KV heads, so a follower runs a transfer
+    agent (its own backend, its pool registered) that rank 0's control plane drives."""
+    mode = settings.disaggregation_mode
+    if mode == "null":
+        return None
+    config = worker.rank.resolved.config
+    shard = HeadShard.of(config, tp.size, tp.rank)
+    place = TPPlace(tp.rank, tp.size, shard.kv_head_start, config.num_kv_heads)
+    return RankAgent(mode, settings, worker.rank.runner.pool, settings.host, place, tp.store)
 
 
 def stop_engine_process(proc: BaseProcess, timeout: float = 5.0) -> None:
@@ -202,12 +221,16 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     raise _Shutdown()
 
 
-def build_engine(settings: ServerSettings, tp: TPGroup | None = None) -> EngineCore:
-    """The engine of `pdcore serve`: the model, plus the pipeline of its PD mode."""
+def build_engine(
+    settings: ServerSettings, tp: TPGroup | None = None, pp: TPGroup | None = None
+) -> EngineCore:
+    """The engine of `pdcore serve`: the model, plus the pipeline of its PD mode; with
+    --pp-size, stage 0 of the pipeline group `pp`."""
     return EngineCore(
         settings.engine_config(),
         pipeline_factory(settings.disaggregation_mode, settings, settings.host),
         tp,
+        pp,
     )
 
 
@@ -232,7 +255,12 @@ def engine_main(
     push.setsockopt(zmq.LINGER, 5000)
     push.connect(output_addr)
     try:
-        core = build_engine(settings, _join_tp_group(settings, 0, init_addr))
+        if settings.pp_size > 1:  # pipeline stage 0 (pdcore.server.pp_process)
+            from pdcore.server.pp_process import join_pp_group
+
+            core = build_engine(settings, None, join_pp_group(settings, 0, init_addr))
+        else:
+            core = build_engine(settings, _join_tp_group(settings, 0, init_addr))
     except BaseException as exc:
         logger.error("engine failed to start:\n%s", traceback.format_exc())
         push.send(pack([StartupError(f"{type(exc).__name__}: {exc}")]))
@@ -375,6 +403,8 @@ class EngineLoop:
             return core.server_info()
         if op == "stats":
             return core.get_stats()
+        if op == "kv_cache_blocks":
+            return core.kv_cache_blocks()
         if op == "metrics":  # like stats, and hands out the latency samples (once)
             return core.get_stats(drain_samples=True)
         return {"error": f"unknown control op {op!r}"}

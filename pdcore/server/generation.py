@@ -14,8 +14,8 @@ from typing import Any
 
 from pdcore.engine.request import RequestOutput
 from pdcore.model.generation_defaults import GenerationDefaults
+from pdcore.server.dp_client import DataParallelClient
 from pdcore.server.engine_client import (
-    EngineClient,
     EngineDeadError,
     RequestRejected,
     Stream,
@@ -31,7 +31,7 @@ class ServerState:
     """Everything the routes need; one per server, stored on app.state.pd."""
 
     settings: ServerSettings
-    client: EngineClient
+    client: DataParallelClient  # one replica, or --dp-size of them
     tokenizer: Any
     model_name: str
     max_context_len: int
@@ -59,11 +59,14 @@ def make_job(
     add_special_tokens: bool = True,
     clamp_only: bool = True,
     bootstrap: dict[str, Any] | None = None,
+    limit_given: bool = True,
 ) -> Generate:
     """Tokenize (if text) and check a prompt; fit max_new_tokens into the context.
 
     With `clamp_only` False the limit was left to the server, so the job may use the whole
-    rest of the context (OpenAI chat without max_tokens).
+    rest of the context (OpenAI chat without max_tokens). A limit the client gave
+    (`limit_given`) that exceeds the whole context is a 400; the server's own default is
+    only clamped.
     """
     if isinstance(prompt, str):
         ids = list(state.tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
@@ -82,6 +85,14 @@ def make_job(
     if bad is not None:
         raise ProtocolError(f"Token id {bad} is out of range (vocabulary: {vocab})", param=param)
     sp = dict(sampling)
+    if (
+        limit_given and sp["max_new_tokens"] > ctx
+    ):  # can never be met; one that merely overruns is clamped
+        raise ProtocolError(
+            f"max_tokens ({sp['max_new_tokens']}) is larger than the model's context length "
+            f"({ctx} tokens).",
+            param="max_new_tokens" if param in ("text", "input_ids") else "max_tokens",
+        )
     room = ctx - n
     sp["max_new_tokens"] = min(sp["max_new_tokens"], room) if clamp_only else room
     return Generate(
@@ -207,7 +218,11 @@ class Generation:
             raise ProtocolError(
                 str(reason.get("message", "request failed")),
                 status=int(reason["status_code"]),
-                type="server_error",
+                type=(
+                    "service_unavailable_error"
+                    if int(reason["status_code"]) == 503
+                    else "server_error"
+                ),
             )
         return index, out
 

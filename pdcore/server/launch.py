@@ -11,6 +11,11 @@ requests in flight get errors, and the process exits non-zero a moment later
 (DEAD_EXIT_S) -- a TP group that lost a rank cannot serve again, so a supervisor should
 restart all nodes. A node other than 0 (--node-rank K) runs only its ranks: no HTTP, and it
 exits when they do (0 after rank 0 told them to stop, 1 when the group failed).
+
+A PD prefill with --dp-size N: each replica's engine serves its bootstrap server on a
+private free port, and this process serves the instance's one bootstrap server on
+--disaggregation-bootstrap-port, answering decode's query for dp rank r with replica r's
+route (pdcore.disagg.bootstrap.replica_routes); requests go to replica `room % N`.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing.connection
+import os
 import shutil
 import signal
 import socket
@@ -29,9 +35,17 @@ from typing import Any
 
 import uvicorn
 
+from pdcore.disagg.auth import ControlAuth
+from pdcore.disagg.bootstrap import BootstrapError, BootstrapServer, replica_routes
 from pdcore.model.generation_defaults import GenerationDefaults
 from pdcore.model.parallel import bind_address
 from pdcore.server.app import build_app
+from pdcore.server.dp_client import (
+    DataParallelClient,
+    make_dp_client,
+    replica_ipc_dir,
+    wait_replicas_ready,
+)
 from pdcore.server.engine_client import EngineClient, EngineStartupError
 from pdcore.server.engine_process import (
     start_engine_process,
@@ -39,7 +53,9 @@ from pdcore.server.engine_process import (
     stop_engine_process,
 )
 from pdcore.server.generation import ServerState
+from pdcore.server.http_limits import guarded_h11
 from pdcore.server.metrics import Metrics
+from pdcore.server.pp_process import start_stage_processes
 from pdcore.settings import ServerSettings
 from pdcore.web.errors import check_port
 
@@ -71,6 +87,8 @@ def run_server(settings: ServerSettings) -> None:
         _run_follower_node(settings)
         return
     check_port("pdcore serve", settings.host, settings.port)
+    if _dp_prefill(settings):
+        check_port("pdcore serve", settings.host, settings.disaggregation_bootstrap_port)
     ipc_dir = tempfile.mkdtemp(prefix="pdcore-ipc-")
     procs: list[BaseProcess] = []
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
@@ -85,16 +103,43 @@ def run_server(settings: ServerSettings) -> None:
         signal.signal(signal.SIGTERM, previous)
 
 
+def replica_settings(
+    settings: ServerSettings, dp_rank: int, bootstrap_port: int | None = None
+) -> ServerSettings:
+    """Replica `dp_rank`'s settings: with --dp-size, its share of the node's cores (unless
+    --cpu-threads) and, on GPUs, its own devices after the earlier replicas'; on a PD
+    prefill, its own private `bootstrap_port`."""
+    if settings.dp_size == 1:
+        return settings
+    cores = os.cpu_count() or 1
+    update: dict[str, Any] = {
+        "cpu_threads": settings.cpu_threads or max(cores // settings.engine_procs_per_node, 1),
+        "base_gpu_id": settings.base_gpu_id + dp_rank * settings.tp_ranks_per_node,
+    }
+    if bootstrap_port is not None:
+        update["disaggregation_bootstrap_port"] = bootstrap_port
+    return settings.model_copy(update=update)
+
+
+def _dp_prefill(settings: ServerSettings) -> bool:
+    return settings.disaggregation_mode == "prefill" and settings.dp_size > 1
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
 def _init_addr(settings: ServerSettings) -> str | None:
-    """The TP rendezvous: --dist-init-addr, or (one node) a free port on --host."""
-    if settings.tp_size == 1:
+    """The TP (or pipeline) rendezvous: --dist-init-addr, or (one node) a free port on
+    --host."""
+    if settings.tp_size == 1 and settings.pp_size == 1:
         return None
     if settings.dist_init_addr:
         return settings.dist_init_addr
     host = bind_address(settings.host)
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-        sock.bind((host, 0))
-        port = sock.getsockname()[1]
+    port = _free_port(host)
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
@@ -142,29 +187,74 @@ async def _serve(
     ipc_dir: str,
     procs: list[BaseProcess],
 ) -> None:
-    client = EngineClient(ipc_dir)
-    init_addr = _init_addr(settings)
-    proc = start_engine_process(settings, client.request_addr, client.output_addr, init_addr)
-    procs.append(proc)
-    followers: list[BaseProcess] = []
+    replicas: list[EngineClient] = []
+    engines: list[BaseProcess] = []
+    followers: list[list[BaseProcess]] = []
+    bootstrap: BootstrapServer | None = None
+    # PD prefill with --dp-size: each replica's own bootstrap server, on a private port.
+    ports = (
+        [_free_port(bind_address(settings.host)) for _ in range(settings.dp_size)]
+        if _dp_prefill(settings)
+        else []
+    )
     try:
-        if init_addr is not None:
-            followers = start_follower_processes(settings, init_addr)
-            procs.extend(followers)
+        for dp_rank in range(settings.dp_size):
+            rs = replica_settings(settings, dp_rank, ports[dp_rank] if ports else None)
+            if settings.dp_size > 1:
+                replica = EngineClient(
+                    replica_ipc_dir(ipc_dir, dp_rank), f"dp rank {dp_rank} engine"
+                )
+            else:
+                replica = EngineClient(ipc_dir)
+            replicas.append(replica)
+            init_addr = _init_addr(rs)
+            proc = start_engine_process(rs, replica.request_addr, replica.output_addr, init_addr)
+            procs.append(proc)
+            engines.append(proc)
+            followers.append([])
+            if init_addr is not None and settings.pp_size > 1:
+                followers[-1] = start_stage_processes(rs, init_addr)
+                procs.extend(followers[-1])
+                logger.info(
+                    "pipeline parallel: %d stages, rendezvous %s; stage processes %s",
+                    settings.pp_size,
+                    init_addr,
+                    [p.pid for p in followers[-1]],
+                )
+            elif init_addr is not None:
+                followers[-1] = start_follower_processes(rs, init_addr)
+                procs.extend(followers[-1])
+                logger.info(
+                    "tensor parallel%s: %d ranks over %d node(s), rendezvous %s; "
+                    "local followers %s",
+                    f" (dp rank {dp_rank})" if settings.dp_size > 1 else "",
+                    settings.tp_size,
+                    settings.nnodes,
+                    init_addr,
+                    [p.pid for p in followers[-1]],
+                )
+        client = make_dp_client(
+            replicas,
+            settings.load_balance_method,
+            settings.dp_balance_abs_threshold,
+            route_by_room=settings.disaggregation_mode == "prefill",
+        )
+        if settings.dp_size > 1:
             logger.info(
-                "tensor parallel: %d ranks over %d node(s), rendezvous %s; local followers %s",
-                settings.tp_size,
-                settings.nnodes,
-                init_addr,
-                [p.pid for p in followers],
+                "data parallel: %d replicas (engine pids %s), %s",
+                settings.dp_size,
+                [p.pid for p in engines],
+                settings.load_balance_method,
             )
-        logger.info("engine process %d started; loading the model", proc.pid)
+        logger.info("engine process %s started; loading the model", engines[0].pid)
         t0 = time.monotonic()
         try:
-            ready = await client.wait_ready(proc, followers)
+            ready = await wait_replicas_ready(replicas, engines, followers)
         except EngineStartupError as exc:
             raise SystemExit(f"pdcore serve: the engine failed to start: {exc}") from None
         logger.info("engine ready in %.1fs; loading the tokenizer", time.monotonic() - t0)
+        if ports:
+            bootstrap = _start_dp_bootstrap(settings, ports)
         tokenizer = await asyncio.to_thread(_load_tokenizer, settings)
         defaults = await asyncio.to_thread(_sampling_defaults, settings)
         state = ServerState(
@@ -186,25 +276,56 @@ async def _serve(
             access_log=settings.log_level == "debug",
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
             lifespan="off",
+            http=guarded_h11(settings.http_header_timeout),
+            timeout_keep_alive=int(settings.timeout_keep_alive) or 1,
+            h11_max_incomplete_event_size=64 * 1024,  # request line + headers
         )
         logger.info("serving %s on http://%s:%d", state.model_name, settings.host, settings.port)
         server = uvicorn.Server(config)
         watchdog = None
-        if settings.tp_size > 1:
+        if settings.tp_size > 1 or settings.pp_size > 1:
             watchdog = asyncio.create_task(_exit_when_dead(client, server))
         await server.serve()
         if watchdog is not None:
             watchdog.cancel()
         if settings.tp_size > 1 and not client.alive:
             raise SystemExit(f"pdcore serve: tensor-parallel engine failed: {client.dead_reason}")
+        if settings.pp_size > 1 and not client.alive:
+            raise SystemExit(f"pdcore serve: pipeline-parallel engine failed: {client.dead_reason}")
     finally:
-        client.close()
+        if bootstrap is not None:
+            bootstrap.close()
+        for replica in replicas:
+            replica.close()
         for p in procs:  # rank 0 first: it tells the followers to stop
             stop_engine_process(p)
 
 
-async def _exit_when_dead(client: EngineClient, server: uvicorn.Server) -> None:
-    """TP: once any rank is gone, answer 503 for DEAD_EXIT_S, then stop serving."""
+def _start_dp_bootstrap(settings: ServerSettings, ports: list[int]) -> BootstrapServer:
+    """The one bootstrap server of a PD prefill with --dp-size (see the module docstring)."""
+    auth = ControlAuth(settings.disaggregation_auth_token)
+    routes = replica_routes(
+        bind_address(settings.host), ports, settings.disaggregation_heartbeat_interval, auth
+    )
+    try:
+        server = BootstrapServer(
+            settings.host, settings.disaggregation_bootstrap_port, routes, auth
+        )
+    except BootstrapError as exc:
+        raise SystemExit(f"pdcore serve: {exc}") from None
+    logger.info(
+        "PD bootstrap server on %s:%d answers for %d dp ranks (their own servers: ports %s)",
+        settings.host,
+        server.port,
+        len(ports),
+        ports,
+    )
+    return server
+
+
+async def _exit_when_dead(client: DataParallelClient, server: uvicorn.Server) -> None:
+    """TP: once a rank is gone (with --dp-size: once every replica lost one), answer 503
+    for DEAD_EXIT_S, then stop serving."""
     await client.wait_dead()
     await asyncio.sleep(DEAD_EXIT_S)
     logger.error("a TP rank is gone (%s); exiting", client.dead_reason)

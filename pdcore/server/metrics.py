@@ -59,6 +59,53 @@ _TRANSFER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
+class _PDCounters:
+    """PD control-plane counters, kept by the engine's KV manager and exposed as Prometheus
+    counters with the totals of the last scrape: peers declared dead after missed heartbeats,
+    messages refused by --disaggregation-auth-token, and failed rooms by reason."""
+
+    def __init__(self) -> None:
+        self.control: dict[str, int] = {}
+        self.by_reason: dict[tuple[str, str, str], int] = {}
+
+    def update(self, stats: Any) -> None:
+        if not isinstance(stats, dict):
+            return
+        control = stats.get("control")
+        if isinstance(control, dict):
+            self.control = {k: int(v) for k, v in control.items()}
+        for backend, t in (stats.get("transfer") or {}).items():
+            for item in t.get("failures_by_reason", ()):
+                key = (backend, str(item["role"]), str(item["reason"]))
+                self.by_reason[key] = int(item["count"])
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily
+
+        heartbeat = CounterMetricFamily(
+            "pdcore_pd_heartbeat_failures",
+            "PD peers declared dead after missed heartbeats (decode: a prefill; prefill: a "
+            "decode), since start.",
+        )
+        heartbeat.add_metric([], self.control.get("heartbeat_failures", 0))
+        refused = CounterMetricFamily(
+            "pdcore_pd_auth_refusals",
+            "PD control messages and bootstrap queries refused by authentication "
+            "(--disaggregation-auth-token), since start.",
+        )
+        refused.add_metric([], self.control.get("auth_refusals", 0))
+        failures = CounterMetricFamily(
+            "pdcore_kv_transfer_failures_by_reason",
+            "Failed PD rooms since start, per backend, side and reason (bootstrap_timeout, "
+            "waiting_timeout, heartbeat, peer_restarted, refused, unreachable, write_failed, "
+            "aborted, shutdown, other).",
+            labels=["backend", "role", "reason"],
+        )
+        for (backend, role, reason), n in sorted(self.by_reason.items()):
+            failures.add_metric([backend, role, reason], n)
+        return [heartbeat, refused, failures]
+
+
 class Metrics:
     """The collectors of one server and the few calls the routes make."""
 
@@ -147,6 +194,8 @@ class Metrics:
             registry=r,
         )
         self.model_name = model_name
+        self.pd_counters = _PDCounters()
+        r.register(self.pd_counters)
 
     def observe_request(self, route: str, status: int) -> None:
         self.requests.labels(route=route, status=str(status)).inc()
@@ -166,6 +215,7 @@ class Metrics:
             value = (stats or {}).get(key)
             if isinstance(value, (int, float)):
                 gauge.set(value)
+        self.pd_counters.update(stats or {})
         for backend, t in ((stats or {}).get("transfer") or {}).items():
             self.transfer_bytes.labels(backend=backend).set(t.get("bytes_total", 0))
             self.transfers.labels(backend=backend).set(t.get("transfers_total", 0))

@@ -64,6 +64,7 @@ async def generate(request: Request) -> Response | EventStreamResponse:
             req.prompts[i],
             req.sampling_params[i],
             param=param,
+            limit_given=req.limits_given[i] if req.limits_given else True,
             return_logprob=req.return_logprob[i],
             bootstrap=bootstrap_fields(
                 req.bootstrap_host, req.bootstrap_port, req.bootstrap_room, i

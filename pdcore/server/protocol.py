@@ -80,6 +80,8 @@ class GenerateRequest:
     bootstrap_port: Any = None
     bootstrap_room: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # Per prompt: did the client set max_new_tokens (else the server's default applies)?
+    limits_given: list[bool] = field(default_factory=list)
 
 
 def _per_prompt(value: Any, n: int, name: str, ok: Any) -> list[Any]:
@@ -151,6 +153,9 @@ def parse_generate(body: Any, defaults: Mapping[str, Any] | None = None) -> Gene
         bootstrap_port=body.get("bootstrap_port"),
         bootstrap_room=body.get("bootstrap_room"),
         extra={k: v for k, v in body.items() if k not in known},
+        limits_given=[
+            isinstance(sp, dict) and sp.get("max_new_tokens") is not None for sp in sp_list
+        ],
     )
 
 

@@ -51,10 +51,10 @@ def _sjf_policy() -> Any:
     return SJFPolicy(max_wait_s=float(os.environ.get("PDCORE_SJF_MAX_WAIT_S", "10")))
 
 
-def _least_inflight_policy() -> Any:
+def _least_inflight_policy(role: str, settings: Any) -> Any:
     from pdcore_example_plugins.routing import LeastInflightPolicy
 
-    return LeastInflightPolicy()
+    return LeastInflightPolicy(role, settings)
 
 
 # --- the hooks: one register(...) call per thing offered ----------------------------------

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from pdcore.router.policies import Worker
+from pdcore.router.policies import RouteRequest, Worker
 
 
 def least_busy(workers: Sequence[Worker]) -> int:
@@ -18,15 +18,17 @@ def least_busy(workers: Sequence[Worker]) -> int:
 
 
 class LeastInflightPolicy:
-    """Pick the prefill and the decode server independently, each the one with the fewest
-    requests the router has open on it (`Worker.in_flight`, kept current by the router).
+    """Pick the server with the fewest requests the router has open on it
+    (`Worker.in_flight`, kept current by the router), for one role.
 
-    Prefill load is bursty (one long forward pass per prompt) and decode load is steady (one
-    token per step for the whole output), so the two choices are made separately rather than
-    as fixed pairs.
+    The router makes one of these per role (prefill, decode) and asks each separately:
+    prefill load is bursty (one long forward pass per prompt) and decode load is steady (one
+    token per step for the whole output), so the two choices are made independently rather
+    than as fixed pairs.
     """
 
-    def select(
-        self, prefills: Sequence[Worker], decodes: Sequence[Worker], request: dict[str, Any]
-    ) -> tuple[int, int]:
-        return least_busy(prefills), least_busy(decodes)
+    def __init__(self, role: str = "", settings: Any = None) -> None:
+        self.role = role
+
+    def select(self, workers: Sequence[Worker], request: RouteRequest) -> int:
+        return least_busy(workers)

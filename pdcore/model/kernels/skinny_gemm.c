@@ -136,6 +136,40 @@ static void tile_dispatch(const float *x, int64_t ldx, int mt, int64_t k, const 
     }
 }
 
+/* One item: nb (1..TB) blocks of 16 features starting at `p`, all m rows; `cols` (up to
+ * 16 * nb) columns of y (and bias) are real, the rest padding. */
+static void item(const float *xf, int64_t ldx, int64_t m, int64_t k, const char *p, int64_t block_bytes,
+                 const void *bias, int nb, int64_t cols, void *y, int64_t ldy, int wf32,
+                 int yf32) {
+    const int64_t yes = yf32 ? 4 : 2;
+    /* a ragged last item computes into padded scratch (bias too), then copies out */
+    const int ragged = cols < 16 * nb;
+    char pad_bias[16 * TB * 4], pad_y[MT_MAX * 16 * TB * 4];
+    const void *bb = bias;
+    if (ragged && bias) {
+        memset(pad_bias, 0, sizeof pad_bias);
+        memcpy(pad_bias, bb, cols * yes);
+        bb = pad_bias;
+    }
+    /* rows split evenly over ceil(m / MT_MAX) tiles (32 = 6+6+5+5+5+5, not 6*5+2):
+     * every tile re-streams the weights, so no tile should be a short one */
+    const int64_t tiles = (m + MT_MAX - 1) / MT_MAX;
+    for (int64_t ti = 0, m0 = 0; ti < tiles; ti++) {
+        const int mt = (int)((m - m0 + (tiles - ti) - 1) / (tiles - ti));
+        char *yt = (char *)y + m0 * ldy * yes;
+        if (!ragged) {
+            tile_dispatch(xf + m0 * ldx, ldx, mt, k, p, block_bytes, bb, yt,
+                          ldy, nb, wf32, yf32);
+        } else {
+            tile_dispatch(xf + m0 * ldx, ldx, mt, k, p, block_bytes, bb,
+                          pad_y, 16 * TB, nb, wf32, yf32);
+            for (int r = 0; r < mt; r++)
+                memcpy(yt + r * ldy * yes, pad_y + r * 16 * TB * yes, cols * yes);
+        }
+        m0 += mt;
+    }
+}
+
 /* wf32: fp32 weights (else bf16); yf32: fp32 bias and output (else bf16). */
 static void gemm(const float *xf, int64_t ldx, int64_t m, const void *packed, const void *bias,
                  int64_t n, int64_t k, void *y, int64_t ldy, int threads, int wf32, int yf32) {
@@ -148,34 +182,18 @@ static void gemm(const float *xf, int64_t ldx, int64_t m, const void *packed, co
         const int64_t b0 = it * TB;
         const int nb = (int)(blocks - b0 < TB ? blocks - b0 : TB);
         const int64_t c0 = b0 * 16, cols = n - c0 < 16 * nb ? n - c0 : 16 * nb;
-        const char *p = (const char *)packed + b0 * block_bytes;
-        /* a ragged last item computes into padded scratch (bias too), then copies out */
-        const int ragged = cols < 16 * nb;
-        char pad_bias[16 * TB * 4], pad_y[MT_MAX * 16 * TB * 4];
-        const void *bb = bias ? (const char *)bias + c0 * yes : NULL;
-        if (ragged && bias) {
-            memset(pad_bias, 0, sizeof pad_bias);
-            memcpy(pad_bias, bb, cols * yes);
-            bb = pad_bias;
-        }
-        /* rows split evenly over ceil(m / MT_MAX) tiles (32 = 6+6+5+5+5+5, not 6*5+2):
-         * every tile re-streams the weights, so no tile should be a short one */
-        const int64_t tiles = (m + MT_MAX - 1) / MT_MAX;
-        for (int64_t ti = 0, m0 = 0; ti < tiles; ti++) {
-            const int mt = (int)((m - m0 + (tiles - ti) - 1) / (tiles - ti));
-            char *yt = (char *)y + (m0 * ldy + c0) * yes;
-            if (!ragged) {
-                tile_dispatch(xf + m0 * ldx, ldx, mt, k, p, block_bytes, bb, yt, ldy, nb, wf32,
-                              yf32);
-            } else {
-                tile_dispatch(xf + m0 * ldx, ldx, mt, k, p, block_bytes, bb, pad_y, 16 * TB, nb,
-                              wf32, yf32);
-                for (int r = 0; r < mt; r++)
-                    memcpy(yt + r * ldy * yes, pad_y + r * 16 * TB * yes, cols * yes);
-            }
-            m0 += mt;
-        }
+        item(xf, ldx, m, k, (const char *)packed + b0 * block_bytes, block_bytes,
+             bias ? (const char *)bias + c0 * yes : NULL, nb, cols, (char *)y + c0 * yes, ldy,
+             wf32, yf32);
     }
+}
+
+/* For quant_gemm.c (one thread's share): y[:, :cols] = x @ panel (+ bias) for one block of
+ * 16 features whose weights are fp32 [k][16] -- a dequantized panel of quantized ones. */
+void pdcore_internal_f32_panel(const float *x, int64_t ldx, int64_t m, const float *panel,
+                               const float *bias, int64_t cols, int64_t k, float *y,
+                               int64_t ldy) {
+    item(x, ldx, m, k, (const char *)panel, k * 16 * 4, bias, 1, cols, y, ldy, 1, 1);
 }
 
 static float *widen_rows(const uint16_t *x, int64_t m, int64_t ldx, int64_t k) {

@@ -82,6 +82,49 @@ INLINE vf load_bf16(const uint16_t *p) {
 #endif
 }
 
+/* Quantized weights (quant_gemm.c): VW bytes widened to VW int32 lanes (unsigned: 4-bit
+ * pairs; signed: int8), and VW IEEE fp16 scales widened to fp32 (exact). */
+typedef uint8_t vb __attribute__((vector_size(VW)));
+typedef int8_t vsb __attribute__((vector_size(VW)));
+INLINE vi load_u8(const uint8_t *p) {
+#if defined(__AVX512F__) && VW == 16
+    return (vi)_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+#elif defined(__AVX2__) && VW == 8
+    return (vi)_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+#else
+    vb b;
+    memcpy(&b, p, sizeof b);
+    return __builtin_convertvector(b, vi);
+#endif
+}
+INLINE vi load_i8(const int8_t *p) {
+#if defined(__AVX512F__) && VW == 16
+    return (vi)_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p));
+#elif defined(__AVX2__) && VW == 8
+    return (vi)_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p));
+#else
+    vsb b;
+    memcpy(&b, p, sizeof b);
+    return __builtin_convertvector(b, vi);
+#endif
+}
+INLINE vf load_f16(const uint16_t *p) {
+#if defined(__AVX512F__) && VW == 16
+    return (vf)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+#elif defined(__AVX2__) && VW == 8 /* x86-64-v3 includes F16C */
+    return (vf)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+#elif defined(__aarch64__) && VW == 4
+    return (vf)vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p)));
+#else /* exponent rebias by a multiply (subnormals come out right); inf/NaN kept */
+    vh h;
+    memcpy(&h, p, sizeof h);
+    const vu u = __builtin_convertvector(h, vu), em = u & 0x7FFFu;
+    const vu f = (vu)((vf)(em << 13) * splat(0x1.0p112f));
+    const vu special = (vu)(em >= 0x7C00u);
+    return (vf)(((f & ~special) | (((em << 13) | 0x7F800000u) & special)) | ((u & 0x8000u) << 16));
+#endif
+}
+
 /* fp32 -> bf16 bits, round to nearest even; NaN -> quiet NaN (torch's rule). */
 INLINE vh to_bf16_bits(vf x) {
 #if defined(__AVX512BF16__) && VW == 16

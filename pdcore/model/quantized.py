@@ -1,0 +1,245 @@
+"""Weight-only quantized linear layers: weights stay 4.5-8.5 bits in memory, math stays fp32.
+
+`--quantization` picks what the linear layers hold (SGLang's flag name):
+- `gguf`: a GGUF's Q4_0, Q4_1 and Q8_0 tensors kept as shipped -- their blocks repacked
+  once, byte for byte the same size (Q4_0 is widened to Q4_1's form: 20 bytes per 32 weights
+  instead of 18), into panels of 16 output features the decode kernel reads with one load
+  per k (kernels/quant_gemm.c). Other tensor types (F32 norms, K-quants...) are dequantized.
+- `int8` / `w8a16`: any model's linear weights quantized at load to int8 with one fp32
+  scale per output channel (symmetric, round to nearest).
+- `none`: dequantized to the compute dtype at load, as before.
+- `auto` (default): `gguf` for a GGUF on a CPU with our kernels, else `none`. Why keep the
+  file's format by default: batch-1 decode streams every weight once per token, so Q4_1
+  (5 bits) reads ~6x fewer bytes than fp32; and the kernel rebuilds each weight exactly as
+  the dequantizing reference does, so the logits differ from the dequantized fp32 model by
+  summation order only (see tests/test_quant_accuracy.py and docs/benchmarks.md).
+
+Decode-sized inputs (up to native_cpu.MAX_ROWS rows) go to the quantized GEMM; prefill-sized
+ones widen the whole matrix to fp32 once per call (C, multi-threaded) and use the library
+GEMM, whose blocking beats ours at hundreds of rows.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pdcore.model import native_cpu
+
+if TYPE_CHECKING:
+    from pdcore.model.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("auto", "none", "gguf", "int8", "w8a16")
+FMT_Q4, FMT_Q8, FMT_I8 = 0, 1, 2  # kernels/quant_gemm.c's formats
+GGUF_KERNEL_TYPES = {"Q4_0": FMT_Q4, "Q4_1": FMT_Q4, "Q8_0": FMT_Q8}
+_GGUF_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+
+
+@dataclass(frozen=True)
+class GGUFRows:
+    """One GGUF tensor's raw blocks, one row of blocks per output feature (HF row order)."""
+
+    type_name: str  # Q4_0, Q4_1 or Q8_0
+    data: np.ndarray  # uint8 [N, K / 32 * block bytes]
+    k: int
+
+
+@dataclass(frozen=True)
+class QuantWeight:
+    """A [n, k] weight in one of the kernel's formats, packed in panels of 16 features."""
+
+    fmt: int
+    n: int
+    k: int
+    packed: torch.Tensor  # uint8
+    label: str  # Q4_1, Q8_0, int8 ...
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.numel()
+
+
+def _panels(a: np.ndarray) -> np.ndarray:
+    """Zero-pad axis 0 to a multiple of 16 and split it: [N, ...] -> [N/16, 16, ...]."""
+    pad = -a.shape[0] % 16
+    if pad:
+        a = np.concatenate([a, np.zeros((pad, *a.shape[1:]), dtype=a.dtype)])
+    return a.reshape(-1, 16, *a.shape[1:])
+
+
+def pack_gguf(rows: GGUFRows) -> QuantWeight:
+    """Repack GGUF blocks into the kernel's panels (layout: kernels/quant_gemm.c)."""
+    bb = _GGUF_BLOCK_BYTES[rows.type_name]
+    n, nb = rows.data.shape[0], rows.k // 32
+    blocks = np.ascontiguousarray(rows.data).reshape(n, nb, bb)
+    d = blocks[:, :, 0:2]
+    if rows.type_name == "Q8_0":
+        qs = _panels(blocks[:, :, 2:34]).transpose(0, 2, 3, 1)  # [P, nb, k, r]
+        parts = [_panels(d).transpose(0, 2, 1, 3), qs]
+    else:
+        if rows.type_name == "Q4_1":
+            m, qs = blocks[:, :, 2:4], blocks[:, :, 4:20]
+        else:  # Q4_0: w = d * (q - 8) = d * q + m with m = -8d (exact in fp16)
+            m = (d.view(np.float16) * np.float16(-8)).view(np.uint8)
+            qs = blocks[:, :, 2:18]
+        parts = [
+            _panels(d).transpose(0, 2, 1, 3),  # [P, nb, 16 rows, 2 bytes]
+            _panels(m).transpose(0, 2, 1, 3),
+            _panels(qs).transpose(0, 2, 3, 1),  # [P, nb, j, r]: byte j of row r
+        ]
+    p = parts[0].shape[0]
+    packed = np.concatenate([a.reshape(p, nb, -1) for a in parts], axis=2)
+    fmt = GGUF_KERNEL_TYPES[rows.type_name]
+    return QuantWeight(fmt, n, rows.k, torch.from_numpy(packed.reshape(-1).copy()), rows.type_name)
+
+
+def quantize_int8(weight: torch.Tensor) -> QuantWeight:
+    """Symmetric int8 with one fp32 scale per output channel (max |w| / 127)."""
+    w = weight.float()
+    n, k = w.shape
+    scale = w.abs().amax(dim=1) / 127
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    s_p = _panels(scale.numpy())  # [P, 16] fp32
+    q_p = _panels(q.numpy()).transpose(0, 2, 1)  # [P, k, 16]
+    p = s_p.shape[0]
+    packed = np.concatenate(
+        [s_p.view(np.uint8).reshape(p, 64), q_p.view(np.uint8).reshape(p, -1)], 1
+    )
+    return QuantWeight(FMT_I8, n, k, torch.from_numpy(packed.reshape(-1).copy()), "int8")
+
+
+class QuantLinear:
+    """y = x @ W.T + b with W quantized; x and y in any float dtype, the math in fp32."""
+
+    __slots__ = ("weight", "bias", "_kern")
+
+    def __init__(
+        self, weight: QuantWeight, bias: torch.Tensor | None, kern: native_cpu.Kernels
+    ) -> None:
+        self.weight = weight
+        self.bias = None if bias is None else bias.float().contiguous()
+        self._kern = kern
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.n
+
+    def dequantize(self) -> torch.Tensor:
+        w = self.weight
+        return self._kern.quant_dequantize(w.packed, w.fmt, w.n, w.k)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x if x.dtype == torch.float32 else x.float()
+        w = self.weight
+        if x32.dim() == 2 and x32.shape[0] <= native_cpu.MAX_ROWS:
+            y = self._kern.quant_gemm(x32, w.packed, w.fmt, w.n, w.k, self.bias)
+        else:  # prefill: widen once, one library GEMM
+            y = F.linear(x32, self.dequantize(), self.bias)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+class QuantizedWeights:
+    """The linear weights a model keeps quantized: GGUF blocks by HF name (`gguf`), or
+    int8 made from the dense weights at load (`int8`)."""
+
+    def __init__(
+        self, method: str, kern: native_cpu.Kernels, gguf_rows: dict[str, GGUFRows] | None = None
+    ) -> None:
+        assert method in ("gguf", "int8")
+        self.method = method
+        self.kern = kern
+        self.gguf_rows = gguf_rows or {}
+        self.dense: list[str] = []  # weights that fell back to dense, for the log
+
+    def linear(
+        self,
+        names: list[str],
+        state: dict[str, torch.Tensor],
+        bias: torch.Tensor | None = None,
+    ) -> QuantLinear | None:
+        """The rows of `names` stacked (a fused projection) as one quantized layer, or None
+        when they cannot be (a type the kernel lacks, mixed types): the caller goes dense."""
+        if self.method == "int8":
+            w = torch.cat([state[n] for n in names]) if len(names) > 1 else state[names[0]]
+            return QuantLinear(quantize_int8(w), bias, self.kern)
+        parts = [self.gguf_rows.get(n) for n in names]
+        first = parts[0]
+        if first is None or any(p is None or p.type_name != first.type_name for p in parts):
+            self.dense.extend(names)
+            return None
+        data = np.concatenate([p.data for p in parts if p is not None])
+        return QuantLinear(pack_gguf(GGUFRows(first.type_name, data, first.k)), bias, self.kern)
+
+
+def _is_gguf(model_path: str | None) -> bool:
+    return model_path is None or str(model_path).endswith(".gguf")  # None: the default GGUF
+
+
+def quantization_problem(
+    method: str, model_path: str | None, device: str, tp_size: int
+) -> str | None:
+    """Why `--quantization method` cannot work with these flags (checked before any weights
+    load), or None."""
+    if method not in METHODS:
+        return f"unknown method {method!r}; choose one of {', '.join(METHODS)}"
+    if method in ("auto", "none"):
+        return None
+    if method == "gguf" and not _is_gguf(model_path):
+        return (
+            f"gguf needs a .gguf model file; {model_path} is a folder of dense weights "
+            "(use int8 to quantize it at load, or none)"
+        )
+    if device not in ("auto", "cpu"):
+        return f"{method}: quantized weights run on CPU only (--device {device}); use none"
+    if tp_size > 1:
+        return f"{method}: not supported with --tp-size > 1 yet; use none"
+    return None
+
+
+def resolve(method: str, model_source: str, device: torch.device, tp_size: int) -> tuple[str, str]:
+    """The method to load with (gguf, int8 or none) and why. Raises ValueError for an
+    explicit method the device cannot run (the CLI catches the others earlier)."""
+    method = "int8" if method == "w8a16" else method
+    if method == "none":
+        return "none", "--quantization none"
+    if device.type != "cpu" or tp_size > 1:
+        why = f"device {device}" if device.type != "cpu" else "--tp-size > 1"
+        if method == "auto":
+            return "none", f"auto: dequantized ({why})"
+        raise ValueError(f"--quantization {method}: quantized weights need a CPU, one rank ({why})")
+    if native_cpu.kernels(torch.float32) is None:
+        why = f"no CPU kernels: {native_cpu.describe()}"
+        if method != "auto":
+            logger.warning("--quantization %s ignored, weights dequantized (%s)", method, why)
+        return "none", why
+    if method == "auto":
+        if not _is_gguf(model_source):
+            return "none", "auto: dense checkpoint served as stored"
+        return "gguf", "auto: a GGUF keeps its file's format"
+    return method, f"--quantization {method}"
+
+
+def load_quantized(
+    method: str, model_source: str, config: ModelConfig, device: torch.device, tp_size: int
+) -> QuantizedWeights | None:
+    """The quantized weights for `method` (after `resolve`), or None to load dense."""
+    chosen, why = resolve(method, model_source, device, tp_size)
+    logger.info("quantization: %s (%s)", chosen, why)
+    if chosen == "none":
+        return None
+    kern = native_cpu.kernels(torch.float32)
+    assert kern is not None  # resolve() checked
+    if chosen == "int8":
+        return QuantizedWeights("int8", kern)
+    from pdcore.model.gguf_loader import read_gguf_quantized
+
+    return QuantizedWeights("gguf", kern, read_gguf_quantized(Path(model_source), config))

@@ -1,0 +1,176 @@
+"""Qwen3MoeForCausalLM: GQA attention with a per-head RMSNorm on q and k (before RoPE) over
+the per-head ("mha") KV pool and the configured attention backend; MoE layers with softmax
+top-k routing and no shared experts. A layer is sparse when it is not in `mlp_only_layers`
+and (index + 1) is a multiple of `decoder_sparse_step`; the others keep a dense MLP.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from pdcore.model.attention import AttentionBackend
+from pdcore.model.config import ModelConfig
+from pdcore.model.decoder import Decoder, DecoderLayer
+from pdcore.model.forward_batch import ForwardBatch
+from pdcore.model.kv_pool import KVPool
+from pdcore.model.linear import Linear
+from pdcore.model.moe import Experts, SwiGLU, ToDevice, softmax_topk
+from pdcore.model.parallel import TPGroup
+from pdcore.model.rope import RotaryTable, apply_rotary
+
+_EXTRA_DEFAULTS: dict[str, Any] = {
+    "num_experts": 0,
+    "num_experts_per_tok": 1,
+    "moe_intermediate_size": 0,
+    "norm_topk_prob": False,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+}
+
+
+def read_config(cfg: dict[str, Any]) -> ModelConfig:
+    if cfg.get("use_sliding_window"):
+        raise ValueError("Qwen3MoeForCausalLM with use_sliding_window is not supported")
+    extra = {k: cfg.get(k, d) if cfg.get(k) is not None else d for k, d in _EXTRA_DEFAULTS.items()}
+    if cfg.get("num_experts") is None and cfg.get("num_local_experts") is not None:
+        extra["num_experts"] = cfg["num_local_experts"]  # transformers 5 saves this name
+    return ModelConfig.from_hf_dict(cfg, extra=extra)
+
+
+def is_sparse(config: ModelConfig, layer: int) -> bool:
+    e = config.extra
+    return (
+        layer not in e["mlp_only_layers"]
+        and int(e["num_experts"]) > 0
+        and (layer + 1) % int(e["decoder_sparse_step"]) == 0
+    )
+
+
+class _Attention:
+    __slots__ = ("qkv", "q_norm", "k_norm", "o_proj", "sizes", "heads", "head_dim", "eps")
+
+    def __init__(
+        self, state: dict[str, torch.Tensor], prefix: str, config: ModelConfig, to: ToDevice
+    ) -> None:
+        attn = prefix + "self_attn."
+        names = [attn + f"{p}_proj." for p in "qkv"]
+        self.qkv = Linear(
+            to(torch.cat([state[n + "weight"] for n in names])),
+            to(torch.cat([state[n + "bias"] for n in names]))
+            if names[0] + "bias" in state
+            else None,
+        )
+        self.q_norm = to(state[attn + "q_norm.weight"])
+        self.k_norm = to(state[attn + "k_norm.weight"])
+        self.o_proj = Linear(
+            to(state[attn + "o_proj.weight"]),
+            to(state[attn + "o_proj.bias"]) if attn + "o_proj.bias" in state else None,
+        )
+        hd = config.head_dim
+        self.heads = (config.num_heads, config.num_kv_heads, config.num_kv_heads)
+        self.sizes = [h * hd for h in self.heads]
+        self.head_dim = hd
+        self.eps = config.rms_norm_eps
+
+    def __call__(
+        self,
+        layer: int,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        batch: ForwardBatch,
+        pool: KVPool,
+        attn: AttentionBackend,
+    ) -> torch.Tensor:
+        t, hd = x.shape[0], self.head_dim
+        q, k, v = self.qkv(x).split(self.sizes, dim=-1)
+        q = F.rms_norm(q.reshape(t, -1, hd), (hd,), self.q_norm, self.eps)
+        k = F.rms_norm(k.reshape(t, -1, hd), (hd,), self.k_norm, self.eps)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = attn.forward(layer, q, k, v.reshape(t, -1, hd), batch, pool)
+        return self.o_proj(out)
+
+
+class _SparseMoE:
+    def __init__(
+        self, state: dict[str, torch.Tensor], prefix: str, config: ModelConfig, to: ToDevice
+    ) -> None:
+        e = config.extra
+        self.gate = Linear(to(state[prefix + "gate.weight"]))
+        self.experts = Experts.from_state(state, prefix + "experts.", int(e["num_experts"]), to)
+        self.top_k = int(e["num_experts_per_tok"])
+        self.norm_topk_prob = bool(e["norm_topk_prob"])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        ids, weights = softmax_topk(self.gate(x), self.top_k, self.norm_topk_prob)
+        return self.experts(x, ids, weights)
+
+
+class Qwen3MoeModel(Decoder):
+    def __init__(
+        self,
+        config: ModelConfig,
+        state: dict[str, torch.Tensor],
+        dtype: torch.dtype,
+        device: torch.device,
+        max_positions: int,
+        tp: TPGroup | None = None,
+    ) -> None:
+        rotary = RotaryTable(
+            config.head_dim, config.rope_theta, config.rope_scaling, max_positions, dtype, device
+        )
+        super().__init__(
+            config, state, dtype, device, rotary, config.num_heads, config.num_kv_heads, tp
+        )
+        for i in range(config.num_layers):
+            prefix = f"model.layers.{i}."
+            mlp = (
+                _SparseMoE(state, prefix + "mlp.", config, self.to)
+                if is_sparse(config, i)
+                else SwiGLU.from_state(state, prefix + "mlp.", self.to)
+            )
+            self.layers.append(
+                DecoderLayer(
+                    self.to(state[prefix + "input_layernorm.weight"]),
+                    _Attention(state, prefix, config, self.to),
+                    self.to(state[prefix + "post_attention_layernorm.weight"]),
+                    mlp,
+                )
+            )
+
+
+def build_model(
+    config: ModelConfig,
+    state: dict[str, torch.Tensor],
+    dtype: torch.dtype,
+    device: torch.device,
+    max_positions: int,
+    tp: TPGroup | None,
+) -> Qwen3MoeModel:
+    return Qwen3MoeModel(config, state, dtype, device, max_positions, tp)
+
+
+def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype, tp_size: int) -> int:
+    return KVPool.bytes_per_token(config.num_layers, config.num_kv_heads, config.head_dim, dtype)
+
+
+def make_kv_pool(
+    config: ModelConfig,
+    num_pages: int,
+    page_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    tp_size: int,
+) -> KVPool:
+    return KVPool(
+        config.num_layers,
+        num_pages,
+        page_size,
+        config.num_kv_heads,
+        config.head_dim,
+        dtype,
+        device,
+    )

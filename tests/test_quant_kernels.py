@@ -1,0 +1,131 @@
+"""The quantized GEMM (kernels/quant_gemm.c) for every ISA variant this CPU runs, against
+dequantize-then-matmul: GGUF Q4_0 / Q4_1 / Q8_0 blocks (quantized by the gguf package, the
+reference dequantizer the loader uses) and int8 per channel; edge shapes (K not a multiple
+of 256, odd N, 1..33 rows: the fused decode tiles, the dequantized-panel path and the
+prefill path). Plus the --quantization flag's checks. Variants the CPU lacks are skipped
+with the missing features named."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from pdcore.model import native_cpu
+from pdcore.model.quantized import (
+    GGUFRows,
+    QuantLinear,
+    pack_gguf,
+    quantization_problem,
+    quantize_int8,
+)
+from tests.test_native_cpu import ISAS
+
+GGUF_TYPES = ["Q4_0", "Q4_1", "Q8_0"]
+SHAPES = [(1, 32), (17, 96), (33, 576), (49, 1056)]  # (N, K): odd N, K % 256 != 0
+ROWS = [1, 2, 3, 4, 5, 8, 9, 13, 31, 32, 33]
+
+
+def kern(isa: str) -> native_cpu.Kernels:
+    k = native_cpu.kernels(torch.float32, isa)
+    assert k is not None, f"{isa} is supported here but failed to build (see the log)"
+    return k
+
+
+def gguf_weight(kind: str, n: int, k: int, seed: int) -> tuple[GGUFRows, torch.Tensor]:
+    """Random weights in GGUF blocks, and the gguf package's dequantization of them."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((n, k)) * rng.uniform(0.01, 2, (n, 1))).astype(np.float32)
+    qtype = getattr(gguf.GGMLQuantizationType, kind)
+    blocks = gguf.quants.quantize(w, qtype)
+    ref = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(blocks, qtype)))
+    return GGUFRows(kind, blocks, k), ref.float()
+
+
+def check(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> None:
+    want = x.double() @ w.double().T + (0 if bias is None else bias.double())
+    err = ((y.double() - want).abs().max() / want.abs().max()).item()
+    assert err < 2e-6, err
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("kind", GGUF_TYPES)
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_gguf_gemm_matches_dequantize_then_matmul(isa: str, kind: str, n: int, k: int) -> None:
+    rows, w = gguf_weight(kind, n, k, seed=n * k)
+    qw = pack_gguf(rows)
+    assert qw.nbytes == ((n + 15) // 16 * 16) * k // 32 * (34 if kind == "Q8_0" else 20)
+    lin = QuantLinear(qw, None, kern(isa))
+    assert torch.equal(lin.dequantize(), w)  # the weights are rebuilt bit for bit
+    bias = torch.randn(n)
+    lin_b = QuantLinear(qw, bias, kern(isa))
+    for m in ROWS:
+        x = torch.randn(m, k)
+        check(lin(x), x, w, None)
+        check(lin_b(x), x, w, bias)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("n,k", [(1, 7), (17, 96), (33, 577), (49, 1056)])
+def test_int8_gemm_matches_dequantize_then_matmul(isa: str, n: int, k: int) -> None:
+    w = torch.randn(n, k) * torch.rand(n, 1)
+    qw = quantize_int8(w)
+    lin = QuantLinear(qw, torch.randn(n), kern(isa))
+    wq = lin.dequantize()
+    assert (wq - w).abs().max() <= w.abs().amax() / 254 * 1.0001  # half a step per channel
+    for m in ROWS:
+        x = torch.randn(m, k)
+        check(lin(x), x, wq, lin.bias)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_strided_rows_and_bf16_activations(isa: str) -> None:
+    rows, w = gguf_weight("Q4_1", 40, 128, seed=3)
+    lin = QuantLinear(pack_gguf(rows), None, kern(isa))
+    wide = torch.randn(5, 200)
+    check(lin(wide[:, :128]), wide[:, :128], w, None)
+    xb = torch.randn(3, 128).to(torch.bfloat16)
+    y = lin(xb)
+    assert y.dtype == torch.bfloat16
+    want = (xb.float() @ w.T).to(torch.bfloat16)
+    assert torch.allclose(y.float(), want.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_q4_0_padding_rows_are_zero() -> None:
+    rows, _ = gguf_weight("Q4_0", 3, 64, seed=1)
+    packed = pack_gguf(rows).packed.numpy().reshape(2, 320)  # one panel, 2 blocks
+    d = packed[:, :32].view(np.float16).reshape(2, 16)
+    assert (d[:, 3:] == 0).all() and (d[:, :3] != 0).any()
+
+
+@pytest.mark.parametrize(
+    ("method", "model", "device", "tp", "needle"),
+    [
+        ("gguf", "/some/hf-folder", "cpu", 1, "needs a .gguf model file"),
+        ("int8", None, "cuda", 1, "CPU only"),
+        ("gguf", "m.gguf", "cpu", 2, "--tp-size"),
+        ("fp4", None, "cpu", 1, "unknown method"),
+    ],
+)
+def test_quantization_problems(
+    method: str, model: str | None, device: str, tp: int, needle: str
+) -> None:
+    why = quantization_problem(method, model, device, tp)
+    assert why is not None and needle in why
+
+
+def test_quantization_ok_combinations() -> None:
+    for method in ("auto", "none"):
+        assert quantization_problem(method, "/folder", "cuda", 4) is None
+    assert quantization_problem("gguf", None, "auto", 1) is None
+    assert quantization_problem("w8a16", "/folder", "cpu", 1) is None
+
+
+def test_cli_names_the_flag(capsys: pytest.CaptureFixture[str], tiny_llama_dir) -> None:
+    from pdcore.settings import parse_serve_args
+
+    with pytest.raises(SystemExit):
+        parse_serve_args(["--model", str(tiny_llama_dir), "--quantization", "gguf"])
+    err = capsys.readouterr().err
+    assert "--quantization" in err and "gguf" in err
