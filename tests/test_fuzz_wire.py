@@ -240,7 +240,7 @@ class _StandInPrefill:
             "backend_id": "stand-in-prefill",
             "spec": spec,
         }
-        self.http = BootstrapServer("127.0.0.1", 0, lambda: route)
+        self.http = BootstrapServer("127.0.0.1", 0, lambda dp_rank: route)
 
     def close(self) -> None:
         self.http.close()

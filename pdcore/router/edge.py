@@ -6,8 +6,8 @@ and carries the request id like any other.
 from __future__ import annotations
 
 import hmac
+import random
 import time
-import uuid
 from collections.abc import Collection, Sequence
 
 from starlette.datastructures import Headers
@@ -28,16 +28,22 @@ class RequestIdMiddleware:
 
     def __init__(self, app: ASGIApp, header_names: Sequence[str]) -> None:
         self.app = app
-        self.header_names = [h.lower() for h in header_names]
+        self.header_names = [h.lower().encode("latin-1") for h in header_names]
+        self._wanted = frozenset(self.header_names)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = Headers(scope=scope)
-        rid = next((headers[h] for h in self.header_names if headers.get(h)), None)
-        rid = rid or uuid.uuid4().hex
+        # One pass over the raw headers (ASGI names are lower-case): this runs per request.
+        given: dict[bytes, bytes] = {}
+        for name, value in scope["headers"]:
+            if name in self._wanted and value and name not in given:
+                given[name] = value
+        raw = next((given[h] for h in self.header_names if h in given), None)
+        if raw is None:
+            raw = f"{random.getrandbits(128):032x}".encode()  # an id, not a secret
+        rid = raw.decode("latin-1")
         scope.setdefault("state", {})["request_id"] = rid
-        raw = rid.encode("latin-1", errors="replace")
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":

@@ -6,19 +6,21 @@ connection that drops mid-response, an error event inside a stream -- becomes on
 should get: a worker's 4xx is passed through (bad input stays the client's error), anything
 else is a 502. Closing a leg closes its connection, which is how the worker learns that the
 request was cancelled and frees it.
+
+The legs share one `http1.Client` (keep-alive, no connection limit), the router's hot path;
+httpx serves the control plane (health checks, admin fan-out, policies' polling).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 from starlette.responses import JSONResponse, Response
 
+from pdcore.router import http1
 from pdcore.router.metrics import RouterMetrics
 from pdcore.router.policies import Worker
 from pdcore.router.resilience import is_worker_fault
@@ -27,6 +29,17 @@ from pdcore.web.errors import error_body
 _MAX_ERROR_BODY = 64 * 1024
 CONNECT_TIMEOUT_S = 10.0
 _EVENT_END = re.compile(rb"\r?\n\r?\n")
+# Below uvicorn's default keep-alive (5 s), so the router drops an idle connection before
+# the worker does and never sends a request on one the worker is closing.
+KEEPALIVE_S = 4.0
+
+
+def make_client(request_timeout_s: float) -> http1.Client:
+    """The client every leg shares. `request_timeout_s` (--request-timeout-secs) bounds the
+    silence between two reads, from sending the request to the body's last byte;
+    connecting gets at most CONNECT_TIMEOUT_S of it. Proxies are never used."""
+    connect = min(request_timeout_s, CONNECT_TIMEOUT_S)
+    return http1.Client(connect, request_timeout_s, KEEPALIVE_S)
 
 
 class LegError(Exception):
@@ -119,7 +132,7 @@ class Leg:
 
     def __init__(
         self,
-        client: httpx.AsyncClient,
+        client: http1.Client,
         worker: Worker,
         path: str,
         payload: bytes,
@@ -129,11 +142,12 @@ class Leg:
     ) -> None:
         self.client = client
         self.worker = worker
-        self.request = client.build_request("POST", worker.url + path, content=payload)
-        self.request.headers.update(headers)
+        self.path = path
+        self.payload = payload
+        self.headers = headers
         self.metrics = metrics
         self.timeout_s = timeout_s
-        self.response: httpx.Response | None = None
+        self.response: http1.Response | None = None
         self.failure: str | None = None
         self._started = False
         self._closed = False
@@ -146,13 +160,13 @@ class Leg:
         self.failure = reason
         return LegError(self.worker, reason, detail, **kwargs)
 
-    def _translate(self, exc: httpx.HTTPError) -> LegError:
-        if isinstance(exc, httpx.ConnectError):
-            return self._fail("connect", f"cannot connect: {exc}")
-        if isinstance(exc, httpx.ConnectTimeout):
+    def _translate(self, exc: http1.HTTPError) -> LegError:
+        if isinstance(exc, http1.ConnectFailed) and exc.timed_out:
             limit = min(self.timeout_s, CONNECT_TIMEOUT_S)
             return self._fail("connect", f"cannot connect within {limit:g}s")
-        if isinstance(exc, httpx.TimeoutException):
+        if isinstance(exc, http1.ConnectFailed):
+            return self._fail("connect", f"cannot connect: {exc}")
+        if isinstance(exc, http1.ReadTimeout):
             return self._fail(
                 "timeout", f"no progress for {self.timeout_s:g}s (--request-timeout-secs)"
             )
@@ -161,40 +175,50 @@ class Leg:
             "closed", f"the connection failed before the response was complete: {detail}"
         )
 
-    async def open(self) -> httpx.Response:
+    async def open(self) -> http1.Response:
         """Send the request and wait for the head; a non-2xx answer raises LegError."""
         self._started = True
         self.metrics.leg_started(self.worker.url, self.worker.role)
         try:
-            self.response = await self.client.send(self.request, stream=True)
-            status = self.response.status_code
+            self.response = response = await self.client.post(
+                self.worker.url, self.path, self.payload, self.headers
+            )
+            status = response.status
             if 200 <= status < 300:
-                return self.response
+                return response
             body = b""
-            async for chunk in self.response.aiter_bytes():
+            async for chunk in response.chunks():
                 body += chunk
                 if len(body) > _MAX_ERROR_BODY:
                     break
-        except httpx.HTTPError as exc:
+        except http1.HTTPError as exc:
             raise self._translate(exc) from exc
         raise self._fail(
             "status",
             _status_detail(status, body),
             status=status,
             body=body,
-            content_type=self.response.headers.get("content-type"),
+            content_type=response.headers.get("content-type"),
         )
 
     @property
+    def status(self) -> int:
+        assert self.response is not None
+        return self.response.status
+
+    @property
+    def content_type(self) -> str | None:
+        return self.response.headers.get("content-type") if self.response else None
+
+    @property
     def is_sse(self) -> bool:
-        ctype = self.response.headers.get("content-type", "") if self.response else ""
-        return ctype.startswith("text/event-stream")
+        return (self.content_type or "").startswith("text/event-stream")
 
     async def read(self) -> bytes:
         assert self.response is not None
         try:
-            return await self.response.aread()
-        except httpx.HTTPError as exc:
+            return await self.response.read()
+        except http1.HTTPError as exc:
             raise self._translate(exc) from exc
 
     async def events(self) -> AsyncIterator[bytes]:
@@ -202,10 +226,10 @@ class Leg:
         assert self.response is not None
         buf = SSEBuffer()
         try:
-            async for chunk in self.response.aiter_bytes():
+            async for chunk in self.response.chunks():
                 for event in buf.feed(chunk):
                     yield event
-        except httpx.HTTPError as exc:
+        except http1.HTTPError as exc:
             raise self._translate(exc) from exc
         rest = buf.rest()
         if rest:
@@ -230,7 +254,8 @@ class Leg:
             await self.close()
 
     async def close(self) -> None:
-        """Close the connection (a worker sees a disconnect and aborts) and count the leg."""
+        """Close the connection (a worker sees a disconnect and aborts) and count the leg.
+        A response read to its end has already gone back to the pool for reuse."""
         if self._closed:
             return
         self._closed = True
@@ -238,5 +263,4 @@ class Leg:
         if self._started:
             self.metrics.leg_ended(self.worker.url, self.worker.role, self.failure)
         if self.response is not None:
-            with contextlib.suppress(Exception):
-                await self.response.aclose()
+            self.response.close()

@@ -10,7 +10,7 @@ one process (tests) never collide.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -20,6 +20,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.metrics import MetricWrapperBase
 
 from pdcore.router.resilience import BREAKER_GAUGE
 
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from pdcore.router.workers import Member
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+M = TypeVar("M", bound=MetricWrapperBase)
 
 _LATENCY_BUCKETS = (
     0.005,
@@ -55,6 +57,7 @@ class RouterMetrics:
     def __init__(self, buckets: Sequence[float] | None = None) -> None:
         buckets = tuple(buckets) if buckets else _LATENCY_BUCKETS
         self.registry = r = CollectorRegistry()
+        self._children: dict[tuple[object, ...], MetricWrapperBase] = {}
         self.requests = Counter(
             "pdcore_router_requests",
             "HTTP requests to the router by route and status code.",
@@ -167,21 +170,31 @@ class RouterMetrics:
             registry=r,
         )
 
+    def _child(self, metric: M, *values: str) -> M:
+        """`metric.labels(*values)`, remembered: labels() costs more than the increment, and
+        the per-request metrics are counted several times a request. Only for metrics whose
+        label sets are never cleared."""
+        key = (id(metric), *values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child  # type: ignore[return-value]
+
     def observe_request(self, route: str, status: int, seconds: float) -> None:
-        self.requests.labels(route=route, status=str(status)).inc()
-        self.latency.labels(route=route).observe(seconds)
+        self._child(self.requests, route, str(status)).inc()
+        self._child(self.latency, route).observe(seconds)
 
     def leg_started(self, worker: str, role: str) -> None:
-        self.worker_requests.labels(worker=worker, role=role).inc()
-        self.in_flight.labels(worker=worker, role=role).inc()
+        self._child(self.worker_requests, worker, role).inc()
+        self._child(self.in_flight, worker, role).inc()
 
     def leg_ended(self, worker: str, role: str, failure: str | None) -> None:
-        self.in_flight.labels(worker=worker, role=role).dec()
+        self._child(self.in_flight, worker, role).dec()
         if failure is not None:
             self.leg_failures.labels(worker=worker, role=role, reason=failure).inc()
 
     def selected(self, worker: str, role: str) -> None:
-        self.selections.labels(worker=worker, role=role).inc()
+        self._child(self.selections, worker, role).inc()
 
     def sync_workers(self, members: Iterable[Member], active: int, queued: int) -> None:
         """Set the per-worker gauges from the pool as it is now (called before a scrape, so

@@ -41,6 +41,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
+from pdcore.router import http1
 from pdcore.router.admission import Admission, Rejected, Ticket
 from pdcore.router.legs import Leg, LegError
 from pdcore.router.metrics import RouterMetrics
@@ -49,12 +50,7 @@ from pdcore.router.resilience import Backoff
 from pdcore.router.settings import RouterSettings
 from pdcore.router.workers import WorkerPool
 from pdcore.web.errors import ProtocolError, error_body, parse_json, require_object
-from pdcore.web.streaming import (
-    SSE_DONE,
-    ClientDisconnected,
-    sse,
-    until_disconnected,
-)
+from pdcore.web.streaming import SSE_DONE, ClientDisconnected, sse, wait_for_disconnect
 
 logger = logging.getLogger("pdcore.router")
 
@@ -70,7 +66,8 @@ class RouterState:
     settings: RouterSettings
     pool: WorkerPool
     policies: dict[str, RoutingPolicy]  # by role
-    client: httpx.AsyncClient
+    client: httpx.AsyncClient  # the control plane: health checks, admin calls, policies
+    legs: http1.Client  # the legs' connections (legs.make_client)
     metrics: RouterMetrics
     admission: Admission
     backoff: Backoff
@@ -225,13 +222,35 @@ def select_pair(
     return prefill, decode
 
 
-class PDCall:
-    """The two legs of one attempt and the rule that the first failure cancels both."""
+async def until_disconnected(watch: asyncio.Future[None], awaitable: Awaitable[T]) -> T:
+    """Await `awaitable`, but cancel it and raise ClientDisconnected if `watch` (the
+    request's disconnect watcher, see `route_pd`) ends first."""
+    work = asyncio.ensure_future(awaitable)
+    try:
+        waits: set[asyncio.Future[Any]] = {work, watch}
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        work.cancel()
+        raise
+    if work.done():
+        return work.result()
+    work.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await work
+    raise ClientDisconnected()
 
-    def __init__(self, state: RouterState, prefill: Leg, decode: Leg) -> None:
+
+class PDCall:
+    """The two legs of one attempt and the rule that the first failure -- or the client
+    going away -- cancels both."""
+
+    def __init__(
+        self, state: RouterState, prefill: Leg, decode: Leg, watch: asyncio.Future[None]
+    ) -> None:
         self.state = state
         self.prefill = prefill
         self.decode = decode
+        self.watch = watch
         self.prefill_task = asyncio.create_task(prefill.run_to_end())
         self.prefill_task.add_done_callback(self._prefill_done)
         self._tasks: list[asyncio.Task[Any]] = [self.prefill_task]
@@ -255,14 +274,17 @@ class PDCall:
             self.state.pool.record_result(self.decode.worker, False)
 
     async def race(self, work: Awaitable[T]) -> T:
-        """Await a step of the decode leg; raise prefill's LegError if prefill fails first."""
+        """Await a step of the decode leg; raise prefill's LegError if prefill fails first,
+        ClientDisconnected if the client goes away first (`cancel()` then stops the step)."""
         task = asyncio.ensure_future(work)
         self._tasks.append(task)
         while not task.done():
             err = self._prefill_error()
             if err is not None:
                 raise err
-            waits: set[asyncio.Future[Any]] = {task}
+            if self.watch.done():
+                raise ClientDisconnected()
+            waits: set[asyncio.Future[Any]] = {task, self.watch}
             if not self.prefill_task.done():
                 waits.add(self.prefill_task)
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
@@ -296,6 +318,16 @@ async def _first_event(events: AsyncIterator[bytes]) -> bytes | None:
         return None
 
 
+async def _answer(decode: Leg) -> tuple[AsyncIterator[bytes] | None, bytes | None]:
+    """Decode's head, then (its events, the first of them) when it streams, else (None,
+    its whole body): one step, so that a request costs few tasks."""
+    await decode.open()
+    if decode.is_sse:
+        events = decode.events()
+        return events, await _first_event(events)
+    return None, await decode.read()
+
+
 async def route_pd(request: Request) -> Response | PDStreamResponse:
     """POST /generate, /v1/completions, /v1/chat/completions."""
     state: RouterState = request.app.state.router
@@ -309,26 +341,40 @@ async def route_pd(request: Request) -> Response | PDStreamResponse:
             status=413,
         )
     body = require_object(parse_json(raw))
-    try:
-        ticket = await until_disconnected(request.receive, state.admission.admit())
-    except Rejected as exc:
-        logger.warning("%s", exc)
-        return exc.response()
-    except ClientDisconnected:
-        return Response(status_code=CLIENT_CLOSED)
+    # One watcher for the request's whole life: every wait races it.
+    watch = asyncio.ensure_future(wait_for_disconnect(request.receive))
     response: Response | PDStreamResponse | None = None
     try:
-        response = await _route_with_retries(state, request, body, ticket, t0)
+        ticket = state.admission.try_admit()
+        if ticket is None:
+            ticket = await until_disconnected(watch, state.admission.wait())
+    except Rejected as exc:
+        watch.cancel()
+        logger.warning("%s", exc)
+        return exc.response()
+    except BaseException as exc:
+        watch.cancel()
+        if isinstance(exc, ClientDisconnected):
+            return Response(status_code=CLIENT_CLOSED)
+        raise
+    try:
+        response = await _route_with_retries(state, request, body, ticket, t0, watch)
     except ClientDisconnected:
         return Response(status_code=CLIENT_CLOSED)
     finally:
         if not isinstance(response, PDStreamResponse):
-            ticket.release()  # a stream releases its slot when it ends
+            watch.cancel()
+            ticket.release()  # a stream releases its slot (and its watcher) when it ends
     return response
 
 
 async def _route_with_retries(
-    state: RouterState, request: Request, body: dict[str, Any], ticket: Ticket, t0: float
+    state: RouterState,
+    request: Request,
+    body: dict[str, Any],
+    ticket: Ticket,
+    t0: float,
+    watch: asyncio.Future[None],
 ) -> Response | PDStreamResponse:
     route_request = RouteRequest(body, route_text(body))
     headers = {"content-type": "application/json", **worker_headers(state, request)}
@@ -342,7 +388,8 @@ async def _route_with_retries(
             logger.warning("%s", exc)
             return exc.response()
         try:
-            return await _attempt(state, request, body, prefill, decode, headers, ticket, t0)
+            pair = (prefill, decode)
+            return await _attempt(state, request, body, pair, headers, ticket, t0, watch)
         except LegError as exc:
             logger.warning("%s (attempt %d of %d)", exc, attempt, attempts)
             if not exc.worker_fault:
@@ -355,7 +402,7 @@ async def _route_with_retries(
             avoid.add(exc.worker)
             state.metrics.retries.labels(role=exc.worker.role, reason=exc.reason).inc()
             delay = state.backoff.delay(attempt)
-            await until_disconnected(request.receive, asyncio.sleep(delay))
+            await until_disconnected(watch, asyncio.sleep(delay))
     raise AssertionError("unreachable: the last attempt returns")
 
 
@@ -363,31 +410,26 @@ async def _attempt(
     state: RouterState,
     request: Request,
     body: dict[str, Any],
-    prefill: Worker,
-    decode: Worker,
+    pair: tuple[Worker, Worker],
     headers: dict[str, str],
     ticket: Ticket,
     t0: float,
+    watch: asyncio.Future[None],
 ) -> Response | PDStreamResponse:
     """One attempt: both legs, up to the point where the client gets something."""
-    payload = json.dumps(with_bootstrap(body, prefill)).encode()
+    payload = json.dumps(with_bootstrap(body, pair[0])).encode()
     path, timeout = request.url.path, state.settings.request_timeout_secs
-    legs = [
-        Leg(state.client, w, path, payload, headers, state.metrics, timeout)
-        for w in (prefill, decode)
-    ]
-    call = PDCall(state, *legs)
-    receive = request.receive
+    prefill, decode = (
+        Leg(state.legs, w, path, payload, headers, state.metrics, timeout) for w in pair
+    )
+    call = PDCall(state, prefill, decode, watch)
     try:
-        await until_disconnected(receive, call.race(call.decode.open()))
-        if call.decode.is_sse:
-            # Committed only once decode's first event is here: a failure before it is
-            # still retried, since the client has had nothing yet.
-            events = call.decode.events()
-            first = await until_disconnected(receive, call.race(_first_event(events)))
+        # A stream is committed only once decode's first event is here: a failure before
+        # it is still retried, since the client has had nothing yet.
+        events, data = await call.race(_answer(decode))
+        if events is not None:
             state.metrics.ttft.labels(route=path).observe(time.monotonic() - t0)
-            return PDStreamResponse(call, events, first, ticket)
-        content = await until_disconnected(receive, call.race(call.decode.read()))
+            return PDStreamResponse(call, events, data, ticket)
     except LegError as exc:
         await call.cancel()
         call.decode_failed(exc)
@@ -395,12 +437,9 @@ async def _attempt(
     except BaseException:
         await call.cancel()
         raise
-    head = call.decode.response
-    assert head is not None
+    status, ctype = decode.status, decode.content_type
     await call.finish()
-    return Response(
-        content, status_code=head.status_code, media_type=head.headers.get("content-type")
-    )
+    return Response(data, status_code=status, media_type=ctype)
 
 
 class PDStreamResponse:
@@ -420,16 +459,15 @@ class PDStreamResponse:
         self.ticket = ticket
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        call, head = self.call, self.call.decode.response
-        assert head is not None
-        ctype = head.headers.get("content-type", "text/event-stream")
+        call = self.call
+        ctype = call.decode.content_type or "text/event-stream"
         headers = [(b"content-type", ctype.encode()), (b"cache-control", b"no-cache")]
         headers.append((b"x-accel-buffering", b"no"))
-        start = {"type": "http.response.start", "status": head.status_code, "headers": headers}
+        start = {"type": "http.response.start", "status": call.decode.status, "headers": headers}
         finished = False
         try:
             await send(start)
-            await until_disconnected(receive, call.race(self._relay(send)))
+            await call.race(self._relay(send))
             finished = True
         except ClientDisconnected:
             pass
@@ -448,6 +486,7 @@ class PDStreamResponse:
                 else:
                     await call.cancel()
             finally:
+                call.watch.cancel()
                 self.ticket.release()
 
     async def _relay(self, send: Send) -> None:
