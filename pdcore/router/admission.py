@@ -113,13 +113,20 @@ class Admission:
             self.on_reject(code)
         return Rejected(status, code, message, retry_after)
 
+    def try_admit(self) -> Ticket | None:
+        """The slot at once when one is free, nobody waits and no rate limit applies, without
+        a task or a wait (the common case); None: use `admit()`."""
+        if self.bucket is not None:
+            return None
+        if self.max_concurrent <= 0:
+            return Ticket(None)
+        if self.active < self.max_concurrent and not self._waiters:
+            self.active += 1
+            return Ticket(self)
+        return None
+
     async def admit(self) -> Ticket:
         """A slot for one request, waiting in line if need be; raises Rejected (429/408)."""
-        return self.try_admit() or await self.wait()
-
-    def try_admit(self) -> Ticket | None:
-        """A slot now if one is free (None: the request must `wait()` in line); raises
-        Rejected when rate-limited or the line is full."""
         if self.bucket is not None and not self.bucket.try_acquire():
             raise self._reject(
                 429,
@@ -142,11 +149,6 @@ class Admission:
                 f"(--queue-size {self.queue_size}); try again shortly",
                 1.0,
             )
-        return None
-
-    async def wait(self) -> Ticket:
-        """Wait in line for a slot (after `try_admit()` returned None); raises Rejected (408)
-        after --queue-timeout-secs."""
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         try:

@@ -3,10 +3,10 @@ time on each, the response body handed over as the bytes arrive.
 
 Why not httpx or aiohttp: a leg is the router's hot path, two per request. httpx's pool
 costs grow with connections x requests (at 64 concurrent requests the router did ~20
-req/s), and aiohttp spends ~250 us of CPU per call, which capped it at ~800 req/s on two
-cores. This client does what a leg needs and no more -- no proxies, TLS, redirects,
-cookies or compression (workers speak plain HTTP on a private network) -- and parses only
-what framing needs: the status line, the headers, Content-Length or chunked encoding.
+req/s), and aiohttp spends ~250 us of CPU a call (see docs/router.md). This client does
+what a leg needs and no more -- no proxies, TLS, redirects, cookies or compression
+(workers speak plain HTTP on a private network) -- and parses only what framing needs:
+the status line, the headers, Content-Length or chunked encoding.
 
 Errors: `ConnectFailed` (cannot connect, or not within the connect timeout), `ReadTimeout`
 (no byte for `read_timeout` seconds, from the request sent to the body's end) and

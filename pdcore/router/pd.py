@@ -347,7 +347,7 @@ async def route_pd(request: Request) -> Response | PDStreamResponse:
     try:
         ticket = state.admission.try_admit()
         if ticket is None:
-            ticket = await until_disconnected(watch, state.admission.wait())
+            ticket = await until_disconnected(watch, state.admission.admit())
     except Rejected as exc:
         watch.cancel()
         logger.warning("%s", exc)
@@ -418,7 +418,7 @@ async def _attempt(
 ) -> Response | PDStreamResponse:
     """One attempt: both legs, up to the point where the client gets something."""
     payload = json.dumps(with_bootstrap(body, pair[0])).encode()
-    path, timeout = request.url.path, state.settings.request_timeout_secs
+    path, timeout = request.scope["path"], state.settings.request_timeout_secs
     prefill, decode = (
         Leg(state.legs, w, path, payload, headers, state.metrics, timeout) for w in pair
     )
