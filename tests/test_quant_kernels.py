@@ -46,7 +46,9 @@ def gguf_weight(kind: str, n: int, k: int, seed: int) -> tuple[GGUFRows, torch.T
 def check(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> None:
     want = x.double() @ w.double().T + (0 if bias is None else bias.double())
     err = ((y.double() - want).abs().max() / want.abs().max()).item()
-    assert err < 2e-6, err
+    # fp32 accumulation over K up to ~1k terms (activations are unseeded): ~1e-6 typical,
+    # a wrong block, scale or nibble order is >= 1e-3.
+    assert err < 2e-5, err
 
 
 @pytest.mark.parametrize("isa", ISAS)

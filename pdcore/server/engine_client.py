@@ -172,7 +172,8 @@ class EngineClient:
     def _on_follower_exit(self, proc: BaseProcess, rank: int) -> None:
         asyncio.get_running_loop().remove_reader(proc.sentinel)
         proc.join(0)
-        self._mark_dead(f"TP rank {rank} (pid {proc.pid}) exited with code {proc.exitcode}")
+        what = f"PP stage {rank}" if proc.name.startswith("pdcore-pp") else f"TP rank {rank}"
+        self._mark_dead(f"{what} (pid {proc.pid}) exited with code {proc.exitcode}")
 
     def _mark_dead(self, reason: str) -> None:
         if self._dead.is_set():
