@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -121,3 +122,33 @@ def sse_events(response: httpx.Response) -> list:
             data = line[len("data: ") :]
             events.append(data if data == "[DONE]" else json.loads(data))
     return events
+
+
+def assert_kill_under_load_fails_fast(server: ServerProcess, victim: int) -> None:
+    """Four long generations in flight, then SIGKILL `victim` (a TP rank or PP stage of
+    `server`): every request gets an error within 15 s, the server exits non-zero, the
+    victim is gone. Shared by the TP and PP fault tests."""
+    results: list[tuple[float, int | str]] = []
+
+    def call() -> None:
+        body = {"text": "x", "sampling_params": {"max_new_tokens": 900, "ignore_eos": True}}
+        try:
+            r = httpx.post(server.url + "/generate", json=body, timeout=60)
+            results.append((time.monotonic(), r.status_code))
+        except httpx.HTTPError as exc:
+            results.append((time.monotonic(), type(exc).__name__))
+
+    workers = [threading.Thread(target=call) for _ in range(4)]
+    for w in workers:
+        w.start()
+    assert wait_until(lambda: httpx.get(server.url + "/get_load").json()[0]["num_reqs"] == 4, 10)
+    killed = time.monotonic()
+    os.kill(victim, signal.SIGKILL)
+    for w in workers:
+        w.join(20)
+    assert not any(w.is_alive() for w in workers)
+    assert len(results) == 4 and all(status != 200 for _, status in results), results
+    assert all(at - killed < 15 for at, _ in results)
+    assert wait_until(lambda: server.proc.poll() is not None, 15), server.log()
+    assert server.proc.returncode != 0
+    assert not pid_alive(victim)

@@ -4,11 +4,8 @@ plus a stage killed under load."""
 
 from __future__ import annotations
 
-import os
 import re
-import signal
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -16,7 +13,10 @@ import pytest
 
 from pdcore.model.pipeline_split import split_layers
 from tests.openai_parity import check_against_hf
-from tests.server_helpers import ServerProcess, pid_alive, wait_until
+from tests.server_helpers import (
+    ServerProcess,
+    assert_kill_under_load_fails_fast,
+)
 
 
 def test_layers_split_contiguously_and_evenly() -> None:
@@ -226,32 +226,7 @@ def test_tiny_llama_pp2_matches_transformers_and_a_dead_stage_fails(
         assert "pipeline stage 1 of 2: layers 1..1, final norm + LM head" in log
 
         (stage1,) = _stages(server)
-        results: list[tuple[float, int | str]] = []
-
-        def call() -> None:
-            body = {"text": "x", "sampling_params": {"max_new_tokens": 900, "ignore_eos": True}}
-            try:
-                r = httpx.post(server.url + "/generate", json=body, timeout=60)
-                results.append((time.monotonic(), r.status_code))
-            except httpx.HTTPError as exc:
-                results.append((time.monotonic(), type(exc).__name__))
-
-        workers = [threading.Thread(target=call) for _ in range(4)]
-        for w in workers:
-            w.start()
-        assert wait_until(
-            lambda: httpx.get(server.url + "/get_load").json()[0]["num_reqs"] == 4, 10
-        )
-        killed = time.monotonic()
-        os.kill(stage1, signal.SIGKILL)
-        for w in workers:
-            w.join(20)
-        assert not any(w.is_alive() for w in workers)
-        assert len(results) == 4 and all(status != 200 for _, status in results), results
-        assert all(at - killed < 15 for at, _ in results)
-        assert wait_until(lambda: server.proc.poll() is not None, 15), server.log()
-        assert server.proc.returncode != 0
-        assert not pid_alive(stage1)
+        assert_kill_under_load_fails_fast(server, stage1)
     finally:
         server.stop()
 

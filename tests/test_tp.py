@@ -9,7 +9,6 @@ import re
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -22,7 +21,12 @@ from pdcore.model.forward_batch import ForwardBatch
 from pdcore.model.parallel import HeadShard, check_tp_size, valid_tp_sizes
 from tests.conftest import free_port
 from tests.openai_parity import check_against_hf as _check_against_hf
-from tests.server_helpers import ManagedProcess, ServerProcess, pid_alive, wait_until
+from tests.server_helpers import (
+    ManagedProcess,
+    ServerProcess,
+    assert_kill_under_load_fails_fast,
+    wait_until,
+)
 
 MAX_TOKENS = 8
 
@@ -350,32 +354,7 @@ def test_killing_a_tp_rank_fails_requests_and_exits(tiny_llama_dir: Path, tmp_pa
     try:
         server.wait_ready()
         (follower,) = _followers(server)
-        results: list[tuple[float, int | str]] = []
-
-        def call() -> None:
-            body = {"text": "x", "sampling_params": {"max_new_tokens": 900, "ignore_eos": True}}
-            try:
-                r = httpx.post(server.url + "/generate", json=body, timeout=60)
-                results.append((time.monotonic(), r.status_code))
-            except httpx.HTTPError as exc:
-                results.append((time.monotonic(), type(exc).__name__))
-
-        workers = [threading.Thread(target=call) for _ in range(4)]
-        for w in workers:
-            w.start()
-        assert wait_until(
-            lambda: httpx.get(server.url + "/get_load").json()[0]["num_reqs"] == 4, 10
-        )
-        killed = time.monotonic()
-        os.kill(follower, signal.SIGKILL)
-        for w in workers:
-            w.join(20)
-        assert not any(w.is_alive() for w in workers)
-        assert len(results) == 4 and all(status != 200 for _, status in results), results
-        assert all(at - killed < 15 for at, _ in results)
-        assert wait_until(lambda: server.proc.poll() is not None, 15), server.log()
-        assert server.proc.returncode != 0
-        assert not pid_alive(follower)
+        assert_kill_under_load_fails_fast(server, follower)
     finally:
         server.stop()
     assert "TP rank 1" in server.log()
