@@ -17,6 +17,9 @@ from pdcore.model.decoder import Decoder, DecoderLayer
 from pdcore.model.forward_batch import ForwardBatch
 from pdcore.model.kv_pool import KVPool
 from pdcore.model.linear import Linear
+
+# Per-head K/V like Llama: the same pool and sizing (re-exported for the registry).
+from pdcore.model.llama_family import kv_bytes_per_token, make_kv_pool  # noqa: F401
 from pdcore.model.moe import Experts, SwiGLU, ToDevice, softmax_topk
 from pdcore.model.parallel import TPGroup
 from pdcore.model.rope import RotaryTable, apply_rotary
@@ -151,26 +154,3 @@ def build_model(
     tp: TPGroup | None,
 ) -> Qwen3MoeModel:
     return Qwen3MoeModel(config, state, dtype, device, max_positions, tp)
-
-
-def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype, tp_size: int) -> int:
-    return KVPool.bytes_per_token(config.num_layers, config.num_kv_heads, config.head_dim, dtype)
-
-
-def make_kv_pool(
-    config: ModelConfig,
-    num_pages: int,
-    page_size: int,
-    dtype: torch.dtype,
-    device: torch.device,
-    tp_size: int,
-) -> KVPool:
-    return KVPool(
-        config.num_layers,
-        num_pages,
-        page_size,
-        config.num_kv_heads,
-        config.head_dim,
-        dtype,
-        device,
-    )

@@ -142,6 +142,8 @@ class DataParallelClient:
 
     def submit(self, jobs: list[Generate]) -> Stream:
         """Send a batch to one replica (503 when none is alive)."""
+        if len(self.replicas) == 1:  # no --dp-size: nothing to balance or count
+            return self.replicas[0].submit(jobs)
         loads = self.loads()
         if not any(load.alive for load in loads):
             raise EngineDeadError(self.dead_reason or "no data-parallel replica is alive")
