@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 import torch
+
+# (id of the model, prompt ids, eos ids) -> (max_new_tokens asked, tokens generated). Greedy
+# decoding is deterministic, so a shorter request is a prefix of a longer one; every parity
+# test in a session reuses the same reference instead of re-running generate().
+_GREEDY_MEMO: dict[tuple, tuple[int, list[int]]] = {}
+_MEMO_MODELS: dict[int, object] = {}  # keeps each memoized model alive, so its id is never reused
 
 # Eight prompts of different lengths, shared by the engine and server parity tests.
 PROMPTS = [
@@ -20,12 +27,21 @@ PROMPTS = [
 
 
 def load_hf_model(model_path: str | None):
-    """transformers' own loading of the same weights (the GGUF via gguf_file=, or the HF folder)."""
-    from transformers import AutoModelForCausalLM
+    """transformers' own loading of the same weights (the GGUF via gguf_file=, or the HF folder).
 
+    Loaded once per test session and path: transformers needs ~35 s to read the default
+    model's GGUF on a 2-core machine, and seven test modules compare against it.
+    """
     from pdcore.model.loader import default_model_path
 
-    path = Path(model_path) if model_path else default_model_path()
+    return _load_hf_model(str(Path(model_path) if model_path else default_model_path()))
+
+
+@lru_cache(maxsize=8)
+def _load_hf_model(model_path: str):
+    from transformers import AutoModelForCausalLM
+
+    path = Path(model_path)
     if path.suffix == ".gguf":
         model = AutoModelForCausalLM.from_pretrained(
             str(path.parent), gguf_file=path.name, dtype=torch.float32
@@ -42,6 +58,12 @@ def hf_greedy(
     outputs = []
     with torch.inference_mode():
         for ids in prompts_ids:
+            _MEMO_MODELS[id(model)] = model
+            key = (id(model), tuple(ids), tuple(eos_ids))
+            asked, tokens = _GREEDY_MEMO.get(key, (0, []))
+            if asked >= max_new_tokens or (asked and len(tokens) < asked):
+                outputs.append(tokens[:max_new_tokens])
+                continue
             out = model.generate(
                 torch.tensor([ids]),
                 attention_mask=torch.ones(1, len(ids), dtype=torch.long),
@@ -50,5 +72,7 @@ def hf_greedy(
                 eos_token_id=eos_ids,
                 pad_token_id=eos_ids[0],
             )
-            outputs.append(out[0, len(ids) :].tolist())
+            tokens = out[0, len(ids) :].tolist()
+            _GREEDY_MEMO[key] = (max_new_tokens, tokens)
+            outputs.append(tokens)
     return outputs

@@ -212,6 +212,7 @@ def test_kill_a_decode_then_a_prefill_under_load_and_bring_them_back(
                 detected = time.monotonic() - killed_at
                 assert gone and detected <= DETECT_S + SLACK_S, detected
                 assert httpx.get(router.url + "/health").status_code == 200  # others serve
+                dead.spawn()  # its restart loads while the survivors carry the load
                 # steady load on the survivors: wait for a few requests started after
                 # detection to finish (each takes seconds on a loaded machine)
                 after = killed_at + DETECT_S + SLACK_S
@@ -229,7 +230,7 @@ def test_kill_a_decode_then_a_prefill_under_load_and_bring_them_back(
                     "after_ok": len(late),
                 }
                 # back without restarting the router
-                dead.start()
+                dead.wait()
                 assert wait_until(
                     lambda d=dead: _workers(router.url)[d.url]["available"], timeout=15
                 )

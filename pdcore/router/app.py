@@ -18,10 +18,11 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 import pdcore
 from pdcore.router import workers_api
-from pdcore.router.edge import OPEN_PATHS, ApiKeyMiddleware, MetricsMiddleware, RequestIdMiddleware
+from pdcore.router.edge import OPEN_PATHS, ApiKey, ApiKeyMiddleware, ASGIHandler, EdgeMiddleware
 from pdcore.router.metrics import CONTENT_TYPE
 from pdcore.router.pd import RouterState, route_pd, worker_headers
 from pdcore.router.policies import Worker
@@ -207,10 +208,9 @@ async def metrics(request: Request) -> Response:
     return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
 
+PD_PATHS = ("/generate", "/v1/completions", "/v1/chat/completions")
 ROUTES = [
-    Route("/generate", route_pd, methods=["POST"]),
-    Route("/v1/completions", route_pd, methods=["POST"]),
-    Route("/v1/chat/completions", route_pd, methods=["POST"]),
+    *(Route(path, route_pd, methods=["POST"]) for path in PD_PATHS),
     Route("/health", health, methods=["GET"]),
     Route("/health_generate", health_generate, methods=["GET"]),
     Route("/v1/models", models, methods=["GET"]),
@@ -230,13 +230,26 @@ ROUTES += [
 _ROUTE_PATHS = {route.path for route in ROUTES}
 
 
-def build_app(state: RouterState) -> Starlette:
-    """The router app; `state` is reachable from routes as request.app.state.router."""
+def _pd_handler(app: Starlette) -> ASGIHandler:
+    """`route_pd` as a plain ASGI handler, for EdgeMiddleware's fast path."""
+
+    async def handle(scope: Scope, receive: Receive, send: Send) -> None:
+        scope["app"] = app  # what request.app.state.router reads
+        response = await route_pd(Request(scope, receive))
+        await response(scope, receive, send)
+
+    return handle
+
+
+def build_app(state: RouterState) -> EdgeMiddleware:
+    """The router app; `state` is reachable from routes as request.app.state.router.
+
+    Order: EdgeMiddleware (request id, metrics, and the PD routes' fast path when there is
+    no CORS), then the Starlette app: its error middleware, CORS, the API key, the routes.
+    """
     s = state.settings
-    middleware = [
-        Middleware(MetricsMiddleware, metrics=state.metrics, paths=_ROUTE_PATHS),
-        Middleware(RequestIdMiddleware, header_names=s.request_id_headers),
-    ]
+    api_key = ApiKey(s.api_key, OPEN_PATHS)
+    middleware = []
     if s.cors_allowed_origins:
         middleware.append(
             Middleware(
@@ -248,13 +261,26 @@ def build_app(state: RouterState) -> Starlette:
             )
         )
     middleware.append(Middleware(ApiKeyMiddleware, api_key=s.api_key, open_paths=OPEN_PATHS))
+    internal_prefix = "Router error"
     app = Starlette(
         routes=ROUTES,
         middleware=middleware,
-        exception_handlers=error_handlers("Router error"),
+        exception_handlers=error_handlers(internal_prefix),
     )
+    fast_routes: dict[str, ASGIHandler] = {}
+    if not s.cors_allowed_origins:
+        handler = _pd_handler(app)
+        fast_routes = dict.fromkeys(PD_PATHS, handler)
     app.state.router = state
-    return app
+    return EdgeMiddleware(
+        app,
+        metrics=state.metrics,
+        paths=_ROUTE_PATHS,
+        header_names=s.request_id_headers,
+        api_key=api_key,
+        fast_routes=fast_routes,
+        internal_prefix=internal_prefix,
+    )
 
 
 def build_metrics_app(state: RouterState) -> Starlette:

@@ -22,6 +22,7 @@ from pdcore.plugins import get_registry
 from pdcore.router import http1
 from pdcore.router.admission import Admission, TokenBucket
 from pdcore.router.app import build_app, build_metrics_app
+from pdcore.router.coalesce import CoalescingHttpToolsProtocol
 from pdcore.router.health import HealthChecker, probe
 from pdcore.router.legs import CONNECT_TIMEOUT_S, make_client
 from pdcore.router.metrics import RouterMetrics
@@ -177,6 +178,7 @@ async def _serve(settings: RouterSettings) -> None:
             uvicorn.Server(
                 uvicorn.Config(
                     build_app(state),
+                    http=CoalescingHttpToolsProtocol,
                     host=settings.host,
                     port=settings.port,
                     log_level=level,
