@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -152,3 +153,40 @@ def assert_kill_under_load_fails_fast(server: ServerProcess, victim: int) -> Non
     assert wait_until(lambda: server.proc.poll() is not None, 15), server.log()
     assert server.proc.returncode != 0
     assert not pid_alive(victim)
+
+
+def slow_headers_closed_after(port: int, give_up_s: float = 15.0) -> float | None:
+    """Send a request's headers a byte every 0.5 s (slow-loris); seconds until the server
+    closed the connection, or None if it never did within `give_up_s`."""
+    request = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    start = time.monotonic()
+    try:
+        for byte in request:
+            try:
+                sock.sendall(bytes([byte]))
+                sock.settimeout(0.5)
+                if sock.recv(1024) == b"":
+                    return time.monotonic() - start
+            except TimeoutError:
+                continue
+            except OSError:
+                return time.monotonic() - start
+            if time.monotonic() - start > give_up_s:
+                return None
+    finally:
+        sock.close()
+    return None
+
+
+def slow_body_status_line(port: int) -> bytes:
+    """POST /generate announcing 100 body bytes and sending 1; the first line answered."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        sock.sendall(
+            b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n{"
+        )
+        return sock.recv(4096).split(b"\r\n", 1)[0]
+    finally:
+        sock.close()

@@ -7,8 +7,6 @@ bodies get 413, slow-loris clients are cut off, and secrets appear nowhere."""
 from __future__ import annotations
 
 import json
-import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +16,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.server_helpers import ServerProcess, wait_until
+from tests.server_helpers import (
+    ServerProcess,
+    slow_body_status_line,
+    slow_headers_closed_after,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -239,42 +242,14 @@ def test_oversized_body_is_a_413(http: httpx.Client) -> None:
 def test_slow_loris_headers_are_cut_off(server: Any) -> None:
     """A client sending its headers a byte every 0.5 s is disconnected at the 2 s header
     deadline, though every byte restarts uvicorn's own keep-alive timer."""
-    request = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100
-    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-    start = time.monotonic()
-    closed_at = None
-    try:
-        for byte in request:
-            try:
-                sock.sendall(bytes([byte]))
-                sock.settimeout(0.5)
-                if sock.recv(1024) == b"":
-                    closed_at = time.monotonic()
-                    break
-            except TimeoutError:
-                continue
-            except OSError:
-                closed_at = time.monotonic()
-                break
-            if time.monotonic() - start > 15:
-                break
-    finally:
-        sock.close()
-    assert closed_at is not None, "the slow client was never disconnected"
-    assert closed_at - start < 8, closed_at - start
+    closed_after = slow_headers_closed_after(server.port)
+    assert closed_after is not None, "the slow client was never disconnected"
+    assert closed_after < 8, closed_after
 
 
 def test_slow_body_is_a_408(server: Any) -> None:
-    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-    try:
-        sock.sendall(
-            b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Content-Length: 100\r\n\r\n{"
-        )
-        data = sock.recv(4096)
-        assert data.startswith(b"HTTP/1.1 408"), data[:200]
-    finally:
-        sock.close()
+    status_line = slow_body_status_line(server.port)
+    assert status_line.startswith(b"HTTP/1.1 408"), status_line
 
 
 def test_secrets_appear_nowhere_and_nothing_leaks(http: httpx.Client, server: Any) -> None:

@@ -15,7 +15,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.server_helpers import sse_events, wait_until
+from tests.server_helpers import (
+    slow_body_status_line,
+    slow_headers_closed_after,
+    sse_events,
+    wait_until,
+)
 from tests.test_router_helpers import FakeWorker, RouterProcess, pd_flags
 
 pytestmark = [pytest.mark.timeout(120)]
@@ -323,6 +328,20 @@ def test_api_key_and_request_ids(fakes, tmp_path) -> None:
         rid = gen.headers["x-request-id"]
         assert len(rid) == 32 and fakes["D1"].bodies[0][2]["x-request-id"] == rid
         assert c.get("/workers", headers=auth).status_code == 200
+
+
+def test_slow_headers_are_cut_off_and_a_slow_body_is_408(fakes, tmp_path) -> None:
+    """Slow-loris defence: the header deadline holds though every byte restarts uvicorn's
+    keep-alive timer; a body that does not arrive in time is a 408, and no worker saw it."""
+    timeouts = ("--http-header-timeout", "2", "--http-body-timeout", "2")
+    with router(tmp_path, *both(fakes, *QUIET_HEALTH, *timeouts)) as r:
+        closed_after = slow_headers_closed_after(r.port)
+        assert closed_after is not None and closed_after < 8, closed_after
+        t0 = time.monotonic()
+        assert slow_body_status_line(r.port).startswith(b"HTTP/1.1 408")
+        assert 1.5 < time.monotonic() - t0 < 8
+        assert not any(w.bodies for w in fakes.values())
+        assert httpx.get(r.url + "/health").status_code == 200  # the router still serves
 
 
 def test_metrics_names(fakes, tmp_path) -> None:

@@ -241,7 +241,8 @@ class Client:
         now = loop.time()
         while idle:
             conn, since = idle.pop()  # the most recently used
-            if not conn.lost and not conn.buf and now - since <= self.keepalive:
+            usable = conn.transport is not None and not conn.transport.is_closing()
+            if usable and not conn.lost and not conn.buf and now - since <= self.keepalive:
                 return conn
             conn.close()
         host, port = key
@@ -273,8 +274,16 @@ class Client:
         key = (host, port)
         conn = await self._connect(key)
         try:
-            assert conn.transport is not None
-            conn.transport.write(head.encode("latin-1") + body)
+            # A kept-alive connection the worker dropped (it died, say) can be closing
+            # before connection_lost() has run: writing to it raises RuntimeError (uvloop)
+            # or OSError, which must fail the leg like any dropped connection.
+            transport = conn.transport
+            if transport is None or transport.is_closing():
+                raise ConnectionClosed("the connection to the worker closed before the request")
+            try:
+                transport.write(head.encode("latin-1") + body)
+            except (RuntimeError, OSError) as exc:
+                raise ConnectionClosed(f"the request could not be sent: {exc}") from exc
             while True:
                 status, fields = await _read_head(conn, self.read_timeout)
                 if not 100 <= status < 200:  # skip 100 Continue and the like

@@ -22,8 +22,8 @@ from pdcore.plugins import get_registry
 from pdcore.router import http1
 from pdcore.router.admission import Admission, TokenBucket
 from pdcore.router.app import build_app, build_metrics_app
-from pdcore.router.coalesce import CoalescingHttpToolsProtocol
 from pdcore.router.health import HealthChecker, probe
+from pdcore.router.http_protocol import router_http_protocol
 from pdcore.router.legs import CONNECT_TIMEOUT_S, make_client
 from pdcore.router.metrics import RouterMetrics
 from pdcore.router.pd import RouterState
@@ -178,7 +178,7 @@ async def _serve(settings: RouterSettings) -> None:
             uvicorn.Server(
                 uvicorn.Config(
                     build_app(state),
-                    http=CoalescingHttpToolsProtocol,
+                    http=router_http_protocol(settings.http_header_timeout),
                     host=settings.host,
                     port=settings.port,
                     log_level=level,

@@ -30,6 +30,7 @@ import contextlib
 import json
 import logging
 import secrets
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
@@ -328,11 +329,25 @@ async def _answer(decode: Leg) -> tuple[AsyncIterator[bytes] | None, bytes | Non
     return None, await decode.read()
 
 
+async def _read_body(request: Request, timeout_s: float) -> bytes:
+    """The request body, or 408 when it has not all arrived within `timeout_s`."""
+    try:
+        if sys.version_info >= (3, 11):  # a timer, not a task as wait_for: this runs per request
+            async with asyncio.timeout(timeout_s):
+                return await request.body()
+        return await asyncio.wait_for(request.body(), timeout_s)
+    except asyncio.TimeoutError:
+        raise ProtocolError(
+            f"The request body did not arrive within {timeout_s:g} s (--http-body-timeout)",
+            status=408,
+        ) from None
+
+
 async def route_pd(request: Request) -> Response | PDStreamResponse:
     """POST /generate, /v1/completions, /v1/chat/completions."""
     state: RouterState = request.app.state.router
     t0 = time.monotonic()
-    raw = await request.body()
+    raw = await _read_body(request, state.settings.http_body_timeout)
     limit = state.settings.max_payload_size
     if len(raw) > limit:
         raise ProtocolError(

@@ -251,6 +251,18 @@ class RouterOptions(PdcoreSettings, PolicyOptions):
     max_payload_size: int = setting(
         512 * 1024 * 1024, "Largest request body accepted, in bytes (larger: 413).", ge=1
     )
+    http_header_timeout: float = setting(
+        10.0,
+        "Seconds a client has to send a request's headers (from connecting, or from the "
+        "previous response on a kept-alive connection); a slower one is disconnected "
+        "(slow-loris).",
+        gt=0,
+    )
+    http_body_timeout: float = setting(
+        30.0,
+        "Seconds a client has to send a generation request's whole body (slower: 408).",
+        gt=0,
+    )
     # --- security and observability ---
     api_key: str | None = setting(
         None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from pdcore.router.coalesce import CoalescingTransport
+from pdcore.router.http_protocol import CoalescingTransport
 
 
 class Recorder:
