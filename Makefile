@@ -37,8 +37,12 @@ $(STAMP): pyproject.toml constraints.txt Makefile $(PLUGINS) plugins/pd_mooncake
 run: install
 	$(BIN)/pdcore launch
 
+# Two pytest workers (pytest-xdist), one test file each at a time (`loadfile`: a module's
+# servers are started once): most of the suite waits on real servers, heartbeats and
+# timeouts, so two files at once fit 2 cores. `make test WORKERS=0` runs serially.
+WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -q --durations=30
+	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadfile --durations=30
 
 # ruff (style), import-linter (the layer contracts in pyproject.toml), mypy (types).
 lint: install

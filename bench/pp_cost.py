@@ -42,7 +42,7 @@ def _stage(rank: int, pp: int, micro: int, model_path: str | None, port: int, cf
     from pdcore.engine.pp_stage import StageWorker, load_stage
     from pdcore.engine.tp_worker import load_rank
     from pdcore.model.forward_batch import ForwardBatch
-    from pdcore.model.parallel import init_tp_group
+    from pdcore.model.pipeline_split import init_pipeline_grid
 
     torch.set_num_threads(cfg["threads"])
     batch_size, steps = cfg["batch"], cfg["steps"]
@@ -55,7 +55,7 @@ def _stage(rank: int, pp: int, micro: int, model_path: str | None, port: int, cf
     )
     cpu = torch.device("cpu")
     if pp > 1:
-        group = init_tp_group(rank, pp, f"127.0.0.1:{port}", "127.0.0.1", 120, cpu)
+        group = init_pipeline_grid(rank, pp, 1, f"127.0.0.1:{port}", "127.0.0.1", 120, cpu)
         if rank > 0:
             worker = StageWorker(settings, group)
             worker.micro_batches = micro

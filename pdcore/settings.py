@@ -192,11 +192,12 @@ class ServerSettings(DisaggSettings, ProfileSettings):
     )
     pp_size: int = setting(
         1,
-        "Pipeline-parallel stages: one process per stage, each holding a contiguous range "
-        "of the layers and a KV pool for them (embedding on the first, final norm and LM "
-        "head on the last); activations pass stage to stage (gloo send/recv on CPU, NCCL "
-        "on CUDA). Llama family, unified serving, one node, with --tp-size 1 and "
-        "--dp-size 1 for now (see docs/parallelism.md).",
+        "Pipeline-parallel stages, each holding a contiguous range of the layers and a KV "
+        "pool for them (embedding on the first, final norm and LM head on the last); "
+        "activations pass stage to stage (gloo send/recv on CPU, NCCL on CUDA). With "
+        "--tp-size T each stage is a TP group: pp x T processes. Works unified and on "
+        "either PD side (each stage sends or receives its own layers' KV). Llama family, "
+        "one node, --dp-size 1 for now (see docs/parallelism.md).",
         flags=["--pp"],
         ge=1,
     )
@@ -251,6 +252,26 @@ class ServerSettings(DisaggSettings, ProfileSettings):
         "and still be chosen for its cached prefix.",
         ge=0,
     )
+    ep_size: int = setting(
+        1,
+        "Expert-parallel ranks of a mixture-of-experts model: 1 (with --tp-size > 1 every "
+        "expert is split by channel) or equal to --tp-size (the TP group is the EP group: "
+        "each rank holds num_experts / ep experts whole; tokens go to their experts' ranks "
+        "and back by all-to-all). See docs/models.md.",
+        flags=["--ep"],
+        ge=1,
+    )
+    moe_a2a_backend: Literal["none", "deepep"] = setting(
+        "none",
+        "The MoE token all-to-all (SGLang's names). none: torch.distributed all-to-all over "
+        "the TP group (gloo on CPU, NCCL on CUDA). deepep: DeepEP's kernels, not built in "
+        "pdcore (refused with what is missing).",
+    )
+    enable_dp_attention: bool = setting(
+        False,
+        "SGLang's data-parallel attention inside the TP group. Not built in pdcore yet: "
+        "refused with a clear error (see docs/models.md).",
+    )
 
     def engine_config(self) -> EngineConfig:
         """The fields the engine reads, as the engine's own typed config."""
@@ -284,11 +305,6 @@ class ServerSettings(DisaggSettings, ProfileSettings):
             registry.check_parallel(config, self.tp_size)
         except ValueError as exc:
             return "--model-path", str(exc)
-        if self.disaggregation_mode != "null" and registry.family_for(config).attention != "mha":
-            return "--disaggregation-mode", (
-                f"PD transfer of {registry.family_for(config).architecture}'s MLA latent cache "
-                "is not built yet; serve it unified (--disaggregation-mode null)"
-            )
         return None
 
     def quantization_problem(self) -> tuple[str, str] | None:
@@ -329,6 +345,28 @@ class ServerSettings(DisaggSettings, ProfileSettings):
             return "--tp-size", str(exc)
         return None
 
+    def moe_problem(self) -> tuple[str, str] | None:
+        """(flag, reason) when --ep-size, --moe-a2a-backend or --enable-dp-attention do
+        not fit the other flags or the model; reads only the model's config."""
+        if self.moe_a2a_backend == "deepep":
+            return "--moe-a2a-backend", deepep_missing(self.device)
+        if self.enable_dp_attention:
+            return "--enable-dp-attention", (
+                "data-parallel attention is not built in pdcore yet (attention runs "
+                "tensor-parallel over --tp-size; --dp-size replicates whole engines)"
+            )
+        if self.ep_size == 1 and self.tp_size == 1:
+            return None
+        from pdcore.model.loader import ModelNotFoundError, read_model_config
+        from pdcore.model.moe import ep_problem
+
+        try:
+            return ep_problem(read_model_config(self.model_path), self.tp_size, self.ep_size)
+        except ModelNotFoundError as exc:
+            return "--model-path", str(exc)
+        except ValueError:
+            return None  # an unsupported model: model_problem says so
+
     def dp_problem(self) -> tuple[str, str] | None:
         """(flag, reason) when --dp-size does not fit the other flags."""
         if self.dp_size == 1:
@@ -343,15 +381,11 @@ class ServerSettings(DisaggSettings, ProfileSettings):
         pp = self.pp_size
         if pp == 1:
             return None
-        if self.tp_size > 1:
-            return "--pp-size", "--pp-size > 1 with --tp-size > 1 is not supported yet"
+        # --tp-size (each stage a TP group) and --disaggregation-mode prefill/decode (each
+        # grid rank moves its own layers' KV) compose with it; the tp size itself is
+        # checked against the model by tp_problem.
         if self.dp_size > 1:
             return "--pp-size", "--pp-size > 1 with --dp-size > 1 is not supported yet"
-        if self.disaggregation_mode != "null":
-            return "--pp-size", (
-                "--pp-size > 1 with --disaggregation-mode prefill/decode is not supported "
-                "yet; serve unified (--disaggregation-mode null)"
-            )
         if self.nnodes > 1:
             return "--pp-size", "pipeline stages run on one node (--nnodes 1) for now"
         from pdcore.model.loader import ModelNotFoundError, read_model_config
@@ -378,6 +412,28 @@ class ServerSettings(DisaggSettings, ProfileSettings):
         """Engine processes on this node (every dp replica's TP ranks, or the pipeline's
         stages): they share the node's cores and its default KV budget."""
         return self.tp_ranks_per_node * self.dp_size * self.pp_size
+
+
+def deepep_missing(device: str) -> str:
+    """Why --moe-a2a-backend deepep cannot run here: what DeepEP needs, what is missing."""
+    import importlib.util
+
+    missing = []
+    if importlib.util.find_spec("deep_ep") is None:
+        missing.append("the deep_ep package is not installed")
+    if device == "cpu" or device.startswith("npu"):
+        missing.append(f"--device {device} is not a CUDA GPU")
+    else:
+        import torch
+
+        if not torch.cuda.is_available():
+            missing.append("no CUDA GPU is visible")
+    missing.append("pdcore has no DeepEP dispatch/combine path (only --moe-a2a-backend none)")
+    return (
+        "deepep needs DeepEP (deepseek-ai/DeepEP, its all-to-all kernels over NVSHMEM) on "
+        "NVSHMEM-capable NVIDIA GPUs (NVLink within a node, RDMA/InfiniBand across nodes); "
+        f"missing here: {'; '.join(missing)}. Use --moe-a2a-backend none."
+    )
 
 
 def parse_serve_args(argv: Sequence[str] | None = None) -> ServerSettings:
@@ -414,6 +470,7 @@ def serve_settings_or_exit(
             )
     problem = (
         settings.model_problem()
+        or settings.moe_problem()
         or settings.tp_problem()
         or settings.dp_problem()
         or settings.pp_problem()

@@ -48,7 +48,8 @@ def check_against_hf(url: str, model_path: str | None) -> None:
     want = hf_reference(model_path, tok)
     assert sum(map(len, want)) > 4 * len(PROMPTS)  # not a vacuous pass
     for i, ref in enumerate(want):
-        text = tok.decode(ref, skip_special_tokens=True)
+        # random weights can end on half a UTF-8 character: the server holds it back
+        text = tok.decode(ref, skip_special_tokens=True).rstrip("\ufffd")
         assert got[0][i] == text, f"prompt {i} (not streamed)"
         assert got[1][i] == text, f"prompt {i} (streamed)"
         assert got[2][i] == ref, f"prompt {i} (/generate ids)"

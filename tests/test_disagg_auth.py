@@ -272,3 +272,15 @@ def test_control_counters_reach_metrics() -> None:
         'pdcore_kv_transfer_failures_by_reason_total{backend="fake",reason="waiting_timeout",'
         'role="decode"} 1.0' in text
     )
+
+
+def test_latency_samples_stay_bounded_without_a_scrape() -> None:
+    """Samples wait for /metrics to drain them; a server nobody scrapes must not grow."""
+    from pdcore.disagg.metrics import TransferStats
+
+    stats = TransferStats("fake")
+    for i in range(25_000):
+        stats.record(i, "prefill", True, 10, 0.001, None)
+    assert len(stats._samples) <= 10_000
+    drained = stats.snapshot(drain_samples=True)["transfer"]["fake"]
+    assert drained["transfers_total"] == 25_000 and len(drained["latency_samples_s"]) <= 10_000

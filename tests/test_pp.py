@@ -1,5 +1,6 @@
-"""Pipeline parallelism: the layer split, the flag rules, and a real `pdcore serve
---pp-size 2` (one layer per stage of the tiny random Llama) compared with transformers,
+"""Pipeline parallelism: the layer split, the flag rules, the stages' logits against one
+process (pp 2..4, and pp x tp grids), and real `pdcore serve --pp-size 2` servers (one layer
+per stage of the tiny random Llama; with `--tp-size 2` as well) compared with transformers,
 plus a stage killed under load."""
 
 from __future__ import annotations
@@ -85,19 +86,20 @@ def llama5_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def _pipeline_logits(model_dir: Path, pp: int, steps: list) -> list:
-    """Run `steps` through `pp` stages (threads of this process, a real gloo group, the
-    engine's PipelineRunner and StageWorkers); stage 0's logits of each step."""
+def _pipeline_logits(model_dir: Path, pp: int, steps: list, tp: int = 1) -> list:
+    """Run `steps` through `pp` stages of `tp` TP ranks each (threads of this process, real
+    gloo groups, the engine's PipelineRunner and StageWorkers); world rank 0's logits of
+    each step."""
     import torch
 
     from pdcore.engine.config import EngineConfig
     from pdcore.engine.pp_stage import StageWorker, load_stage
     from pdcore.engine.tp_worker import load_rank
-    from pdcore.model.parallel import init_tp_group
+    from pdcore.model.pipeline_split import init_pipeline_grid
     from tests.conftest import free_port
 
     settings = EngineConfig(
-        model_path=str(model_dir), dtype="float32", max_total_tokens=64, page_size=4
+        model_path=str(model_dir), dtype="float32", max_total_tokens=64, page_size=4, tp_size=tp
     )
     if pp == 1:
         runner = load_rank(settings).runner
@@ -106,21 +108,21 @@ def _pipeline_logits(model_dir: Path, pp: int, steps: list) -> list:
     results: list = []
     errors: list[BaseException] = []
 
-    def stage_main(rank: int) -> None:
+    def rank_main(rank: int) -> None:
         try:
-            group = init_tp_group(rank, pp, f"127.0.0.1:{port}", "127.0.0.1", 60, cpu)
+            grid = init_pipeline_grid(rank, pp, tp, f"127.0.0.1:{port}", "127.0.0.1", 60, cpu)
             if rank > 0:
-                StageWorker(settings, group).run()
-                group.close()
+                StageWorker(settings, grid).run()
+                grid.close()
                 return
-            runner = load_stage(settings, group).runner
+            runner = load_stage(settings, grid).runner
             results.extend(runner.run(batch) for batch in steps)
             assert runner.broadcaster is not None
             runner.broadcaster.stop()
         except BaseException as exc:  # surfaced in the main thread
             errors.append(exc)
 
-    threads = [threading.Thread(target=stage_main, args=(r,)) for r in range(pp)]
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(pp * tp)]
     for t in threads:
         t.start()
     for t in threads:
@@ -130,9 +132,8 @@ def _pipeline_logits(model_dir: Path, pp: int, steps: list) -> list:
     return results
 
 
-def test_pipeline_stages_compute_what_one_process_computes(llama5_dir: Path) -> None:
-    """3 sequences prefilled (one of them a first chunk without logits), then decoded:
-    the same logits at pp 1..4, with every micro-batch cut the stages make."""
+def _steps() -> list:
+    """3 sequences prefilled (one of them a first chunk without logits), then decoded."""
     import torch
 
     from pdcore.model.forward_batch import ForwardBatch
@@ -158,17 +159,33 @@ def test_pipeline_stages_compute_what_one_process_computes(llama5_dir: Path) -> 
             page_size=4,
         )
 
-    steps = [
+    return [
         step(False, [range(0, 5), range(0, 3), range(0, 4)], [4, 7]),  # 3rd: a chunk
         step(False, [range(5, 6), range(3, 4), range(4, 6)], [0, 1, 3]),
         step(True, [range(6, 7), range(4, 5), range(6, 7)], [0, 1, 2]),
     ]
+
+
+@pytest.mark.parametrize(
+    ("pp", "tp"),
+    [(2, 1), (3, 1), (4, 1), (2, 2), (3, 2)],
+    ids=["pp2", "pp3", "pp4", "pp2-tp2", "pp3-tp2"],
+)
+def test_pipeline_stages_compute_what_one_process_computes(
+    llama5_dir: Path, pp: int, tp: int
+) -> None:
+    """The logits of one process, at every split of the 5 layers (3+2, 2+2+1, 2+1+1+1),
+    with every micro-batch cut the stages make; with tp 2 each stage is a TP group of 2
+    (its all-reduces on its own gloo group, activations between same-TP-rank peers)."""
+    import torch
+
+    steps = _steps()
     want = _pipeline_logits(llama5_dir, 1, steps)
-    for pp in (2, 3, 4):
-        got = _pipeline_logits(llama5_dir, pp, steps)
-        for a, b in zip(got, want):
-            assert a.shape == b.shape
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    got = _pipeline_logits(llama5_dir, pp, steps, tp)
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 def _serve_error(capsys, *argv: str) -> str:
@@ -181,22 +198,33 @@ def _serve_error(capsys, *argv: str) -> str:
 
 
 def test_pp_flag_rules(capsys, tiny_llama_dir: Path, monkeypatch) -> None:
+    from pdcore.plugins import get_registry
     from pdcore.settings import parse_serve_args
 
     model = ["--model-path", str(tiny_llama_dir)]
-    for extra, words in [
-        (["--tp-size", "2"], "--tp-size"),
-        (["--dp-size", "2"], "--dp-size"),
-        (["--disaggregation-mode", "prefill"], "--disaggregation-mode"),
-    ]:
-        err = _serve_error(capsys, *model, "--pp", "2", *extra)
-        assert err.startswith("pdcore serve: error: --pp-size:") and words in err, err
+    err = _serve_error(capsys, *model, "--pp", "2", "--dp-size", "2")
+    assert err.startswith("pdcore serve: error: --pp-size:") and "--dp-size" in err, err
     # more nodes than one is refused too (by the TP rules first: 1 rank over 2 nodes)
     assert _serve_error(capsys, *model, "--pp", "2", "--nnodes", "2", "--dist-init-addr", "h:1")
+    err = _serve_error(
+        capsys, *model, "--pp", "2", "--tp", "2", "--nnodes", "2", "--dist-init-addr", "h:1"
+    )
+    assert "--pp-size: pipeline stages run on one node" in err, err
     err = _serve_error(capsys, *model, "--pp-size", "3")
     assert "larger than the model's 2 layers" in err, err
+    # the tp size of a pipeline is checked against the model as without PP (4 heads, 2 KV)
+    err = _serve_error(capsys, *model, "--pp-size", "2", "--tp-size", "3")
+    assert err.startswith("pdcore serve: error: --tp-size: tp size 3 does not fit"), err
     ok = parse_serve_args([*model, "--pp-size", "2"])
     assert ok.pp_size == 2 and ok.engine_config().pp_size == 2
+    grid = parse_serve_args([*model, "--pp-size", "2", "--tp-size", "2"])
+    assert (grid.pp_size, grid.tp_size, grid.engine_procs_per_node) == (2, 2, 4)
+    backend = next(i.name for i in get_registry("transfer_backend").describe() if i.available)
+    for mode in ("prefill", "decode"):
+        pd = parse_serve_args(
+            [*model, "--pp", "2", "--disaggregation-mode", mode, "--backend", backend]
+        )
+        assert (pd.pp_size, pd.disaggregation_mode) == (2, mode)
     monkeypatch.setenv("PDCORE_PP_SIZE", "2")
     assert parse_serve_args(model).pp_size == 2
 
@@ -229,6 +257,40 @@ def test_tiny_llama_pp2_matches_transformers_and_a_dead_stage_fails(
         assert_kill_under_load_fails_fast(server, stage1)
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+def test_tiny_llama_pp2_tp2_matches_transformers(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """`--pp-size 2 --tp-size 2`: 4 processes (2 stages of 2 TP ranks, one layer and one KV
+    head per rank); greedy parity, stream and not; a clean stop of every rank."""
+    server = ServerProcess(
+        tiny_llama_dir,
+        tmp_path / "server.log",
+        *("--pp-size", "2", "--tp-size", "2", "--cpu-threads", "1"),
+    )
+    try:
+        server.wait_ready()
+        info = httpx.get(server.url + "/server_info", timeout=10).json()
+        assert (info["pp_size"], info["tp_size"], info["kv_heads_per_rank"]) == (2, 2, 1)
+        check_against_hf(server.url, str(tiny_llama_dir))
+        load = httpx.get(server.url + "/get_load", timeout=10).json()[0]
+        assert load["num_reqs"] == 0 and (load["pp_size"], load["tp_size"]) == (2, 2)
+        assert [(r["pp_rank"], r["tp_rank"]) for r in load["ranks"]] == [
+            (0, 0),
+            (0, 1),
+            (1, 0),
+            (1, 1),
+        ]
+        assert len(_stages(server)) == 3
+    finally:
+        assert server.stop() == 0, server.log()
+    log = server.log()
+    assert "pipeline stage 0 of 2, TP rank 0 of 2: layers 0..0, embedding," in log
+    assert "pipeline stage 0 of 2, TP rank 1 of 2: layers 0..0, embedding," in log
+    assert "pipeline stage 1 of 2, TP rank 0 of 2: layers 1..1, final norm + LM head" in log
+    assert re.search(r"stage 1 of 2, TP rank 1 of 2: layers 1\.\.1, \d+ KV pages", log)  # no head
+    assert log.count("pipeline stage 1: stop from stage 0") == 2
+    assert log.count("pipeline stage 0: stop from stage 0") == 1  # stage 0's TP rank 1
 
 
 @pytest.mark.slow

@@ -110,6 +110,33 @@ def test_dropped_connection_timeout_and_no_connection() -> None:
     asyncio.run(main())
 
 
+def test_a_pooled_connection_already_closing_is_not_reused() -> None:
+    """A worker killed with kill -9 resets its kept-alive connections; until the loop runs
+    connection_lost() such a connection still looks idle. A call must not be written to it
+    (uvloop raises RuntimeError: "the handler is closed"), but go out on a new one."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await _read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            await writer.drain()
+
+    async def main() -> None:
+        server, url, conns = await _serve(handler)
+        async with server, _client() as client:
+            r = await client.post(url, "/x", b"a", {})
+            assert await r.read() == b"ok"
+            [(conn, _)] = next(iter(client._idle.values()))
+            assert conn.transport is not None
+            conn.transport.abort()  # closing now, connection_lost() not run yet
+            assert not conn.lost
+            r = await client.post(url, "/x", b"b", {})
+            assert await r.read() == b"ok"
+        assert len(conns) == 2
+
+    asyncio.run(main())
+
+
 def test_closing_before_the_end_closes_the_connection() -> None:
     """How a worker learns that the router cancelled the request."""
     disconnected = asyncio.Event()

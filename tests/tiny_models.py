@@ -18,6 +18,42 @@ def _tokenizer():
     return load_tokenizer(None)
 
 
+def build_tiny_llama(folder: Path, seed: int = 1234) -> Path:
+    """LlamaForCausalLM: 2 layers, GQA 4:2, llama3 RoPE scaling -- the same model as
+    tests/conftest.py's `tiny_llama_dir`, for scripts outside pytest (bench/chaos_soak.py)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = _tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 256,
+        },
+        initializer_range=0.2,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(str(folder), safe_serialization=True)
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
 def build_tiny_deepseek_v3(folder: Path, seed: int = 1234, **overrides: Any) -> Path:
     """DeepseekV3ForCausalLM: 3 layers (the first dense), MLA with q LoRA and YaRN RoPE
     (interleaved), 8 routed experts in 4 groups (2 groups kept, top-2), one shared expert,

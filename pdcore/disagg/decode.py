@@ -42,6 +42,9 @@ class DecodePipeline(Pipeline):
         self.prealloc_queue: OrderedDict[Request, KVReceiver] = OrderedDict()
         self.transfer_queue: dict[Request, KVReceiver] = {}
         self.quarantine: list[tuple[float, list[int]]] = []
+        # How late past its deadline (seconds) a quarantined entry was released, at most,
+        # since start (/metrics; the chaos harness checks that quarantine stays bounded).
+        self.quarantine_max_overdue = 0.0
         self.prealloc_timeout = settings.disaggregation_prealloc_timeout
 
     def add(self, req: Request, bootstrap: BootstrapInfo | None) -> None:
@@ -76,7 +79,9 @@ class DecodePipeline(Pipeline):
     def _release_quarantine(self) -> None:
         now = time.monotonic()
         while self.quarantine and self.quarantine[0][0] <= now:
-            self.host.release_pages(self.quarantine.pop(0)[1])
+            deadline, pages = self.quarantine.pop(0)
+            self.quarantine_max_overdue = max(self.quarantine_max_overdue, now - deadline)
+            self.host.release_pages(pages)
 
     def _advance_prealloc(self) -> None:
         for req, receiver in list(self.prealloc_queue.items()):
@@ -132,10 +137,15 @@ class DecodePipeline(Pipeline):
         # Quarantined pages count as work: /flush_cache waits for them, /get_load shows them.
         return len(self.prealloc_queue) + len(self.transfer_queue) + len(self.quarantine)
 
-    def queue_sizes(self) -> dict[str, int]:
+    def queue_sizes(self) -> dict[str, float]:
+        overdue = self.quarantine_max_overdue
+        if self.quarantine:  # entries are in deadline order: the first is the most overdue
+            overdue = max(overdue, time.monotonic() - self.quarantine[0][0])
         return {
             "num_prealloc_queue_reqs": len(self.prealloc_queue),
             "num_transfer_queue_reqs": len(self.transfer_queue),
+            "num_quarantined_pages": sum(len(pages) for _, pages in self.quarantine),
+            "quarantine_max_overdue_seconds": round(overdue, 3),
         }
 
     def metrics(self, drain_samples: bool = False) -> dict[str, Any]:

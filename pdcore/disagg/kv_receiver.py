@@ -168,7 +168,9 @@ class DecodeKVManager:
             side.backend,
             side.stats,
         )
-        self.bytes_per_page = 2 * self.layout.num_layers * self.layout.page_bytes
+        self.bytes_per_page = (
+            len(self.layout.buffer_addrs) * self.layout.num_layers * self.layout.page_bytes
+        )
         self.peers: dict[PeerKey, _Prefill] = {}
         self._dp_sizes: dict[tuple[str, int], int] = {}  # per prefill, once looked up
         self._by_backend_id: dict[str, _Prefill] = {}
@@ -348,8 +350,8 @@ class DecodeKVManager:
             peer.backlog.clear()
 
     def _plan(self, peer: _Prefill, route: dict[str, Any]) -> None:
-        """Which notifications a room from this prefill waits for: the same head plan the
-        prefill computes (pdcore.disagg.tp_plan), from its topology in `/route`. A plan
+        """Which notifications a room from this prefill waits for: the same head and layer
+        plan the prefill computes (pdcore.disagg.tp_plan), from its topology in `/route`. A plan
         that cannot be made leaves nothing expected; the prefill then refuses the
         registration, naming both sides' values."""
         ranks = route.get("ranks") or [
@@ -359,7 +361,7 @@ class DecodeKVManager:
         peer.backend_ids = list(ids.values())
         try:
             plan = transfer_plan(
-                [RankHeads.from_spec({"tp_rank": r["rank"], **r["spec"]}) for r in ranks],
+                [RankHeads.from_spec(r["spec"], int(r["rank"])) for r in ranks],
                 [r.heads for r in self.ranks.values()],
             )
         except (KeyError, TypeError, ValueError):

@@ -82,9 +82,10 @@ def coalesce_runs(runs: RunsLike) -> RunArray:
 
 @dataclass(frozen=True)
 class KVLayout:
-    """Where one side's KV pool lives: K and V each one tensor shaped
+    """Where one side's KV pool lives: each of its buffers one tensor shaped
     [num_layers, num_pages, page_size, kv_heads, head_dim] (DESIGN.md §4), so page p of
-    layer l starts at base + (l * num_pages + p) * page_bytes."""
+    layer l starts at base + (l * num_pages + p) * page_bytes. An "mha" pool has two, K
+    and V; an "mla" pool one (the latent + rope key "head"), so `v_addr` is 0 there."""
 
     k_addr: int
     v_addr: int
@@ -95,21 +96,29 @@ class KVLayout:
 
     @classmethod
     def from_pool(cls, pool: KVPool) -> KVLayout:
-        t = pool.k
+        buffers = pool.buffers()  # [K, V] ("mha") or [latent] ("mla")
+        if not 1 <= len(buffers) <= 2:
+            raise ValueError(f"a KV pool has one or two buffers, not {len(buffers)}")
+        t = buffers[0]
         device = "cpu" if t.device.type == "cpu" else f"{t.device.type}:{t.device.index or 0}"
         return cls(
-            pool.k.data_ptr(),
-            pool.v.data_ptr(),
+            buffers[0].data_ptr(),
+            buffers[1].data_ptr() if len(buffers) == 2 else 0,
             pool.num_layers,
             pool.num_pages,
             pool.page_bytes_per_layer,
             device,
         )
 
+    @property
+    def buffer_addrs(self) -> tuple[int, ...]:
+        """The base of every buffer, in transfer order: (K, V), or (latent,) for MLA."""
+        return (self.k_addr, self.v_addr) if self.v_addr else (self.k_addr,)
+
     def regions(self) -> list[MemoryRegion]:
-        """The two regions to register: all of K and all of V."""
+        """The regions to register: all of each buffer."""
         size = self.num_layers * self.num_pages * self.page_bytes
-        return [MemoryRegion(a, size, self.device) for a in (self.k_addr, self.v_addr)]
+        return [MemoryRegion(a, size, self.device) for a in self.buffer_addrs]
 
 
 def kv_page_runs(
@@ -118,8 +127,10 @@ def kv_page_runs(
     local_pages: Sequence[int] | npt.NDArray[Any],
     remote_pages: Sequence[int] | npt.NDArray[Any],
 ) -> RunArray:
-    """Runs that copy `local_pages[i]` to `remote_pages[i]` in every layer, K then V,
-    coalesced. Whole pages move: a request's last page is its own on both sides."""
+    """Runs that copy `local_pages[i]` to `remote_pages[i]` in every layer of every buffer
+    (K then V, or MLA's one), coalesced. Whole pages move: a request's last page is its own
+    on both sides."""
+    check_same_buffers(local, remote)
     if (local.num_layers, local.page_bytes) != (remote.num_layers, remote.page_bytes):
         raise TransferError(
             f"KV layouts differ: local {local.num_layers} layers x {local.page_bytes} B/page, "
@@ -137,15 +148,23 @@ def kv_page_runs(
     def addrs(base: int, num_pages: int, pages: npt.NDArray[np.uint64]) -> RunArray:
         return (np.uint64(base) + (layers * np.uint64(num_pages) + pages[None, :]) * pb).ravel()
 
-    runs = np.empty((2 * local.num_layers * lp.size, 3), dtype=np.uint64)
-    runs[:, 0] = np.concatenate(
-        [addrs(local.k_addr, local.num_pages, lp), addrs(local.v_addr, local.num_pages, lp)]
-    )
-    runs[:, 1] = np.concatenate(
-        [addrs(remote.k_addr, remote.num_pages, rp), addrs(remote.v_addr, remote.num_pages, rp)]
-    )
+    n_buf = len(local.buffer_addrs)
+    runs = np.empty((n_buf * local.num_layers * lp.size, 3), dtype=np.uint64)
+    runs[:, 0] = np.concatenate([addrs(a, local.num_pages, lp) for a in local.buffer_addrs])
+    runs[:, 1] = np.concatenate([addrs(a, remote.num_pages, rp) for a in remote.buffer_addrs])
     runs[:, 2] = pb
     return coalesce_runs(runs)
+
+
+def check_same_buffers(local: KVLayout, remote: KVLayout) -> None:
+    """TransferError when one side keeps K and V and the other MLA's single latent buffer
+    (the handshake's spec check says so first; this guards every run builder)."""
+    if len(local.buffer_addrs) != len(remote.buffer_addrs):
+
+        def kind(layout: KVLayout) -> str:
+            return "K and V (mha)" if layout.v_addr else "one latent buffer (mla)"
+
+        raise TransferError(f"KV layouts differ: local {kind(local)}, remote {kind(remote)}")
 
 
 class RegionTable:

@@ -250,8 +250,10 @@ class PrefillKVManager:
             "instance": self.instance,
             "backend_id": self.backend.local_id,
             "spec": self.spec.to_wire(),
-            # Every TP rank of this prefill: its KV heads (in its spec) and transfer endpoint.
-            "tp_size": self.place.size,
+            # Every rank of this prefill (TP ranks; with --pp-size, every stage's): its KV
+            # heads and layers (in its spec) and transfer endpoint.
+            "tp_size": self.place.tp_size,
+            "pp_size": self.place.pp_size,
             "ranks": [
                 {"rank": r.rank, "backend_id": r.backend_id, "spec": r.spec}
                 for r in sorted(self.ranks.values(), key=lambda r: r.rank)
@@ -391,7 +393,10 @@ class PrefillKVManager:
         elif kind == "ping":
             self._send(identity, pack("pong", instance=self.instance))
         elif kind == "abort":  # also from a decode we refused: its rooms fail here too
-            room, reason = wire.room(msg.get("room")), f"decode: {wire.reason(msg.get('reason'))}"
+            # "aborted on decode": /metrics counts it as `aborted` (a client that went away)
+            # unless the reason names a cause (heartbeat, waiting timeout, restart)
+            reason = f"aborted on decode: {wire.reason(msg.get('reason'))}"
+            room = wire.room(msg.get("room"))
             sender = self.senders.get(room)
             self._pending.pop(room, None)
             if sender is not None:
@@ -498,9 +503,11 @@ class PrefillKVManager:
                 [p.heads for p in self.ranks.values()], [d.heads for d in ranks.values()]
             )
         except ValueError as exc:
+            tp = max(int(r.spec.get("tp_size") or 1) for r in ranks.values())
+            pp = max(int(r.spec.get("pp_size") or 1) for r in ranks.values())
             raise _Mismatch(
                 f"prefill and decode KV heads do not meet ({exc}; prefill tp "
-                f"{self.place.size}, decode tp {len(ranks)})"
+                f"{self.place.tp_size} pp {self.place.pp_size}, decode tp {tp} pp {pp})"
             ) from exc
         return ranks, plan
 

@@ -35,6 +35,8 @@ class TransferStats:
             if ok:
                 self._ok += 1
                 self._bytes += nbytes
+                if len(self._samples) >= 10_000:  # /metrics never scraped: stay bounded
+                    del self._samples[:1000]
                 self._samples.append(latency_s)
             else:
                 self._failed += 1

@@ -92,7 +92,7 @@ class PrefillPipeline(Pipeline):
     def num_queued(self) -> int:
         return len(self.bootstrap_queue) + len(self.inflight)
 
-    def queue_sizes(self) -> dict[str, int]:
+    def queue_sizes(self) -> dict[str, float]:
         return {
             "num_bootstrap_queue_reqs": len(self.bootstrap_queue),
             "num_inflight_queue_reqs": len(self.inflight),

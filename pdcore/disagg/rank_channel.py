@@ -1,7 +1,11 @@
-"""PD with tensor parallelism: rank 0's channel to the transfer agents of its follower ranks.
+"""PD with tensor or pipeline parallelism: rank 0's channel to the transfer agents of its
+other ranks.
 
-Every TP rank holds its own KV heads in its own pool, so every rank needs its own transfer
-endpoint (a transfer backend with that pool registered): bytes never pass through rank 0.
+Every TP rank holds its own KV heads in its own pool, and every pipeline stage its own
+layers, so every rank needs its own transfer endpoint (a transfer backend with that pool
+registered): bytes never pass through rank 0. With --pp-size the ranks are the grid's
+(rank = stage * tp_size + tp_rank; pdcore.model.pipeline_split), the rendezvous store the
+grid's.
 But only rank 0 runs the control plane -- it owns the scheduler, the page allocator (page
 ids are the same on every rank), the bootstrap server and the rooms -- as it owns every
 other decision in pdcore's TP (docs/parallelism.md). So a follower rank runs a `RankAgent`:
@@ -60,7 +64,7 @@ class RankEndpoint:
 
     @property
     def heads(self) -> RankHeads:
-        return RankHeads.from_spec(self.spec)
+        return RankHeads.from_spec(self.spec, self.rank)
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -112,7 +116,8 @@ class RankLink:
         if not self._ready.wait(timeout):
             missing = sorted(set(range(1, self.size)) - set(self.followers))
             raise TransferError(
-                f"TP ranks {missing} did not start their PD transfer agents within {timeout:g} s"
+                f"ranks {missing} (TP ranks, or pipeline grid ranks) did not start their PD "
+                f"transfer agents within {timeout:g} s"
             )
 
     def send(self, rank: int, type_: str, **fields: Any) -> None:

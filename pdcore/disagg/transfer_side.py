@@ -37,7 +37,8 @@ class TransferSide:
         place: TPPlace | None = None,
     ) -> TransferSide:
         """The backend's deadline is the side's own wait: prefill's bootstrap timeout, or
-        decode's waiting timeout. `place`: this rank's TP rank and KV heads (none: no TP)."""
+        decode's waiting timeout. `place`: this rank's place, KV heads and layers (none: no
+        TP, no PP)."""
         place = place or TPPlace()
         name = settings.disaggregation_transfer_backend
         timeout = (
@@ -48,7 +49,7 @@ class TransferSide:
         backend = create_transfer_backend(
             name,
             TransferConfig(
-                local_id=f"{role}-tp{place.rank}-{default_local_id()}",
+                local_id=f"{role}-{_where(place)}-{default_local_id()}",
                 host=host,
                 ib_device=settings.disaggregation_ib_device,
                 timeout_s=timeout,
@@ -59,11 +60,22 @@ class TransferSide:
             KVSpec.from_pool(
                 name,
                 pool,
-                tp_rank=place.rank,
-                tp_size=place.size,
+                tp_rank=place.tp_rank,
+                tp_size=place.tp_size,
                 kv_head_start=place.kv_head_start,
                 total_kv_heads=place.total_kv_heads,
+                pp_rank=place.pp_rank,
+                pp_size=place.pp_size,
+                layer_start=place.layer_start,
+                total_layers=place.total_layers,
             ),
             backend,
             TransferStats(name),
         )
+
+
+def _where(place: TPPlace) -> str:
+    """The rank's name in its backend's id: tpR, or ppS-tpR with pipeline stages."""
+    if place.pp_size > 1:
+        return f"pp{place.pp_rank}-tp{place.tp_rank}"
+    return f"tp{place.rank}"

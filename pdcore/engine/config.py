@@ -47,6 +47,8 @@ class EngineConfig:
     """Tensor-parallel ranks (the TP group itself is handed to EngineCore)."""
     pp_size: int = 1
     """Pipeline stages (the stage group itself is handed to EngineCore)."""
+    ep_size: int = 1
+    """Expert-parallel ranks of an MoE model: 1, or the TP group (--ep-size == --tp-size)."""
     tp_ranks_per_node: int = 1
     """TP ranks sharing this node's memory (the CPU pool budget is split between them)."""
     profile: ProfileSettings | None = None

@@ -30,6 +30,7 @@ from pdcore.engine.tp_worker import load_rank
 from pdcore.model.config import ModelConfig
 from pdcore.model.kv_pool import KVPool
 from pdcore.model.parallel import HeadShard, TPGroup
+from pdcore.model.pipeline_split import PipelineGrid
 from pdcore.plugins import get_plugin_manager, get_registry, notify
 from pdcore.profiling import PhaseProfiler
 
@@ -53,18 +54,21 @@ class EngineCore:
         settings: EngineConfig,
         pipeline_factory: PipelineFactory = Pipeline,
         tp: TPGroup | None = None,
-        pp: TPGroup | None = None,
+        pp: PipelineGrid | None = None,
     ) -> None:
         """Load the model and build the KV pool, scheduler and pipeline. `pipeline_factory`
         picks the mode (the unified `Pipeline` by default; PD modes from pdcore.disagg).
         `tp`: with tensor parallelism, this core is rank 0 (the driver) of that group; the
         other ranks run `pdcore.engine.tp_worker.FollowerWorker`. `pp`: with pipeline
-        parallelism, this core is stage 0 of that group (pdcore.engine.pp_stage)."""
+        parallelism, this core is world rank 0 of that grid (stage 0, TP rank 0; its TP
+        group is stage 0's, `tp` is not given then; pdcore.engine.pp_stage)."""
         if settings.cpu_threads:
             torch.set_num_threads(settings.cpu_threads)
         if settings.random_seed is not None:
             torch.manual_seed(settings.random_seed)
-        self.tp = tp or TPGroup()
+        if pp is not None and tp is not None:
+            raise ValueError("with pipeline parallelism the TP group is the grid's (pp.tp)")
+        self.tp = pp.tp if pp is not None else tp or TPGroup()
         if self.tp.size != settings.tp_size or not self.tp.is_driver:
             raise ValueError(
                 f"EngineCore is TP rank 0 of tp_size {settings.tp_size}; got rank "
@@ -72,11 +76,11 @@ class EngineCore:
             )
         self.settings = settings
         started = time.monotonic()
-        self.pp = pp or TPGroup()
-        if self.pp.enabled:
+        self.pp = pp
+        if pp is not None:
             from pdcore.engine.pp_stage import load_stage
 
-            loaded = load_stage(settings, self.pp)
+            loaded = load_stage(settings, pp)
         else:
             loaded = load_rank(settings, self.tp)
         self.resolved = loaded.resolved
@@ -342,6 +346,10 @@ class EngineCore:
         self.tp.close()
 
     # ----- introspection -----------------------------------------------------------------
+    @property
+    def pp_size(self) -> int:
+        return 1 if self.pp is None else self.pp.pp_size
+
     def flush_cache(self) -> bool:
         if self.scheduler.has_work() or self.pipeline.num_queued():
             return False
@@ -357,14 +365,23 @@ class EngineCore:
         queued = self.pipeline.num_queued()
         tokens = self.allocator.num_used() * self.page_size
         transfers = self.pipeline.transfers_by_rank()
+        tp, pp = self.tp.size, self.pp_size
         return {
             "num_reqs": len(self.scheduler.running) + len(self.scheduler.waiting) + queued,
             "num_waiting_reqs": len(self.scheduler.waiting) + queued,
             "num_tokens": tokens,
-            "tp_size": self.tp.size,
+            "tp_size": tp,
+            "pp_size": pp,
+            # Every rank of the instance (with --pp-size: stage by stage, rank = stage * tp +
+            # tp_rank); one page table serves them all.
             "ranks": [
-                {"tp_rank": r, "num_tokens": tokens, "kv_transfers": transfers.get(r, 0)}
-                for r in range(self.tp.size)
+                {
+                    "tp_rank": r % tp,
+                    "pp_rank": r // tp,
+                    "num_tokens": tokens,
+                    "kv_transfers": transfers.get(r, 0),
+                }
+                for r in range(tp * pp)
             ],
         }
 
@@ -409,7 +426,7 @@ class EngineCore:
             "disable_radix_cache": s.disable_radix_cache,
             "disaggregation_mode": self.pipeline.mode,
             "tp_size": self.tp.size,
-            "pp_size": self.pp.size,
+            "pp_size": self.pp_size,
             "kv_heads_per_rank": self.runner.model.num_kv_heads,
             "vocab_size": self.resolved.config.vocab_size,
             "model_folder": str(Path(self.resolved.folder)),
@@ -450,6 +467,14 @@ class EngineHost:
         config = self._core.resolved.config
         shard = HeadShard.of(config, self._core.tp.size, self._core.tp.rank)
         return shard.kv_head_start, config.num_kv_heads
+
+    @property
+    def pipeline_grid(self) -> PipelineGrid | None:
+        return self._core.pp
+
+    @property
+    def layer_range(self) -> tuple[int, int]:
+        return 0, self._core.resolved.config.num_layers  # rank 0 holds stage 0's, from 0
 
     def admit(self, req: Request) -> None:
         self._core.scheduler.add(req)

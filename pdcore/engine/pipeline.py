@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from pdcore.engine.request import Request
 from pdcore.model.kv_pool import KVPool
 from pdcore.model.parallel import TPGroup
+from pdcore.model.pipeline_split import PipelineGrid
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,15 @@ class PipelineHost(Protocol):
     def kv_head_range(self) -> tuple[int, int]:
         """(first global KV head this rank's pool holds, the model's KV heads): what a PD
         side tells its peer so prefill and decode of different tp sizes can meet."""
+
+    @property
+    def pipeline_grid(self) -> PipelineGrid | None:
+        """With --pp-size, the grid of stages x TP ranks this engine is world rank 0 of
+        (each grid rank moves the KV of its own layers and heads); None without."""
+
+    @property
+    def layer_range(self) -> tuple[int, int]:
+        """(first global layer this rank's pool holds, the model's layers)."""
 
     def admit(self, req: Request) -> None:
         """Queue the request for the scheduler: its prompt is computed here."""
@@ -107,7 +117,7 @@ class Pipeline:
         """Requests in this pipeline's own queues (not the scheduler's)."""
         return 0
 
-    def queue_sizes(self) -> dict[str, int]:
+    def queue_sizes(self) -> dict[str, float]:
         return {}
 
     def transfers_by_rank(self) -> dict[int, int]:

@@ -78,7 +78,9 @@ def load_rank(settings: EngineConfig, tp: TPGroup | None = None) -> LoadedRank:
     if family.quantized_linear or settings.quantization not in ("auto", "none"):
         quant = load_quantized(settings.quantization, resolved.source, config, device, tp.size)
     state = load_state_dict(resolved)
-    model = registry.build_model(config, state, dtype, device, context + 1, tp, quant)
+    model = registry.build_model(
+        config, state, dtype, device, context + 1, tp, quant, settings.ep_size
+    )
     with kv_pool_allocation(device):  # a plugin's allocator, where its transport needs one
         pool = registry.make_kv_pool(config, num_pages, settings.page_size, dtype, device, tp.size)
     backend = settings.attention_backend

@@ -52,10 +52,11 @@ class Decoder:
         num_kv_heads: int,
         tp: TPGroup | None = None,
     ) -> None:
-        """`num_kv_heads`: what the KV pool stores per token (1 for MLA's latent)."""
+        """`num_heads`, `num_kv_heads`: this rank's (with TP its shard of the query heads;
+        `num_kv_heads` what the KV pool stores per token, 1 for MLA's latent). With TP the
+        layers' attention and MLP return partial sums, all-reduced here; embedding and
+        norms are replicated and only the driver (rank 0) holds the LM head."""
         self.tp = tp or TPGroup(device=device)
-        if self.tp.size > 1:
-            raise ValueError(f"{config.hf_architecture} has no tensor-parallel split yet")
         self.config = config
         self.dtype = dtype
         self.device = device
@@ -65,7 +66,9 @@ class Decoder:
         self.embed = self.to(state["model.embed_tokens.weight"])
         self.norm = self.to(state["model.norm.weight"])
         tied = config.tie_word_embeddings or "lm_head.weight" not in state
-        self.lm_head = Linear(self.embed if tied else self.to(state["lm_head.weight"]))
+        self.lm_head: Linear | None = None  # followers never compute logits
+        if self.tp.is_driver:
+            self.lm_head = Linear(self.embed if tied else self.to(state["lm_head.weight"]))
         self.layers: list[DecoderLayer] = []
         self._norm_shape = (config.hidden_size,)
 
@@ -82,13 +85,17 @@ class Decoder:
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, pool: KVPool, attn: AttentionBackend) -> torch.Tensor:
-        """fp32 logits for the rows in batch.logits_indices: [S, vocab]."""
+        """fp32 logits for the rows in batch.logits_indices: [S, vocab] (a TP follower
+        returns an empty tensor: only the driver samples)."""
         self.prepare(batch, pool, attn)
         hidden = F.embedding(batch.input_ids, self.embed)
         cos, sin = self.rotary.lookup(batch.positions)
+        tp = self.tp
         for i, layer in enumerate(self.layers):
             x = self.rms_norm(hidden, layer.input_norm)
-            hidden = hidden + layer.attention(i, x, cos, sin, batch, pool, attn)
-            hidden = hidden + layer.mlp(self.rms_norm(hidden, layer.post_norm))
+            hidden = hidden + tp.all_reduce(layer.attention(i, x, cos, sin, batch, pool, attn))
+            hidden = hidden + tp.all_reduce(layer.mlp(self.rms_norm(hidden, layer.post_norm)))
+        if self.lm_head is None:
+            return hidden.new_empty((0,))
         hidden = self.rms_norm(hidden.index_select(0, batch.logits_indices), self.norm)
         return self.lm_head(hidden).float()

@@ -10,6 +10,7 @@ weights, normalised when norm_topk_prob, times routed_scaling_factor).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -21,8 +22,8 @@ from pdcore.model.decoder import Decoder, DecoderLayer
 from pdcore.model.forward_batch import ForwardBatch
 from pdcore.model.kv_pool import KVPool, MLAKVPool
 from pdcore.model.mla import MLADims, MLAttention, prepare_mla
-from pdcore.model.moe import Experts, SwiGLU, ToDevice, grouped_topk
-from pdcore.model.parallel import TPGroup
+from pdcore.model.moe import Experts, SwiGLU, ToDevice, check_ep, grouped_topk
+from pdcore.model.parallel import HeadShard, TPGroup
 from pdcore.model.rope import RotaryTable, yarn_mscale
 
 _EXTRA_KEYS = (
@@ -111,16 +112,21 @@ class DeepseekMoE:
         config: ModelConfig,
         to: ToDevice,
         device: torch.device,
+        tp: TPGroup,
+        ep: bool,
     ) -> None:
+        """With `tp`: the shared experts split by channel; the routed experts split by
+        channel too, or (`ep`) whole experts per rank. The output is then a partial sum
+        the decoder all-reduces."""
         e = config.extra
         self.gate = state[prefix + "gate.weight"].to(device, torch.float32).contiguous()
         bias = state.get(prefix + "gate.e_score_correction_bias")
         self.bias = None if bias is None else bias.to(device, torch.float32)
         self.experts = Experts.from_state(
-            state, prefix + "experts.", int(e["n_routed_experts"]), to
+            state, prefix + "experts.", int(e["n_routed_experts"]), to, tp, ep
         )
         self.shared = (
-            SwiGLU.from_state(state, prefix + "shared_experts.", to)
+            SwiGLU.from_state(state, prefix + "shared_experts.", to, tp)
             if int(e["n_shared_experts"] or 0) > 0
             else None
         )
@@ -153,8 +159,11 @@ class DeepseekV3Model(Decoder):
         device: torch.device,
         max_positions: int,
         tp: TPGroup | None = None,
+        ep_size: int = 1,
     ) -> None:
-        dims = mla_dims(config)
+        tp = tp or TPGroup(device=device)
+        shard = HeadShard.of(config, tp.size, tp.rank)
+        dims = dataclasses.replace(mla_dims(config), num_heads=shard.num_heads)
         rotary = RotaryTable(
             dims.qk_rope_head_dim,
             config.rope_theta,
@@ -163,21 +172,22 @@ class DeepseekV3Model(Decoder):
             dtype,
             device,
         )
-        super().__init__(config, state, dtype, device, rotary, config.num_heads, 1, tp)
+        super().__init__(config, state, dtype, device, rotary, shard.num_heads, 1, tp)
+        ep = check_ep(config, tp.size, ep_size)
         scale = softmax_scale(config)
         interleave = bool(config.extra["rope_interleave"])
         first_dense = int(config.extra["first_k_dense_replace"])
         for i in range(config.num_layers):
             prefix = f"model.layers.{i}."
             mlp = (
-                SwiGLU.from_state(state, prefix + "mlp.", self.to)
+                SwiGLU.from_state(state, prefix + "mlp.", self.to, tp)
                 if i < first_dense
-                else DeepseekMoE(state, prefix + "mlp.", config, self.to, device)
+                else DeepseekMoE(state, prefix + "mlp.", config, self.to, device, tp, ep)
             )
             self.layers.append(
                 DecoderLayer(
                     self.to(state[prefix + "input_layernorm.weight"]),
-                    MLAttention(state, prefix, dims, scale, interleave, self.to),
+                    MLAttention(state, prefix, dims, scale, interleave, self.to, shard.head_start),
                     self.to(state[prefix + "post_attention_layernorm.weight"]),
                     mlp,
                 )
@@ -194,8 +204,9 @@ def build_model(
     device: torch.device,
     max_positions: int,
     tp: TPGroup | None,
+    ep_size: int = 1,
 ) -> DeepseekV3Model:
-    return DeepseekV3Model(config, state, dtype, device, max_positions, tp)
+    return DeepseekV3Model(config, state, dtype, device, max_positions, tp, ep_size)
 
 
 def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype, tp_size: int) -> int:

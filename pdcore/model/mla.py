@@ -75,7 +75,11 @@ class MLAttention:
         scale: float,
         rope_interleave: bool,
         to: ToDevice,
+        head_start: int = 0,
     ) -> None:
+        """`dims.num_heads`: this rank's heads, from global head `head_start` (TP: the
+        rows of q / q_b and kv_b and the columns of o_proj of those heads; the latent
+        projection, its norm and so the cached entries are the same on every rank)."""
         d = dims
         self.dims = d
         self.scale = scale
@@ -85,25 +89,29 @@ class MLAttention:
             w = state[attn + name]
             return deinterleave_rows(w, d.qk_rope_head_dim, group) if rope_interleave else w
 
+        def heads(w: torch.Tensor, per_head: int, dim: int = 0) -> torch.Tensor:
+            return w.narrow(dim, head_start * per_head, d.num_heads * per_head)
+
         kv_a = rows("kv_a_proj_with_mqa.weight", d.entry_dim)
         if d.q_lora_rank is None:
-            first = rows("q_proj.weight", d.qk_head_dim)
+            first = heads(rows("q_proj.weight", d.qk_head_dim), d.qk_head_dim)
             self.q_a_norm = None
             self.q_b = None
         else:
             first = state[attn + "q_a_proj.weight"]
             self.q_a_norm = to(state[attn + "q_a_layernorm.weight"])
-            self.q_b = Linear(to(rows("q_b_proj.weight", d.qk_head_dim)))
+            self.q_b = Linear(to(heads(rows("q_b_proj.weight", d.qk_head_dim), d.qk_head_dim)))
         # Both projections read the same normed hidden state: one matmul.
         self.fused_a = Linear(to(torch.cat([first, kv_a])))
         self.split_a = [first.shape[0], d.entry_dim]
         self.kv_norm = to(state[attn + "kv_a_layernorm.weight"])
-        kv_b = state[attn + "kv_b_proj.weight"]  # [heads * (nope + v), kv_lora_rank]
+        # [heads * (nope + v), kv_lora_rank]
+        kv_b = heads(state[attn + "kv_b_proj.weight"], d.qk_nope_head_dim + d.v_head_dim)
         self.kv_b = Linear(to(kv_b))
         per_head = kv_b.view(d.num_heads, d.qk_nope_head_dim + d.v_head_dim, d.kv_lora_rank)
         self.w_uk = to(per_head[:, : d.qk_nope_head_dim])  # [H, nope, c]
         self.w_uv_t = to(per_head[:, d.qk_nope_head_dim :].transpose(1, 2))  # [H, c, v]
-        self.o_proj = Linear(to(state[attn + "o_proj.weight"]))
+        self.o_proj = Linear(to(heads(state[attn + "o_proj.weight"], d.v_head_dim, dim=1)))
         if attn + "kv_a_proj_with_mqa.bias" in state or attn + "o_proj.bias" in state:
             raise ValueError("MLA with attention_bias is not supported")
 

@@ -14,7 +14,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from pdcore.model.config import ModelConfig
 from pdcore.model.linear import Linear
+from pdcore.model.parallel import TPGroup
 
 ToDevice = Callable[[torch.Tensor], torch.Tensor]
 
@@ -29,54 +31,156 @@ class SwiGLU:
         self.down = Linear(down)
 
     @classmethod
-    def from_state(cls, state: dict[str, torch.Tensor], prefix: str, to: ToDevice) -> SwiGLU:
-        """From HF's `{prefix}gate_proj/up_proj/down_proj.weight`."""
-        gate_up = torch.cat([state[prefix + "gate_proj.weight"], state[prefix + "up_proj.weight"]])
-        return cls(to(gate_up), to(state[prefix + "down_proj.weight"]))
+    def from_state(
+        cls,
+        state: dict[str, torch.Tensor],
+        prefix: str,
+        to: ToDevice,
+        tp: TPGroup | None = None,
+    ) -> SwiGLU:
+        """From HF's `{prefix}gate_proj/up_proj/down_proj.weight`; with `tp`, this rank's
+        share of the intermediate channels (gate/up rows, down columns: its output is a
+        partial sum the caller all-reduces)."""
+        gate, up = state[prefix + "gate_proj.weight"], state[prefix + "up_proj.weight"]
+        down = state[prefix + "down_proj.weight"]
+        if tp is not None and tp.size > 1:
+            start, n = channel_shard(gate.shape[0], tp)
+            gate, up, down = (
+                gate.narrow(0, start, n),
+                up.narrow(0, start, n),
+                down.narrow(1, start, n),
+            )
+        return cls(to(torch.cat([gate, up])), to(down))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)
         return self.down(F.silu(gate) * up)
 
 
-class Experts:
-    """The routed experts of one MoE layer, run grouped by expert."""
+def channel_shard(size: int, tp: TPGroup) -> tuple[int, int]:
+    """(first, count) of `size` channels that TP rank `tp.rank` holds."""
+    if size % tp.size:
+        raise ValueError(f"{size} MLP channels are not divisible by tp size {tp.size}")
+    n = size // tp.size
+    return tp.rank * n, n
 
-    def __init__(self, experts: list[SwiGLU]) -> None:
-        self.experts = experts
+
+class Experts:
+    """The routed experts of one MoE layer, run grouped by expert.
+
+    Three placements: all experts whole (no TP); with TP and no EP, every expert's
+    intermediate channels split over the ranks (each rank's output is a partial sum the
+    layer all-reduces); with EP (`ep` set: the TP group), rank r holds experts
+    [r * E/ep, (r + 1) * E/ep) whole, and tokens travel to their experts' ranks and back
+    by all-to-all (`_expert_parallel`)."""
+
+    def __init__(
+        self, experts: list[SwiGLU], first: int = 0, total: int = 0, ep: TPGroup | None = None
+    ) -> None:
+        self.experts = experts  # global experts [first, first + len(experts))
+        self.first = first
+        self.total = total or len(experts)
+        self.ep = ep if ep is not None and ep.size > 1 else None
 
     @classmethod
     def from_state(
-        cls, state: dict[str, torch.Tensor], prefix: str, num_experts: int, to: ToDevice
+        cls,
+        state: dict[str, torch.Tensor],
+        prefix: str,
+        num_experts: int,
+        to: ToDevice,
+        tp: TPGroup | None = None,
+        ep: bool = False,
     ) -> Experts:
         """Both ways transformers writes experts: one module per expert
         (`{prefix}{e}.gate_proj.weight`, the released checkpoints' names and what
-        save_pretrained writes) or stacked 3D tensors (`{prefix}gate_up_proj`, `down_proj`)."""
+        save_pretrained writes) or stacked 3D tensors (`{prefix}gate_up_proj`, `down_proj`).
+        `tp` and `ep`: this rank's experts (ep: the TP group is the EP group), else
+        this rank's channels of every expert."""
+        group = tp if tp is not None and tp.size > 1 else None
+        ids = range(num_experts)
+        if group is not None and ep:
+            if num_experts % group.size:
+                raise ValueError(f"{num_experts} experts are not divisible by ep size {group.size}")
+            per = num_experts // group.size
+            ids = range(group.rank * per, (group.rank + 1) * per)
+        shard = None if ep else group
         if prefix + "gate_up_proj" in state:
             gate_up, down = state[prefix + "gate_up_proj"], state[prefix + "down_proj"]
-            return cls([SwiGLU(to(gate_up[e]), to(down[e])) for e in range(num_experts)])
-        return cls([SwiGLU.from_state(state, f"{prefix}{e}.", to) for e in range(num_experts)])
+            made = []
+            for e in ids:
+                gu, d = gate_up[e], down[e]
+                if shard is not None:
+                    inter = d.shape[1]
+                    start, n = channel_shard(inter, shard)
+                    gu = torch.cat([gu.narrow(0, start, n), gu.narrow(0, inter + start, n)])
+                    d = d.narrow(1, start, n)
+                made.append(SwiGLU(to(gu), to(d)))
+        else:
+            made = [SwiGLU.from_state(state, f"{prefix}{e}.", to, shard) for e in ids]
+        return cls(made, ids.start, num_experts, group if ep else None)
 
     def __call__(
         self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
     ) -> torch.Tensor:
-        """x [T, hidden]; topk_ids/topk_weights [T, k] -> sum_k weight * expert(x) [T, hidden]."""
+        """x [T, hidden]; topk_ids/topk_weights [T, k] -> sum_k weight * expert(x) [T, hidden]
+        (with EP: only this rank's share of the tokens is filled, the rest is 0, and with
+        TP channels a partial sum: either way the layer's all-reduce completes it)."""
+        if self.ep is not None:
+            return self._expert_parallel(x, topk_ids, topk_weights)
         k = topk_ids.shape[1]
         flat = topk_ids.reshape(-1)
         order = torch.argsort(flat, stable=True)
         token_of = order // k  # the token each sorted (token, expert) pair came from
         weights = topk_weights.reshape(-1)[order].to(x.dtype)
-        counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
-        rows = x.index_select(0, token_of)
+        rows = self._run(x.index_select(0, token_of), flat[order])
+        rows.mul_(weights[:, None])
+        return torch.zeros_like(x).index_add_(0, token_of, rows)
+
+    def _run(self, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """expert(ids[i])(rows[i]) for rows already sorted by global expert id `ids`, each
+        expert one matmul pair over exactly its rows."""
         out = torch.empty_like(rows)
+        counts = torch.bincount(ids - self.first, minlength=len(self.experts)).tolist()
         start = 0
         for expert, n in enumerate(counts):
             if n:
-                end = start + n
-                y = self.experts[expert](rows[start:end])
-                torch.mul(y, weights[start:end, None], out=out[start:end])
-                start = end
-        return torch.zeros_like(x).index_add_(0, token_of, out)
+                out[start : start + n] = self.experts[expert](rows[start : start + n])
+                start += n
+        return out
+
+    def _expert_parallel(
+        self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """Every rank holds all T tokens (the attention's all-reduce replicated them); rank
+        r routes its own contiguous share of them. Dispatch: each (token, expert) pair's
+        row goes to the expert's rank (one all_to_all of the counts, one of the rows, one
+        of the expert ids); each rank runs its experts over what it got; combine: the
+        outputs go back (one all_to_all) and are weighted and summed per token at home, in
+        global expert order, as without EP."""
+        ep = self.ep
+        assert ep is not None
+        t, k = topk_ids.shape
+        share = -(-t // ep.size)
+        lo, hi = min(ep.rank * share, t), min((ep.rank + 1) * share, t)
+        flat = topk_ids[lo:hi].reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        token_of = order // k
+        ids = flat[order]
+        per_rank = self.total // ep.size
+        send = torch.bincount(ids // per_rank, minlength=ep.size)
+        recv = ep.all_to_all(send, [1] * ep.size, [1] * ep.size)
+        send_splits, recv_splits = send.tolist(), recv.tolist()
+        rows = ep.all_to_all(x[lo:hi].index_select(0, token_of), send_splits, recv_splits)
+        got_ids = ep.all_to_all(ids, send_splits, recv_splits)
+        by_expert = torch.argsort(got_ids, stable=True)
+        done = torch.empty_like(rows)
+        done[by_expert] = self._run(rows[by_expert], got_ids[by_expert])
+        back = ep.all_to_all(done, recv_splits, send_splits)
+        back.mul_(topk_weights[lo:hi].reshape(-1)[order].to(x.dtype)[:, None])
+        out = torch.zeros_like(x)
+        out[lo:hi].index_add_(0, token_of, back)
+        return out
 
 
 def grouped_topk(
@@ -116,3 +220,50 @@ def softmax_topk(
     if norm_topk_prob:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return topk_ids, weights.to(router_logits.dtype)
+
+
+def num_routed_experts(config: ModelConfig) -> int:
+    """Routed experts per MoE layer (0: a dense model)."""
+    e = config.extra or {}
+    return int(e.get("n_routed_experts") or e.get("num_experts") or 0)
+
+
+def ep_problem(config: ModelConfig, tp_size: int, ep_size: int) -> tuple[str, str] | None:
+    """(flag, reason) when the model's experts cannot be placed on `tp_size` ranks with
+    expert parallelism `ep_size` (the EP group is the TP group: ep is 1 or tp)."""
+    experts = num_routed_experts(config)
+    e = config.extra or {}
+    inter = int(e.get("moe_intermediate_size") or 0)
+    shared = int(e.get("n_shared_experts") or 0) * inter
+    if ep_size > 1:
+        if not experts:
+            return "--ep-size", (
+                f"expert parallelism needs a mixture-of-experts model; "
+                f"{config.hf_architecture or config.architecture} has no routed experts"
+            )
+        if ep_size != tp_size:
+            return "--ep-size", (
+                f"--ep-size {ep_size} must equal --tp-size {tp_size}: the expert-parallel "
+                "group is the TP group (or leave --ep-size 1 to split every expert by channel)"
+            )
+        if experts % ep_size:
+            return "--ep-size", f"{experts} routed experts are not divisible by --ep-size {ep_size}"
+    if tp_size > 1 and experts:
+        if ep_size == 1 and inter % tp_size:
+            return "--tp-size", (
+                f"moe_intermediate_size {inter} is not divisible by --tp-size {tp_size} "
+                "(experts split by channel); try --ep-size equal to --tp-size"
+            )
+        if shared % tp_size:
+            return "--tp-size", (
+                f"shared experts' {shared} channels are not divisible by --tp-size {tp_size}"
+            )
+    return None
+
+
+def check_ep(config: ModelConfig, tp_size: int, ep_size: int) -> bool:
+    """ValueError naming the flag when `ep_problem` finds one; else whether EP is on."""
+    problem = ep_problem(config, tp_size, ep_size)
+    if problem is not None:
+        raise ValueError(f"{problem[0]}: {problem[1]}")
+    return ep_size > 1

@@ -133,6 +133,7 @@ class TPGroup:
         return tensor
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Broadcast from this group's rank `src` (a rank of this group, not a global one)."""
         if self.size > 1:
             import torch.distributed as dist
 
@@ -141,8 +142,27 @@ class TPGroup:
                 opts.rootRank = src
                 self.backend.broadcast([tensor], opts).wait()
             else:
-                dist.broadcast(tensor, src)
+                dist.broadcast(tensor, dist.get_global_rank(self.backend, src), self.backend)
         return tensor
+
+    def all_to_all(
+        self, tensor: torch.Tensor, send_splits: list[int], recv_splits: list[int]
+    ) -> torch.Tensor:
+        """Rows `tensor[sum(send_splits[:r]) : ...]` go to rank r; returns the rows every
+        rank sent here, rank by rank (`recv_splits[r]` from rank r). gloo's alltoall_base
+        on CPU (empty splits allowed), all_to_all_single on CUDA."""
+        out = tensor.new_empty((sum(recv_splits), *tensor.shape[1:]))
+        if self.size == 1:
+            return out.copy_(tensor)
+        import torch.distributed as dist
+
+        tensor = tensor.contiguous()
+        if self.device.type == "cpu":
+            opts = dist.AllToAllOptions()
+            self.backend.alltoall_base(out, tensor, recv_splits, send_splits, opts).wait()
+        else:
+            dist.all_to_all_single(out, tensor, recv_splits, send_splits, group=self.backend)
+        return out
 
     def _all_reduce(self, tensor: torch.Tensor, op: str) -> None:
         import torch.distributed as dist
@@ -153,7 +173,7 @@ class TPGroup:
             opts.reduceOp = reduce_op  # type: ignore[assignment]  # torch's stub is narrower
             self.backend.allreduce([tensor], opts).wait()
         else:
-            dist.all_reduce(tensor, reduce_op)
+            dist.all_reduce(tensor, reduce_op, self.backend)
 
     def close(self) -> None:
         """Leave the group (best effort: a peer may already be gone)."""
@@ -165,7 +185,9 @@ class TPGroup:
             if self.device.type == "cpu":
                 self.backend.shutdown()
             elif dist.is_initialized():
-                dist.destroy_process_group()
+                # A subgroup (a pipeline stage's TP group) goes alone; WORLD takes them all.
+                world = self.backend is dist.group.WORLD
+                dist.destroy_process_group(None if world else self.backend)
         except Exception:  # pragma: no cover - shutting down anyway
             logger.debug("leaving the TP group failed", exc_info=True)
         self.backend = None
@@ -217,10 +239,7 @@ def init_tp_group(
         store = dist.TCPStore(host, port, size, False, timeout)
     prefixed = dist.PrefixStore("pdcore-tp", store)
     if device.type == "cpu":
-        opts = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
-        opts._timeout = timeout
-        opts._devices = [dist.ProcessGroupGloo.create_device(hostname=bind_host)]
-        backend: Any = dist.ProcessGroupGloo(prefixed, rank, size, opts)
+        backend: Any = _gloo(prefixed, rank, size, bind_host, timeout)
     else:
         dist.init_process_group(
             "nccl", store=prefixed, rank=rank, world_size=size, timeout=timeout, device_id=device
@@ -231,3 +250,42 @@ def init_tp_group(
         "TP rank %d of %d joined (%s)", rank, size, "gloo" if device.type == "cpu" else "nccl"
     )
     return group
+
+
+def _gloo(store: Any, rank: int, size: int, bind_host: str, timeout: timedelta) -> Any:
+    """A gloo process group on `store`, its device bound to `bind_host`."""
+    import torch.distributed as dist
+
+    opts = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
+    opts._timeout = timeout
+    opts._devices = [dist.ProcessGroupGloo.create_device(hostname=bind_host)]
+    return dist.ProcessGroupGloo(store, rank, size, opts)
+
+
+def init_subgroups(
+    world: TPGroup, groups: list[list[int]], bind_host: str, timeout_s: float
+) -> TPGroup:
+    """This rank's group among `groups` (disjoint lists of `world` ranks covering it; every
+    rank calls this with the same lists), on the world's rendezvous store. Its ranks are
+    numbered by their position in their list. Gloo on CPU; NCCL: `new_group` per list, in
+    the same order on every rank, as torch requires."""
+    mine = next(g for g in groups if world.rank in g)
+    if len(mine) == 1:
+        return TPGroup(device=world.device)
+    import torch.distributed as dist
+
+    timeout = timedelta(seconds=timeout_s)
+    index = groups.index(mine)
+    if world.device.type == "cpu":
+        store = dist.PrefixStore(f"pdcore-sub{index}", world.store)
+        backend: Any = _gloo(store, mine.index(world.rank), len(mine), bind_host, timeout)
+    else:
+        made = [dist.new_group(g, timeout=timeout) for g in groups]
+        backend = made[index]
+    return TPGroup(
+        rank=mine.index(world.rank),
+        size=len(mine),
+        backend=backend,
+        device=world.device,
+        store=world.store,
+    )

@@ -1,4 +1,5 @@
-"""Pipeline parallelism: which layers each stage holds, and moving activations between stages.
+"""Pipeline parallelism: which layers each stage holds, the grid of stages x TP ranks, and
+moving activations between stages.
 
 A model of L layers over P stages: stage s holds a contiguous range, the first L % P stages
 one layer more (as even as possible); stage 0 also embeds, the last stage also applies the
@@ -7,20 +8,26 @@ forward the residual stream *is* the hidden state (each layer adds to it; the no
 is recomputed from it at the next layer), so one [T, hidden] tensor carries everything a
 stage needs.
 
-The stages form one torch.distributed group (`TPGroup` of size P, built by
-`init_tp_group`): rank 0 broadcasts each batch over it (pdcore.engine.tp_sync), and
-activations go point to point with `send` / `recv` below (gloo on CPU, NCCL on CUDA).
+With --tp-size T as well, each stage is a TP group of T ranks: P x T processes, global rank
+g = stage * T + tp_rank (`PipelineGrid`). Three kinds of traffic, each on its own group:
+the world group (all P x T ranks) carries rank 0's batch broadcast (pdcore.engine.tp_sync)
+and the activations, point to point (`isend` / `irecv` below; gloo on CPU, NCCL on CUDA);
+each stage's TP group (`init_subgroups`) carries the all-reduces inside its layers. After a
+stage's last all-reduce every TP rank of it holds the same full hidden state, so TP rank r
+of stage s sends its copy to TP rank r of stage s+1: no gather, no broadcast inside the
+next stage, and the T pairs move in parallel.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from pdcore.model.config import ModelConfig
 from pdcore.model.forward_batch import ForwardBatch
-from pdcore.model.parallel import TPGroup
+from pdcore.model.parallel import TPGroup, init_subgroups, init_tp_group
 
 
 def split_layers(num_layers: int, pp_size: int) -> list[range]:
@@ -88,8 +95,74 @@ def micro_batches(batch: ForwardBatch, parts: int) -> list[ForwardBatch]:
     return out
 
 
+@dataclass
+class PipelineGrid:
+    """This process's place in a pipeline of `pp_size` stages of `tp_size` TP ranks each.
+    `world`: every rank of the grid (rank = stage * tp_size + tp_rank); `tp`: this stage's
+    TP group (size 1 without TP). World rank 0 is the engine (stage 0, TP rank 0)."""
+
+    world: TPGroup
+    pp_size: int
+    tp_size: int = 1
+    tp: TPGroup = field(default_factory=TPGroup)
+
+    @property
+    def rank(self) -> int:
+        return self.world.rank
+
+    @property
+    def stage(self) -> int:
+        return self.world.rank // self.tp_size
+
+    @property
+    def tp_rank(self) -> int:
+        return self.world.rank % self.tp_size
+
+    @property
+    def is_first(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.stage == self.pp_size - 1
+
+    def peer(self, stage: int, tp_rank: int | None = None) -> int:
+        """World rank of `tp_rank` (default: this rank's) of `stage`."""
+        return stage * self.tp_size + (self.tp_rank if tp_rank is None else tp_rank)
+
+    @property
+    def device(self) -> torch.device:
+        return self.world.device
+
+    def close(self) -> None:
+        """Leave both groups (best effort)."""
+        try:
+            self.tp.close()
+        finally:
+            self.world.close()
+
+
+def init_pipeline_grid(
+    rank: int,
+    pp_size: int,
+    tp_size: int,
+    init_addr: str,
+    bind_host: str,
+    timeout_s: float,
+    device: torch.device,
+) -> PipelineGrid:
+    """Join the grid as world rank `rank`: the world group (rendezvous at `init_addr`, world
+    rank 0 serves it), then this stage's TP group on the same store."""
+    world = init_tp_group(rank, pp_size * tp_size, init_addr, bind_host, timeout_s, device)
+    tp = TPGroup(device=device)
+    if tp_size > 1:
+        stages = [list(range(s * tp_size, (s + 1) * tp_size)) for s in range(pp_size)]
+        tp = init_subgroups(world, stages, bind_host, timeout_s)
+    return PipelineGrid(world, pp_size, tp_size, tp)
+
+
 def isend(group: TPGroup, tensor: torch.Tensor, dst: int) -> Any:
-    """Start sending `tensor` (contiguous; keep it alive) to stage `dst`; returns the work
+    """Start sending `tensor` (contiguous; keep it alive) to world rank `dst`; returns the work
     to `.wait()` on. Sends never block the sender's compute: with several micro-batches in
     flight a blocking send could wait on a peer that is itself blocked sending to us."""
     if group.device.type == "cpu":
@@ -100,13 +173,13 @@ def isend(group: TPGroup, tensor: torch.Tensor, dst: int) -> Any:
 
 
 def recv(group: TPGroup, tensor: torch.Tensor, src: int) -> torch.Tensor:
-    """Receive into `tensor` from stage `src` (blocking); returns it."""
+    """Receive into `tensor` from world rank `src` (blocking); returns it."""
     irecv(group, tensor, src).wait()
     return tensor
 
 
 def irecv(group: TPGroup, tensor: torch.Tensor, src: int) -> Any:
-    """Start receiving into `tensor` from stage `src`; returns the work to `.wait()` on."""
+    """Start receiving into `tensor` from world rank `src`; returns the work to `.wait()` on."""
     if group.device.type == "cpu":
         return group.backend.recv([tensor], src, 0)
     import torch.distributed as dist

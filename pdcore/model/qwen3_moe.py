@@ -20,8 +20,8 @@ from pdcore.model.linear import Linear
 
 # Per-head K/V like Llama: the same pool and sizing (re-exported for the registry).
 from pdcore.model.llama_family import kv_bytes_per_token, make_kv_pool  # noqa: F401
-from pdcore.model.moe import Experts, SwiGLU, ToDevice, softmax_topk
-from pdcore.model.parallel import TPGroup
+from pdcore.model.moe import Experts, SwiGLU, ToDevice, check_ep, softmax_topk
+from pdcore.model.parallel import HeadShard, TPGroup
 from pdcore.model.rope import RotaryTable, apply_rotary
 
 _EXTRA_DEFAULTS: dict[str, Any] = {
@@ -56,24 +56,35 @@ class _Attention:
     __slots__ = ("qkv", "q_norm", "k_norm", "o_proj", "sizes", "heads", "head_dim", "eps")
 
     def __init__(
-        self, state: dict[str, torch.Tensor], prefix: str, config: ModelConfig, to: ToDevice
+        self,
+        state: dict[str, torch.Tensor],
+        prefix: str,
+        config: ModelConfig,
+        to: ToDevice,
+        shard: HeadShard,
+        driver: bool,
     ) -> None:
+        """This rank's heads (`shard`: q/k/v rows, o_proj columns, as for Llama); o_proj's
+        bias, if any, is added by the driver only (the output is all-reduced)."""
         attn = prefix + "self_attn."
-        names = [attn + f"{p}_proj." for p in "qkv"]
+        hd = config.head_dim
+        q_rows = (shard.head_start * hd, shard.num_heads * hd)
+        kv_rows = (shard.kv_head_start * hd, shard.num_kv_heads * hd)
+        rows = {"q": q_rows, "k": kv_rows, "v": kv_rows}
+        names = {p: attn + f"{p}_proj." for p in "qkv"}
         self.qkv = Linear(
-            to(torch.cat([state[n + "weight"] for n in names])),
-            to(torch.cat([state[n + "bias"] for n in names]))
-            if names[0] + "bias" in state
+            to(torch.cat([state[names[p] + "weight"].narrow(0, *rows[p]) for p in "qkv"])),
+            to(torch.cat([state[names[p] + "bias"].narrow(0, *rows[p]) for p in "qkv"]))
+            if names["q"] + "bias" in state
             else None,
         )
         self.q_norm = to(state[attn + "q_norm.weight"])
         self.k_norm = to(state[attn + "k_norm.weight"])
         self.o_proj = Linear(
-            to(state[attn + "o_proj.weight"]),
-            to(state[attn + "o_proj.bias"]) if attn + "o_proj.bias" in state else None,
+            to(state[attn + "o_proj.weight"].narrow(1, *q_rows)),
+            to(state[attn + "o_proj.bias"]) if attn + "o_proj.bias" in state and driver else None,
         )
-        hd = config.head_dim
-        self.heads = (config.num_heads, config.num_kv_heads, config.num_kv_heads)
+        self.heads = (shard.num_heads, shard.num_kv_heads, shard.num_kv_heads)
         self.sizes = [h * hd for h in self.heads]
         self.head_dim = hd
         self.eps = config.rms_norm_eps
@@ -99,11 +110,19 @@ class _Attention:
 
 class _SparseMoE:
     def __init__(
-        self, state: dict[str, torch.Tensor], prefix: str, config: ModelConfig, to: ToDevice
+        self,
+        state: dict[str, torch.Tensor],
+        prefix: str,
+        config: ModelConfig,
+        to: ToDevice,
+        tp: TPGroup,
+        ep: bool,
     ) -> None:
         e = config.extra
-        self.gate = Linear(to(state[prefix + "gate.weight"]))
-        self.experts = Experts.from_state(state, prefix + "experts.", int(e["num_experts"]), to)
+        self.gate = Linear(to(state[prefix + "gate.weight"]))  # every rank routes every token
+        self.experts = Experts.from_state(
+            state, prefix + "experts.", int(e["num_experts"]), to, tp, ep
+        )
         self.top_k = int(e["num_experts_per_tok"])
         self.norm_topk_prob = bool(e["norm_topk_prob"])
 
@@ -121,24 +140,28 @@ class Qwen3MoeModel(Decoder):
         device: torch.device,
         max_positions: int,
         tp: TPGroup | None = None,
+        ep_size: int = 1,
     ) -> None:
+        tp = tp or TPGroup(device=device)
+        shard = HeadShard.of(config, tp.size, tp.rank)
         rotary = RotaryTable(
             config.head_dim, config.rope_theta, config.rope_scaling, max_positions, dtype, device
         )
         super().__init__(
-            config, state, dtype, device, rotary, config.num_heads, config.num_kv_heads, tp
+            config, state, dtype, device, rotary, shard.num_heads, shard.num_kv_heads, tp
         )
+        ep = check_ep(config, tp.size, ep_size)
         for i in range(config.num_layers):
             prefix = f"model.layers.{i}."
             mlp = (
-                _SparseMoE(state, prefix + "mlp.", config, self.to)
+                _SparseMoE(state, prefix + "mlp.", config, self.to, tp, ep)
                 if is_sparse(config, i)
-                else SwiGLU.from_state(state, prefix + "mlp.", self.to)
+                else SwiGLU.from_state(state, prefix + "mlp.", self.to, tp)
             )
             self.layers.append(
                 DecoderLayer(
                     self.to(state[prefix + "input_layernorm.weight"]),
-                    _Attention(state, prefix, config, self.to),
+                    _Attention(state, prefix, config, self.to, shard, tp.is_driver),
                     self.to(state[prefix + "post_attention_layernorm.weight"]),
                     mlp,
                 )
@@ -152,5 +175,6 @@ def build_model(
     device: torch.device,
     max_positions: int,
     tp: TPGroup | None,
+    ep_size: int = 1,
 ) -> Qwen3MoeModel:
-    return Qwen3MoeModel(config, state, dtype, device, max_positions, tp)
+    return Qwen3MoeModel(config, state, dtype, device, max_positions, tp, ep_size)

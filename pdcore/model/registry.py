@@ -115,6 +115,7 @@ register(
         "mla",
         moe=True,
         model_types=("deepseek_v3",),
+        tensor_parallel=True,
         uses_attention_backend=False,
         cuda_graphs=False,
     )
@@ -126,6 +127,7 @@ register(
         "mha",
         moe=True,
         model_types=("qwen3_moe",),
+        tensor_parallel=True,
         cuda_graphs=False,
     )
 )
@@ -197,13 +199,21 @@ def build_model(
     max_positions: int,
     tp: TPGroup | None = None,
     quant: QuantizedWeights | None = None,
+    ep_size: int = 1,
 ) -> CausalLM:
     """Build `config`'s family's model from HF-named weights (this rank's share); `quant`:
-    linear weights kept quantized (--quantization), for families with `quantized_linear`."""
+    linear weights kept quantized (--quantization), for families with `quantized_linear`;
+    `ep_size`: expert parallelism over the TP group (MoE families)."""
+    from pdcore.model.moe import check_ep
+
     check_parallel(config, tp.size if tp else 1)
+    check_ep(config, tp.size if tp else 1, ep_size)
     family = family_for(config)
     if quant is None:
-        return family.impl().build_model(config, state, dtype, device, max_positions, tp)
+        build = family.impl().build_model
+        if ep_size > 1:  # only MoE families take it (check_ep refuses it for the others)
+            return build(config, state, dtype, device, max_positions, tp, ep_size=ep_size)  # type: ignore[call-arg]
+        return build(config, state, dtype, device, max_positions, tp)
     if not family.quantized_linear:
         raise ValueError(
             f"--quantization {quant.method}: {family.architecture} has no quantized layers yet; "

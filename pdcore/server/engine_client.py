@@ -172,7 +172,10 @@ class EngineClient:
     def _on_follower_exit(self, proc: BaseProcess, rank: int) -> None:
         asyncio.get_running_loop().remove_reader(proc.sentinel)
         proc.join(0)
-        what = f"PP stage {rank}" if proc.name.startswith("pdcore-pp") else f"TP rank {rank}"
+        if proc.name.startswith("pdcore-pp"):  # a pipeline grid rank: pp1, or pp1-tp0
+            what = f"pipeline rank {proc.name.removeprefix('pdcore-')}"
+        else:
+            what = f"TP rank {rank}"
         self._mark_dead(f"{what} (pid {proc.pid}) exited with code {proc.exitcode}")
 
     def _mark_dead(self, reason: str) -> None:

@@ -49,6 +49,7 @@ from pdcore.engine.sampling_params import SamplingParams, SamplingParamsError
 from pdcore.engine.setup import pick_device
 from pdcore.engine.tp_worker import FollowerWorker
 from pdcore.model.parallel import HeadShard, TPGroup, bind_address, init_tp_group
+from pdcore.model.pipeline_split import PipelineGrid
 from pdcore.server.engine_messages import (
     Abort,
     Control,
@@ -222,10 +223,10 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 
 def build_engine(
-    settings: ServerSettings, tp: TPGroup | None = None, pp: TPGroup | None = None
+    settings: ServerSettings, tp: TPGroup | None = None, pp: PipelineGrid | None = None
 ) -> EngineCore:
     """The engine of `pdcore serve`: the model, plus the pipeline of its PD mode; with
-    --pp-size, stage 0 of the pipeline group `pp`."""
+    --pp-size, world rank 0 of the pipeline grid `pp`."""
     return EngineCore(
         settings.engine_config(),
         pipeline_factory(settings.disaggregation_mode, settings, settings.host),
@@ -255,10 +256,10 @@ def engine_main(
     push.setsockopt(zmq.LINGER, 5000)
     push.connect(output_addr)
     try:
-        if settings.pp_size > 1:  # pipeline stage 0 (pdcore.server.pp_process)
-            from pdcore.server.pp_process import join_pp_group
+        if settings.pp_size > 1:  # pipeline grid rank 0 (pdcore.server.pp_process)
+            from pdcore.server.pp_process import join_pp_grid
 
-            core = build_engine(settings, None, join_pp_group(settings, 0, init_addr))
+            core = build_engine(settings, None, join_pp_grid(settings, 0, init_addr))
         else:
             core = build_engine(settings, _join_tp_group(settings, 0, init_addr))
     except BaseException as exc:

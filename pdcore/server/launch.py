@@ -216,8 +216,9 @@ async def _serve(
                 followers[-1] = start_stage_processes(rs, init_addr)
                 procs.extend(followers[-1])
                 logger.info(
-                    "pipeline parallel: %d stages, rendezvous %s; stage processes %s",
+                    "pipeline parallel: %d stages x %d TP ranks, rendezvous %s; stage processes %s",
                     settings.pp_size,
+                    settings.tp_size,
                     init_addr,
                     [p.pid for p in followers[-1]],
                 )

@@ -53,6 +53,10 @@ _STAT_GAUGES = {
     "num_inflight_queue_reqs": "Prefill: requests whose KV is being sent.",
     "num_prealloc_queue_reqs": "Decode: requests waiting to pre-allocate pages.",
     "num_transfer_queue_reqs": "Decode: requests waiting for their KV to arrive.",
+    "num_quarantined_pages": "Decode: KV pages held back after a failed or aborted transfer "
+    "(a write may still land in them), freed after ABORT_QUARANTINE_S.",
+    "quarantine_max_overdue_seconds": "Decode: the longest any quarantined page was (or is) "
+    "held past its quarantine timeout, since start; ~0 when the engine loop keeps up.",
 }
 _TRANSFER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 

@@ -1,10 +1,13 @@
-"""The processes of a pipeline (--pp-size N): joining the stage group, and stages 1..N-1.
+"""The processes of a pipeline (--pp-size N, optionally with --tp-size T): joining the grid,
+and every grid rank but 0.
 
-Stage 0 is the engine process itself (engine_process.engine_main joins the group through
-`join_pp_group` and hands it to the EngineCore). Stages 1..N-1 are processes running
+The grid has N x T ranks, rank g = stage * T + tp_rank (pdcore.model.pipeline_split). World
+rank 0 is the engine process itself (engine_process.engine_main joins the grid through
+`join_pp_grid` and hands it to the EngineCore). Ranks 1..N*T-1 are processes running
 `stage_main`, started beside it by `start_stage_processes` and watched by the frontend like
 TP followers: any of them exiting marks the engine dead (/health 503, requests fail, the
-server exits non-zero).
+server exits non-zero). On a PD side each of them also runs a transfer agent
+(pdcore.disagg.rank_channel) that moves the KV of its own layers and heads.
 """
 
 from __future__ import annotations
@@ -17,27 +20,38 @@ import sys
 import traceback
 from multiprocessing.process import BaseProcess
 
+from pdcore.disagg.rank_channel import RankAgent
+from pdcore.disagg.tp_plan import TPPlace
 from pdcore.engine.pp_stage import StageWorker
 from pdcore.engine.setup import pick_device
-from pdcore.model.parallel import TPGroup, bind_address, init_tp_group
+from pdcore.model.parallel import HeadShard, bind_address
+from pdcore.model.pipeline_split import PipelineGrid, init_pipeline_grid, split_layers
 from pdcore.settings import ServerSettings
 
 logger = logging.getLogger("pdcore.pp_process")
 
 
-def join_pp_group(settings: ServerSettings, stage: int, init_addr: str | None) -> TPGroup:
-    """This stage's pipeline group: its device (cuda:base+stage on a GPU), torch's thread
-    count (the node's cores shared between the stages), rendezvous at `init_addr`."""
+def rank_name(settings: ServerSettings, rank: int) -> str:
+    """pp1 (no TP) or pp1-tp0: how a grid rank's process and log lines are named."""
+    stage, tp_rank = divmod(rank, settings.tp_size)
+    return f"pp{stage}" + (f"-tp{tp_rank}" if settings.tp_size > 1 else "")
+
+
+def join_pp_grid(settings: ServerSettings, rank: int, init_addr: str | None) -> PipelineGrid:
+    """Grid rank `rank`'s place: its device (cuda:base+rank on a GPU), torch's thread count
+    (the node's cores shared between the grid's ranks), rendezvous at `init_addr`."""
     import torch
 
-    threads = settings.cpu_threads or max((os.cpu_count() or 1) // settings.pp_size, 1)
+    ranks = settings.pp_size * settings.tp_size
+    threads = settings.cpu_threads or max((os.cpu_count() or 1) // ranks, 1)
     torch.set_num_threads(threads)
-    device = pick_device(settings.device, settings.base_gpu_id + stage)
+    device = pick_device(settings.device, settings.base_gpu_id + rank)
     if init_addr is None:
         raise ValueError("pipeline parallel needs a rendezvous address")
-    return init_tp_group(
-        stage,
+    return init_pipeline_grid(
+        rank,
         settings.pp_size,
+        settings.tp_size,
         init_addr,
         bind_address(settings.host),
         settings.dist_timeout,
@@ -46,14 +60,14 @@ def join_pp_group(settings: ServerSettings, stage: int, init_addr: str | None) -
 
 
 def start_stage_processes(settings: ServerSettings, init_addr: str) -> list[BaseProcess]:
-    """Spawn stages 1..N-1 (stage 0 is the engine process)."""
+    """Spawn grid ranks 1..N*T-1 (rank 0 is the engine process)."""
     ctx = multiprocessing.get_context("spawn")
     procs: list[BaseProcess] = []
-    for stage in range(1, settings.pp_size):
+    for rank in range(1, settings.pp_size * settings.tp_size):
         proc = ctx.Process(
             target=stage_main,
-            args=(settings, stage, init_addr),
-            name=f"pdcore-pp{stage}",
+            args=(settings, rank, init_addr),
+            name=f"pdcore-{rank_name(settings, rank)}",
             daemon=False,
         )
         proc.start()
@@ -61,27 +75,57 @@ def start_stage_processes(settings: ServerSettings, init_addr: str) -> list[Base
     return procs
 
 
-def stage_main(settings: ServerSettings, stage: int, init_addr: str) -> None:
-    """Entry point of stage 1..N-1: join the group, load its layers, run batches until
-    stage 0 says stop (exit 0) or the group fails (exit 1)."""
+def stage_main(settings: ServerSettings, rank: int, init_addr: str) -> None:
+    """Entry point of grid rank 1..N*T-1: join the grid, load its layers (its TP shard of
+    them), run batches until rank 0 says stop (exit 0) or a group fails (exit 1)."""
     from pdcore.server.engine_process import _die_with_parent
 
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    name = rank_name(settings, rank)
     logging.basicConfig(
         level=settings.log_level.upper(),
-        format=f"%(asctime)s [pp{stage}] %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s [{name}] %(levelname)s %(name)s: %(message)s",
     )
-    pp: TPGroup | None = None
+    grid: PipelineGrid | None = None
+    agent: RankAgent | None = None
     try:
-        pp = join_pp_group(settings, stage, init_addr)
-        worker = StageWorker(settings.engine_config(), pp)
-        logger.info("pipeline stage %d ready", stage)
+        grid = join_pp_grid(settings, rank, init_addr)
+        worker = StageWorker(settings.engine_config(), grid)
+        agent = _pd_agent(settings, worker, grid)
+        logger.info("pipeline rank %s ready", name)
         worker.run()
     except Exception as exc:
-        logger.error("pipeline stage %d failed: %s: %s", stage, type(exc).__name__, exc)
+        logger.error("pipeline rank %s failed: %s: %s", name, type(exc).__name__, exc)
         logger.debug("%s", traceback.format_exc())
         sys.exit(1)
     finally:
-        if pp is not None:
-            pp.close()
+        if grid is not None:
+            grid.close()  # first: rank 0 waits for every rank to leave the groups
+        if agent is not None:
+            agent.close()
+
+
+def _pd_agent(
+    settings: ServerSettings, worker: StageWorker, grid: PipelineGrid
+) -> RankAgent | None:
+    """On a PD side every grid rank moves the KV of its own layers and heads, so it runs a
+    transfer agent (its own backend, its pool registered) that rank 0's control plane
+    drives, as a TP follower does."""
+    mode = settings.disaggregation_mode
+    if mode == "null":
+        return None
+    config = worker.rank.resolved.config
+    shard = HeadShard.of(config, grid.tp_size, grid.tp_rank)
+    layers = split_layers(config.num_layers, grid.pp_size)[grid.stage]
+    place = TPPlace(
+        grid.rank,
+        grid.world.size,
+        shard.kv_head_start,
+        config.num_kv_heads,
+        grid.pp_size,
+        layers.start,
+        config.num_layers,
+    )
+    pool = worker.rank.runner.pool
+    return RankAgent(mode, settings, pool, settings.host, place, grid.world.store)
