@@ -249,15 +249,18 @@ async def _serve(
             )
         logger.info("engine process %s started; loading the model", engines[0].pid)
         t0 = time.monotonic()
+        # The tokenizer and the sampling defaults load here while the engine loads there.
+        tokenizer_load = asyncio.ensure_future(asyncio.to_thread(_load_tokenizer, settings))
+        defaults_load = asyncio.ensure_future(asyncio.to_thread(_sampling_defaults, settings))
         try:
             ready = await wait_replicas_ready(replicas, engines, followers)
         except EngineStartupError as exc:
             raise SystemExit(f"pdcore serve: the engine failed to start: {exc}") from None
-        logger.info("engine ready in %.1fs; loading the tokenizer", time.monotonic() - t0)
+        logger.info("engine ready in %.1fs", time.monotonic() - t0)
         if ports:
             bootstrap = _start_dp_bootstrap(settings, ports)
-        tokenizer = await asyncio.to_thread(_load_tokenizer, settings)
-        defaults = await asyncio.to_thread(_sampling_defaults, settings)
+        tokenizer = await tokenizer_load
+        defaults = await defaults_load
         state = ServerState(
             settings=settings,
             client=client,

@@ -16,7 +16,6 @@ import logging
 import multiprocessing
 import os
 import signal
-import sys
 import traceback
 from multiprocessing.process import BaseProcess
 
@@ -78,7 +77,7 @@ def start_stage_processes(settings: ServerSettings, init_addr: str) -> list[Base
 def stage_main(settings: ServerSettings, rank: int, init_addr: str) -> None:
     """Entry point of grid rank 1..N*T-1: join the grid, load its layers (its TP shard of
     them), run batches until rank 0 says stop (exit 0) or a group fails (exit 1)."""
-    from pdcore.server.engine_process import _die_with_parent
+    from pdcore.server.engine_process import _die_with_parent, exit_process
 
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -89,6 +88,7 @@ def stage_main(settings: ServerSettings, rank: int, init_addr: str) -> None:
     )
     grid: PipelineGrid | None = None
     agent: RankAgent | None = None
+    code = 0
     try:
         grid = join_pp_grid(settings, rank, init_addr)
         worker = StageWorker(settings.engine_config(), grid)
@@ -98,12 +98,13 @@ def stage_main(settings: ServerSettings, rank: int, init_addr: str) -> None:
     except Exception as exc:
         logger.error("pipeline rank %s failed: %s: %s", name, type(exc).__name__, exc)
         logger.debug("%s", traceback.format_exc())
-        sys.exit(1)
+        code = 1
     finally:
         if grid is not None:
             grid.close()  # first: rank 0 waits for every rank to leave the groups
         if agent is not None:
             agent.close()
+    exit_process(code)
 
 
 def _pd_agent(
