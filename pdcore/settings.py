@@ -196,13 +196,17 @@ class ServerSettings(DisaggSettings, ProfileSettings):
         "pool for them (embedding on the first, final norm and LM head on the last); "
         "activations pass stage to stage (gloo send/recv on CPU, NCCL on CUDA). With "
         "--tp-size T each stage is a TP group: pp x T processes. Works unified and on "
-        "either PD side (each stage sends or receives its own layers' KV). Llama family, "
-        "one node, --dp-size 1 for now (see docs/parallelism.md).",
+        "either PD side (each stage sends or receives its own layers' KV); with --nnodes "
+        "the pp x T ranks split evenly over the nodes, stage by stage. Llama family, "
+        "--dp-size 1 for now (see docs/parallelism.md).",
         flags=["--pp"],
         ge=1,
     )
     nnodes: int = setting(
-        1, "Nodes the TP ranks are spread over (tp-size / nnodes ranks on each).", ge=1
+        1,
+        "Nodes the ranks are spread over: tp-size / nnodes TP ranks on each, or with "
+        "--pp-size pp x tp / nnodes pipeline grid ranks.",
+        ge=1,
     )
     node_rank: int = setting(
         0,
@@ -292,6 +296,13 @@ class ServerSettings(DisaggSettings, ProfileSettings):
     def tp_ranks_per_node(self) -> int:
         return max(self.tp_size // self.nnodes, 1)
 
+    @property
+    def grid_ranks_per_node(self) -> int:
+        """Pipeline grid ranks (stages x TP ranks) on each node: node k holds the
+        contiguous ranks k*L .. k*L+L-1, so a stage's TP group stays on one node when the
+        stages divide over the nodes (SGLang's layout: TP within a node, PP across)."""
+        return max(self.pp_size * self.tp_size // self.nnodes, 1)
+
     def model_problem(self) -> tuple[str, str] | None:
         """(flag, reason) when an HF model folder names an architecture pdcore does not
         implement, or one that cannot run with these flags yet; reads config.json only
@@ -319,7 +330,12 @@ class ServerSettings(DisaggSettings, ProfileSettings):
         """(flag, reason) when the parallelism flags do not fit together or with the
         model; reads only the model's config, never its weights."""
         tp, nnodes = self.tp_size, self.nnodes
-        if tp % nnodes:
+        if self.pp_size > 1 and (tp * self.pp_size) % nnodes:
+            return "--pp-size", (
+                f"{self.pp_size} stages x {tp} TP ranks cannot be spread evenly over "
+                f"--nnodes {nnodes}"
+            )
+        if self.pp_size == 1 and tp % nnodes:
             return "--tp-size", f"{tp} ranks cannot be spread evenly over --nnodes {nnodes}"
         if self.node_rank >= nnodes:
             return "--node-rank", f"{self.node_rank} is not below --nnodes {nnodes}"
@@ -386,8 +402,6 @@ class ServerSettings(DisaggSettings, ProfileSettings):
         # checked against the model by tp_problem.
         if self.dp_size > 1:
             return "--pp-size", "--pp-size > 1 with --dp-size > 1 is not supported yet"
-        if self.nnodes > 1:
-            return "--pp-size", "pipeline stages run on one node (--nnodes 1) for now"
         from pdcore.model.loader import ModelNotFoundError, read_model_config
         from pdcore.model.pipeline_split import pp_size_problem
         from pdcore.model.registry import family_for
@@ -411,7 +425,9 @@ class ServerSettings(DisaggSettings, ProfileSettings):
     def engine_procs_per_node(self) -> int:
         """Engine processes on this node (every dp replica's TP ranks, or the pipeline's
         stages): they share the node's cores and its default KV budget."""
-        return self.tp_ranks_per_node * self.dp_size * self.pp_size
+        if self.pp_size > 1:
+            return self.grid_ranks_per_node
+        return self.tp_ranks_per_node * self.dp_size
 
 
 def deepep_missing(device: str) -> str:

@@ -190,3 +190,24 @@ def slow_body_status_line(port: int) -> bytes:
         return sock.recv(4096).split(b"\r\n", 1)[0]
     finally:
         sock.close()
+
+
+class NodeProcess(ManagedProcess):
+    name = "node 1"
+
+
+def start_two_nodes(model: Path, tmp_path: Path, *flags: str) -> tuple[ServerProcess, NodeProcess]:
+    """A 2-node `pdcore serve` on one machine: node 0 (HTTP and rank 0) on 127.0.0.2, node 1
+    on 127.0.0.3, so nothing may assume 127.0.0.1; `flags` say how the ranks split."""
+    init = f"127.0.0.2:{free_port()}"
+    common = [*flags, "--nnodes", "2", "--dist-init-addr", init]
+    node0 = ServerProcess(
+        model, tmp_path / "node0.log", "--host", "127.0.0.2", *common, "--node-rank", "0"
+    )
+    node0.url = f"http://127.0.0.2:{node0.port}"
+    argv = [sys.executable, "-m", "pdcore.server.launch", "--model-path", str(model)]
+    argv += ["--dtype", "float32", "--max-total-tokens", "4096", "--host", "127.0.0.3"]
+    node1 = NodeProcess(
+        [*argv, *common, "--node-rank", "1"], tmp_path / "node1.log", dict(os.environ)
+    )
+    return node0, node1

@@ -17,6 +17,8 @@ from tests.openai_parity import check_against_hf
 from tests.server_helpers import (
     ServerProcess,
     assert_kill_under_load_fails_fast,
+    start_two_nodes,
+    wait_until,
 )
 
 
@@ -204,12 +206,11 @@ def test_pp_flag_rules(capsys, tiny_llama_dir: Path, monkeypatch) -> None:
     model = ["--model-path", str(tiny_llama_dir)]
     err = _serve_error(capsys, *model, "--pp", "2", "--dp-size", "2")
     assert err.startswith("pdcore serve: error: --pp-size:") and "--dp-size" in err, err
-    # more nodes than one is refused too (by the TP rules first: 1 rank over 2 nodes)
-    assert _serve_error(capsys, *model, "--pp", "2", "--nnodes", "2", "--dist-init-addr", "h:1")
-    err = _serve_error(
-        capsys, *model, "--pp", "2", "--tp", "2", "--nnodes", "2", "--dist-init-addr", "h:1"
-    )
-    assert "--pp-size: pipeline stages run on one node" in err, err
+    # the grid's pp x tp ranks must divide over the nodes (the stages split over them)
+    err = _serve_error(capsys, *model, "--pp", "2", "--nnodes", "3", "--dist-init-addr", "h:1")
+    assert "--pp-size: 2 stages x 1 TP ranks cannot be spread evenly over --nnodes 3" in err
+    two = parse_serve_args([*model, "--pp", "2", "--nnodes", "2", "--dist-init-addr", "h:1"])
+    assert two.grid_ranks_per_node == 1 and two.engine_procs_per_node == 1
     err = _serve_error(capsys, *model, "--pp-size", "3")
     assert "larger than the model's 2 layers" in err, err
     # the tp size of a pipeline is checked against the model as without PP (4 heads, 2 KV)
@@ -291,6 +292,24 @@ def test_tiny_llama_pp2_tp2_matches_transformers(tiny_llama_dir: Path, tmp_path:
     assert re.search(r"stage 1 of 2, TP rank 1 of 2: layers 1\.\.1, \d+ KV pages", log)  # no head
     assert log.count("pipeline stage 1: stop from stage 0") == 2
     assert log.count("pipeline stage 0: stop from stage 0") == 1  # stage 0's TP rank 1
+
+
+@pytest.mark.slow
+def test_pp2_over_two_nodes_on_two_loopback_addresses(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """`--pp-size 2 --nnodes 2`: stage 0 (and HTTP) on node 0 at 127.0.0.2, stage 1 on node
+    1 at 127.0.0.3, activations between them over gloo; greedy parity; a clean stop of both."""
+    node0, node1 = start_two_nodes(tiny_llama_dir, tmp_path, "--pp-size", "2")
+    try:
+        node0.wait_ready()
+        info = httpx.get(node0.url + "/server_info", timeout=10).json()
+        assert (info["pp_size"], info["nnodes"]) == (2, 2)
+        check_against_hf(node0.url, str(tiny_llama_dir))
+    finally:
+        assert node0.stop() == 0, node0.log()
+        assert wait_until(lambda: node1.proc.poll() is not None, 30), node1.log()
+        node1.stop()
+    assert node1.proc.returncode == 0, node1.log()
+    assert "pipeline stage 1 of 2" in node1.log() and "layers 1..1" in node1.log()
 
 
 @pytest.mark.slow

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import sys
 import threading
 from pathlib import Path
 
@@ -22,9 +21,9 @@ from pdcore.model.parallel import HeadShard, check_tp_size, valid_tp_sizes
 from tests.conftest import free_port
 from tests.openai_parity import check_against_hf as _check_against_hf
 from tests.server_helpers import (
-    ManagedProcess,
     ServerProcess,
     assert_kill_under_load_fails_fast,
+    start_two_nodes,
     wait_until,
 )
 
@@ -284,46 +283,11 @@ def test_default_model_tp3_matches_transformers(tmp_path: Path) -> None:
         assert server.stop() == 0, server.log()
 
 
-class _Node1(ManagedProcess):
-    name = "node 1"
-
-
 @pytest.mark.slow
 def test_two_nodes_on_two_loopback_addresses(tiny_llama_dir: Path, tmp_path: Path) -> None:
     """Node 0 on 127.0.0.2 (HTTP + rank 0), node 1 on 127.0.0.3 (rank 1): same tokens as
     transformers; then node 1's rank is killed and both nodes exit non-zero, no hang."""
-    init = f"127.0.0.2:{free_port()}"
-    common = ["--tp-size", "2", "--nnodes", "2", "--dist-init-addr", init]
-    node0 = ServerProcess(
-        tiny_llama_dir,
-        tmp_path / "node0.log",
-        "--host",
-        "127.0.0.2",
-        *common,
-        "--node-rank",
-        "0",
-    )
-    node0.url = f"http://127.0.0.2:{node0.port}"
-    node1 = _Node1(
-        [
-            sys.executable,
-            "-m",
-            "pdcore.server.launch",
-            "--model-path",
-            str(tiny_llama_dir),
-            "--dtype",
-            "float32",
-            "--max-total-tokens",
-            "4096",
-            "--host",
-            "127.0.0.3",
-            *common,
-            "--node-rank",
-            "1",
-        ],
-        tmp_path / "node1.log",
-        dict(os.environ),
-    )
+    node0, node1 = start_two_nodes(tiny_llama_dir, tmp_path, "--tp-size", "2")
     try:
         node0.wait_ready()
         info = httpx.get(node0.url + "/server_info", timeout=10).json()

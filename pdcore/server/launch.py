@@ -144,16 +144,19 @@ def _init_addr(settings: ServerSettings) -> str | None:
 
 
 def _run_follower_node(settings: ServerSettings) -> None:
-    """Node K > 0: run this node's TP ranks until they exit; no HTTP. Exits non-zero when
+    """Node K > 0: run this node's TP ranks (or pipeline grid ranks) until they exit; no HTTP. Exits non-zero when
     any rank failed (a peer or rank 0 died, a timeout), zero after rank 0's stop."""
     assert settings.dist_init_addr is not None  # checked with the flags
     procs: list[BaseProcess] = []
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     failed: list[str] = []
     try:
-        procs = start_follower_processes(settings, settings.dist_init_addr)
+        if settings.pp_size > 1:
+            procs = start_stage_processes(settings, settings.dist_init_addr)
+        else:
+            procs = start_follower_processes(settings, settings.dist_init_addr)
         logger.info(
-            "node %d: TP ranks %s started (pids %s); rank 0 at %s",
+            "node %d: ranks %s started (pids %s); rank 0 at %s",
             settings.node_rank,
             [p.name for p in procs],
             [p.pid for p in procs],

@@ -41,10 +41,10 @@ def join_pp_grid(settings: ServerSettings, rank: int, init_addr: str | None) -> 
     (the node's cores shared between the grid's ranks), rendezvous at `init_addr`."""
     import torch
 
-    ranks = settings.pp_size * settings.tp_size
-    threads = settings.cpu_threads or max((os.cpu_count() or 1) // ranks, 1)
+    local = settings.grid_ranks_per_node  # ranks on this node
+    threads = settings.cpu_threads or max((os.cpu_count() or 1) // local, 1)
     torch.set_num_threads(threads)
-    device = pick_device(settings.device, settings.base_gpu_id + rank)
+    device = pick_device(settings.device, settings.base_gpu_id + rank % local)
     if init_addr is None:
         raise ValueError("pipeline parallel needs a rendezvous address")
     return init_pipeline_grid(
@@ -59,10 +59,13 @@ def join_pp_grid(settings: ServerSettings, rank: int, init_addr: str | None) -> 
 
 
 def start_stage_processes(settings: ServerSettings, init_addr: str) -> list[BaseProcess]:
-    """Spawn grid ranks 1..N*T-1 (rank 0 is the engine process)."""
+    """Spawn this node's grid ranks (`grid_ranks_per_node` contiguous ones; on node 0 all
+    but rank 0, which is the engine process)."""
     ctx = multiprocessing.get_context("spawn")
     procs: list[BaseProcess] = []
-    for rank in range(1, settings.pp_size * settings.tp_size):
+    per_node = settings.grid_ranks_per_node
+    first = settings.node_rank * per_node
+    for rank in range(max(first, 1), first + per_node):
         proc = ctx.Process(
             target=stage_main,
             args=(settings, rank, init_addr),
