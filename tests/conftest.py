@@ -52,3 +52,16 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model.save_pretrained(str(folder), safe_serialization=True)
     tokenizer.save_pretrained(str(folder))
     return folder
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The reports that tests print (fault timings, chaos numbers, accuracy) in the CI log
+    even when they pass and run in pytest-xdist workers, whose output is otherwise dropped:
+    the standard output of each passed test, its last 4,000 characters."""
+    for report in terminalreporter.stats.get("passed", []):
+        if report.when != "call":
+            continue
+        out = "".join(text for name, text in report.sections if name == "Captured stdout call")
+        if out.strip():
+            terminalreporter.write_sep("-", f"printed by {report.nodeid}")
+            terminalreporter.write(out[-4000:].rstrip() + "\n")
