@@ -1,4 +1,4 @@
-"""Tiny random-weight MoE models, built with transformers' own classes and saved with
+"""Tiny random-weight models (a Llama and two MoE families), built with transformers' own classes and saved with
 `save_pretrained` (fp32), borrowing the default model's tokenizer so text routes work.
 
 Used by tests/test_models_moe.py and bench/moe_decode.py. As with `tiny_llama_dir`, the
@@ -19,8 +19,8 @@ def _tokenizer():
 
 
 def build_tiny_llama(folder: Path, seed: int = 1234) -> Path:
-    """LlamaForCausalLM: 2 layers, GQA 4:2, llama3 RoPE scaling -- the same model as
-    tests/conftest.py's `tiny_llama_dir`, for scripts outside pytest (bench/chaos_soak.py)."""
+    """LlamaForCausalLM: 2 layers, GQA 4:2, llama3 RoPE scaling -- tests/conftest.py's
+    `tiny_llama_dir`, and the same model for scripts outside pytest (bench/chaos_soak.py)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
