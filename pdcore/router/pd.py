@@ -38,7 +38,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
@@ -347,7 +347,10 @@ async def route_pd(request: Request) -> Response | PDStreamResponse:
     """POST /generate, /v1/completions, /v1/chat/completions."""
     state: RouterState = request.app.state.router
     t0 = time.monotonic()
-    raw = await _read_body(request, state.settings.http_body_timeout)
+    try:
+        raw = await _read_body(request, state.settings.http_body_timeout)
+    except ClientDisconnect:  # gone before its body arrived: nothing was sent anywhere
+        return Response(status_code=CLIENT_CLOSED)
     limit = state.settings.max_payload_size
     if len(raw) > limit:
         raise ProtocolError(

@@ -1,4 +1,5 @@
-"""Tools for plugin authors: the transfer-backend conformance kit.
+"""Tools for plugin authors: the transfer-backend conformance kit. Also the load/chaos
+harness for a whole PD deployment, `pdcore.testing.chaos` (docs/reliability.md).
 
 `run_conformance("NAME")` returns a ConformanceReport (one CheckResult per check);
 `conformance_test("NAME")` is the same as a parametrized pytest test, for a plugin's own
