@@ -23,6 +23,22 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
+@pytest.fixture(scope="session")
+def deepseek_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random DeepseekV3 (MLA, MoE with a shared expert; tests/tiny_models.py)."""
+    from tests.tiny_models import build_tiny_deepseek_v3
+
+    return build_tiny_deepseek_v3(tmp_path_factory.mktemp("tiny-deepseek-v3"))
+
+
+@pytest.fixture(scope="session")
+def qwen3_moe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Qwen3-MoE (tests/tiny_models.py)."""
+    from tests.tiny_models import build_tiny_qwen3_moe
+
+    return build_tiny_qwen3_moe(tmp_path_factory.mktemp("tiny-qwen3-moe"))
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """The reports that tests print (fault timings, chaos numbers, accuracy) in the CI log
     even when they pass and run in pytest-xdist workers, whose output is otherwise dropped:

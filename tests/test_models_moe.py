@@ -21,19 +21,9 @@ from pdcore.model.moe import Experts, SwiGLU, grouped_topk
 from pdcore.offline import Engine
 from tests.hf_reference import PROMPTS, hf_greedy, load_hf_model
 from tests.server_helpers import ServerProcess
-from tests.tiny_models import build_tiny_deepseek_v3, build_tiny_qwen3_moe
+from tests.tiny_models import build_tiny_deepseek_v3
 
 MAX_TOKENS = 12
-
-
-@pytest.fixture(scope="module")
-def deepseek_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_deepseek_v3(tmp_path_factory.mktemp("tiny-deepseek-v3"))
-
-
-@pytest.fixture(scope="module")
-def qwen3_moe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_qwen3_moe(tmp_path_factory.mktemp("tiny-qwen3-moe"))
 
 
 @pytest.fixture(scope="module")

@@ -16,17 +16,6 @@ import pytest
 from pdcore.settings import parse_serve_args
 from tests.openai_parity import check_against_hf
 from tests.server_helpers import ServerProcess
-from tests.tiny_models import build_tiny_deepseek_v3, build_tiny_qwen3_moe
-
-
-@pytest.fixture(scope="module")
-def deepseek_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_deepseek_v3(tmp_path_factory.mktemp("tiny-deepseek-v3"))
-
-
-@pytest.fixture(scope="module")
-def qwen3_moe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_qwen3_moe(tmp_path_factory.mktemp("tiny-qwen3-moe"))
 
 
 def _refused(capsys: pytest.CaptureFixture[str], *argv: str) -> str:

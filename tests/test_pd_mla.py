@@ -23,7 +23,6 @@ from tests.openai_parity import check_against_hf
 from tests.server_helpers import ManagedProcess, ServerProcess, wait_until
 from tests.test_pd_e2e import ENV, PDDeployment
 from tests.test_router_helpers import RouterProcess, pd_flags
-from tests.tiny_models import build_tiny_deepseek_v3
 
 # the tiny model (tests/tiny_models.py): 3 layers, kv_lora_rank 32, qk_rope_head_dim 16
 LAYERS, LATENT, ROPE = 3, 32, 16
@@ -77,11 +76,6 @@ def test_mla_runs_move_one_latent_buffer() -> None:
 
 
 # --- real processes -------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def deepseek_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_deepseek_v3(tmp_path_factory.mktemp("tiny-deepseek-v3"))
 
 
 @pytest.fixture(scope="module", params=["nixl", "mooncake"])
