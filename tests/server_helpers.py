@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 
+from pdcore.testing.processes import pid_alive, spawned_children
 from tests.conftest import free_port
 
 START_TIMEOUT = 180.0
@@ -87,23 +88,8 @@ class ServerProcess(ManagedProcess):
 
     def engine_pids(self) -> list[int]:
         """The server's spawned children (the engine; not multiprocessing's resource
-        tracker), read from /proc."""
-        pids: list[int] = []
-        for children in Path(f"/proc/{self.proc.pid}/task").glob("*/children"):
-            for pid in children.read_text().split():
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-                if b"spawn_main" in cmdline:
-                    pids.append(int(pid))
-        return pids
-
-
-def pid_alive(pid: int) -> bool:
-    """True while `pid` exists and is not a zombie."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state != "Z"
+        tracker)."""
+        return spawned_children(self.proc.pid)
 
 
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool:

@@ -18,6 +18,7 @@ from pdcore.engine.tp_sync import TPSyncError, decode_batch, encode_batch
 from pdcore.model.config import ModelConfig
 from pdcore.model.forward_batch import ForwardBatch
 from pdcore.model.parallel import HeadShard, check_tp_size, valid_tp_sizes
+from pdcore.testing.processes import spawned_children
 from tests.conftest import free_port
 from tests.openai_parity import check_against_hf as _check_against_hf
 from tests.server_helpers import (
@@ -293,7 +294,7 @@ def test_two_nodes_on_two_loopback_addresses(tiny_llama_dir: Path, tmp_path: Pat
         info = httpx.get(node0.url + "/server_info", timeout=10).json()
         assert (info["tp_size"], info["nnodes"]) == (2, 2)
         _check_against_hf(node0.url, str(tiny_llama_dir))
-        (rank1,) = _tp_children(node1.proc.pid)
+        (rank1,) = spawned_children(node1.proc.pid)
         os.kill(rank1, signal.SIGKILL)
         assert wait_until(lambda: node0.proc.poll() is not None, 20), node0.log()
         assert wait_until(lambda: node1.proc.poll() is not None, 20), node1.log()
@@ -301,15 +302,6 @@ def test_two_nodes_on_two_loopback_addresses(tiny_llama_dir: Path, tmp_path: Pat
     finally:
         node0.stop()
         node1.stop()
-
-
-def _tp_children(pid: int) -> list[int]:
-    pids = []
-    for children in Path(f"/proc/{pid}/task").glob("*/children"):
-        for child in children.read_text().split():
-            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
-                pids.append(int(child))
-    return pids
 
 
 @pytest.mark.slow

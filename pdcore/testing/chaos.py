@@ -42,6 +42,7 @@ from typing import Any
 import httpx
 
 from pdcore.launch import free_port
+from pdcore.testing.processes import child_pids, pid_alive
 
 PDCORE = [sys.executable, "-m", "pdcore.cli"]
 
@@ -96,22 +97,6 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    for f in Path(f"/proc/{pid}/task").glob("*/children"):
-        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-            out += [int(c) for c in f.read_text().split()]
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state != "Z"
-
-
 class Instance:
     """One `pdcore serve` (or `pdcore router`) process on a fixed port, so a restart keeps
     its URL (and a prefill its bootstrap port); its log goes to `<name>.<start>.log`."""
@@ -159,7 +144,7 @@ class Instance:
         if self.proc is None or self.proc.poll() is not None:
             return []
         pids = [self.proc.pid]
-        for child in _children(self.proc.pid):
+        for child in child_pids(self.proc.pid):
             with contextlib.suppress(FileNotFoundError, ProcessLookupError):
                 if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
                     pids.append(child)
@@ -185,7 +170,7 @@ class Instance:
         self.proc.wait(30)
         for pid in pids[1:]:
             deadline = time.monotonic() + 10
-            while _alive(pid) and time.monotonic() < deadline:
+            while pid_alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
 
     def signal_all(self, sig: int) -> None:
@@ -207,9 +192,9 @@ class Instance:
                 self.proc.wait(10)
         for pid in pids[1:]:
             deadline = time.monotonic() + 10
-            while _alive(pid) and time.monotonic() < deadline:
+            while pid_alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            if _alive(pid):
+            if pid_alive(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
 
