@@ -342,7 +342,7 @@ class ServerSettings(DisaggSettings, ProfileSettings):
         if nnodes > 1 and not self.dist_init_addr:
             return "--dist-init-addr", "required when --nnodes > 1 (HOST:PORT of node 0)"
         if self.dist_init_addr:
-            from pdcore.model.parallel import split_host_port
+            from pdcore.model.dist_addr import split_host_port
 
             try:
                 split_host_port(self.dist_init_addr)

@@ -101,9 +101,9 @@ class EngineCore:
             self.max_running_requests,
             settings.chunked_prefill_size,
         )
-        from pdcore.model.tokenizer import load_tokenizer
+        from pdcore.model.text_tokenizer import load_text_tokenizer
 
-        self.tokenizer = load_tokenizer(settings.model_path, settings.tokenizer_path)
+        self.tokenizer = load_text_tokenizer(settings.model_path, settings.tokenizer_path)
         eos = set(config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)

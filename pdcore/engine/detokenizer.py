@@ -6,15 +6,18 @@ unfinished UTF-8 sequence ("\ufffd") is never emitted half-way.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
+
+class TextDecoder(Protocol):
+    """What detokenizing needs of a tokenizer (pdcore's TextTokenizer, or transformers')."""
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = ...) -> str: ...
 
 
 class IncrementalDetokenizer:
     def __init__(
-        self, tokenizer: PreTrainedTokenizerBase, stop: list[str], skip_special_tokens: bool = True
+        self, tokenizer: TextDecoder | None, stop: list[str], skip_special_tokens: bool = True
     ) -> None:
         self._tokenizer = tokenizer
         self._skip = skip_special_tokens
@@ -27,6 +30,7 @@ class IncrementalDetokenizer:
         self._sent = 0  # chars of self.text already taken
 
     def _decode(self, ids: list[int]) -> str:
+        assert self._tokenizer is not None
         return str(self._tokenizer.decode(ids, skip_special_tokens=self._skip))
 
     def append(self, token_id: int) -> str | None:

@@ -19,11 +19,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
+from pdcore.model.gguf_header import read_gguf_header
 from pdcore.model.loader import DEFAULT_MODEL_SAMPLING, ModelNotFoundError, default_model_path
 
 logger = logging.getLogger(__name__)
@@ -105,57 +105,9 @@ def _is_default_model(path: Path) -> bool:
 
 
 def _gguf_sampling(path: Path) -> dict[str, Any]:
-    """The `general.sampling.*` values of a GGUF's metadata. Reads the key/value header only
-    (gguf.GGUFReader also indexes every tensor and array: seconds for a small model)."""
-    out: dict[str, Any] = {}
-    with open(path, "rb") as f:
-        magic, version = f.read(4), _read(f, "<I")
-        if magic != b"GGUF" or version < 2:
-            raise ValueError(f"{path}: not a GGUF v2/v3 file")
-        _read(f, "<Q")  # tensor count
-        for _ in range(_read(f, "<Q")):
-            key = _read_str(f)
-            kind = _read(f, "<I")
-            if key in _GGUF_KEYS and kind in _SCALARS:
-                out[_GGUF_KEYS[key]] = _read(f, _SCALARS[kind])
-            else:
-                _skip_value(f, kind)
-    return out
-
-
-# GGUF value types -> struct formats (8: string, 9: array, 7: bool are handled apart).
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 10: "<Q", 11: "<q"}
-_SCALARS[12] = "<d"
-
-
-def _read(f: BinaryIO, fmt: str) -> Any:
-    size = struct.calcsize(fmt)
-    data = f.read(size)
-    if len(data) != size:
-        raise ValueError("truncated GGUF header")
-    return struct.unpack(fmt, data)[0]
-
-
-def _read_str(f: BinaryIO) -> str:
-    return f.read(_read(f, "<Q")).decode("utf-8", errors="replace")
-
-
-def _skip_value(f: BinaryIO, kind: int) -> None:
-    if kind in _SCALARS:
-        f.seek(struct.calcsize(_SCALARS[kind]), 1)
-    elif kind == 7:  # bool
-        f.seek(1, 1)
-    elif kind == 8:  # string
-        f.seek(_read(f, "<Q"), 1)
-    elif kind == 9:  # array: element type, count, elements
-        elem, count = _read(f, "<I"), _read(f, "<Q")
-        if elem in _SCALARS or elem == 7:
-            f.seek(count * (1 if elem == 7 else struct.calcsize(_SCALARS[elem])), 1)
-        else:
-            for _ in range(count):
-                _skip_value(f, elem)
-    else:
-        raise ValueError(f"unknown GGUF value type {kind}")
+    """The `general.sampling.*` values of a GGUF's metadata (the key/value header only)."""
+    metadata = read_gguf_header(path, _GGUF_KEYS, with_tensors=False).metadata
+    return {_GGUF_KEYS[key]: value for key, value in metadata.items()}
 
 
 def _checked(data: dict[str, Any], where: str) -> dict[str, float | int]:

@@ -134,25 +134,33 @@ def read_gguf_quantized(path: Path, config: ModelConfig) -> dict[str, GGUFRows]:
     """The linear weights (and token_embd, the tied LM head) whose type the quantized
     kernels read (Q4_0, Q4_1, Q8_0), as raw blocks by HF name, q/k rows un-permuted like
     `iter_gguf_tensors` does. Blocks lie along K, so permuting rows moves whole blocks."""
-    import gguf
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+    from pdcore.model.gguf_header import read_gguf_header
     from pdcore.model.quantized import GGUF_KERNEL_TYPES, GGUFRows
 
-    reader = gguf.GGUFReader(str(path))
+    # The header read directly (pdcore.model.gguf_header), not through gguf.GGUFReader,
+    # which spends seconds indexing the vocabulary before the first tensor can be read.
+    mapped = np.memmap(path, dtype=np.uint8, mode="r")
     out: dict[str, GGUFRows] = {}
-    for tensor in reader.tensors:
+    for tensor in read_gguf_header(path).tensors:
         name = _hf_name(tensor.name)
-        kind = tensor.tensor_type.name
+        kind = GGMLQuantizationType(tensor.ggml_type).name
         if (
             name is None
             or kind not in GGUF_KERNEL_TYPES
             or tensor.name.split(".")[-2] in _NOT_LINEAR
         ):
             continue
-        data = np.asarray(tensor.data)  # uint8 [N, row bytes], memory-mapped
+        block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(tensor.ggml_type)]
+        k = tensor.dims[0]
+        rows = int(np.prod(tensor.dims[1:]))
+        row_bytes = k // block * block_bytes
+        # uint8 [N, row bytes], memory-mapped
+        data = mapped[tensor.offset : tensor.offset + rows * row_bytes].reshape(rows, row_bytes)
         if ".attn_q." in tensor.name:
             data = _unpermute(data, config.num_heads)
         elif ".attn_k." in tensor.name:
             data = _unpermute(data, config.num_kv_heads)
-        out[name] = GGUFRows(kind, data, int(tensor.shape[0]))
+        out[name] = GGUFRows(kind, data, k)
     return out

@@ -15,10 +15,12 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from pdcore.model.config import ModelConfig
+
+if TYPE_CHECKING:  # torch is imported by the engine, not by the HTTP frontend that resolves paths
+    import torch
 
 logger = logging.getLogger(__name__)
 

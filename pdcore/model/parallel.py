@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from pdcore.model.config import ModelConfig
+from pdcore.model.dist_addr import split_host_port
 
 logger = logging.getLogger(__name__)
 
@@ -191,20 +192,6 @@ class TPGroup:
         except Exception:  # pragma: no cover - shutting down anyway
             logger.debug("leaving the TP group failed", exc_info=True)
         self.backend = None
-
-
-def split_host_port(addr: str) -> tuple[str, int]:
-    """'HOST:PORT' (or '[v6]:PORT') -> (host, port); ValueError when malformed."""
-    host, sep, port = addr.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"expected HOST:PORT, got {addr!r}")
-    return host.strip("[]"), int(port)
-
-
-def bind_address(host: str) -> str:
-    """The address this node's collectives bind to: its --host, or loopback for a
-    wildcard --host on a single node."""
-    return "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
 
 
 def init_tp_group(

@@ -21,7 +21,7 @@ an Error (400) so its waiter does not hang. The loop never dies of a bad message
 
 With tensor parallelism (--tp-size N) this process is TP rank 0 (the driver) and the other
 ranks of this node are processes running `follower_main`, started beside it by
-`start_rank_processes`; ranks on other nodes are started there by `pdcore serve
+`pdcore.server.spawn.start_follower_processes`; ranks on other nodes are started there by `pdcore serve
 --node-rank K`. A rank that dies fails the others' next collective (or the heartbeat rank 0
 sends while idle), so the group never hangs silently.
 """
@@ -30,12 +30,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import multiprocessing
 import os
 import signal
 import sys
 import traceback
-from multiprocessing.process import BaseProcess
 from typing import Any, NoReturn
 
 import zmq
@@ -49,7 +47,8 @@ from pdcore.engine.request import RequestError, RequestOutput
 from pdcore.engine.sampling_params import SamplingParams, SamplingParamsError
 from pdcore.engine.setup import pick_device
 from pdcore.engine.tp_worker import FollowerWorker
-from pdcore.model.parallel import HeadShard, TPGroup, bind_address, init_tp_group
+from pdcore.model.dist_addr import bind_address
+from pdcore.model.parallel import HeadShard, TPGroup, init_tp_group
 from pdcore.model.pipeline_split import PipelineGrid
 from pdcore.server.engine_messages import (
     Abort,
@@ -75,49 +74,6 @@ logger = logging.getLogger("pdcore.engine_process")
 IDLE_POLL_MS = 20  # how long an idle engine blocks waiting for a request
 WAITING_POLL_MS = 1  # with requests only waiting on the network
 PARENT_CHECK_EVERY = 50  # idle iterations between checks that the frontend is still alive
-
-
-def start_engine_process(
-    settings: ServerSettings,
-    request_addr: str,
-    output_addr: str,
-    init_addr: str | None = None,
-) -> BaseProcess:
-    """Spawn the engine process ("spawn": a fresh interpreter, no forked torch/zmq state);
-    with TP it is rank 0 and joins the group at `init_addr`."""
-    ctx = multiprocessing.get_context("spawn")
-    proc = ctx.Process(
-        target=engine_main,
-        args=(settings, request_addr, output_addr, os.getpid(), init_addr),
-        name="pdcore-engine",
-        daemon=False,  # a daemonic process may not start children
-    )
-    proc.start()
-    return proc
-
-
-def node_ranks(settings: ServerSettings) -> list[int]:
-    """The global TP ranks this node runs: node k holds ranks k*L .. k*L+L-1."""
-    per_node = settings.tp_ranks_per_node
-    return list(range(settings.node_rank * per_node, (settings.node_rank + 1) * per_node))
-
-
-def start_follower_processes(settings: ServerSettings, init_addr: str) -> list[BaseProcess]:
-    """Spawn this node's TP followers (every rank of this node except global rank 0)."""
-    ctx = multiprocessing.get_context("spawn")
-    procs: list[BaseProcess] = []
-    for rank in node_ranks(settings):
-        if rank == 0:
-            continue
-        proc = ctx.Process(
-            target=follower_main,
-            args=(settings, rank, init_addr, os.getpid()),
-            name=f"pdcore-tp{rank}",
-            daemon=False,
-        )
-        proc.start()
-        procs.append(proc)
-    return procs
 
 
 def _join_tp_group(settings: ServerSettings, rank: int, init_addr: str | None) -> TPGroup:
@@ -199,21 +155,6 @@ def _pd_agent(settings: ServerSettings, worker: FollowerWorker, tp: TPGroup) -> 
     shard = HeadShard.of(config, tp.size, tp.rank)
     place = TPPlace(tp.rank, tp.size, shard.kv_head_start, config.num_kv_heads)
     return RankAgent(mode, settings, worker.rank.runner.pool, settings.host, place, tp.store)
-
-
-def stop_engine_process(proc: BaseProcess, timeout: float = 5.0) -> None:
-    """Terminate the engine process and reap it, escalating to SIGKILL; never leave an orphan."""
-    if proc.pid is None:
-        return
-    if proc.is_alive():
-        proc.terminate()
-        proc.join(timeout)
-    if proc.is_alive():
-        logger.warning("engine process did not stop on SIGTERM; killing it")
-        proc.kill()
-        proc.join(timeout)
-    else:
-        proc.join(0)
 
 
 def _die_with_parent() -> None:

@@ -37,8 +37,8 @@ import uvicorn
 
 from pdcore.disagg.auth import ControlAuth
 from pdcore.disagg.bootstrap import BootstrapError, BootstrapServer, replica_routes
+from pdcore.model.dist_addr import bind_address
 from pdcore.model.generation_defaults import GenerationDefaults
-from pdcore.model.parallel import bind_address
 from pdcore.server.app import build_app
 from pdcore.server.dp_client import (
     DataParallelClient,
@@ -47,15 +47,15 @@ from pdcore.server.dp_client import (
     wait_replicas_ready,
 )
 from pdcore.server.engine_client import EngineClient, EngineStartupError
-from pdcore.server.engine_process import (
-    start_engine_process,
-    start_follower_processes,
-    stop_engine_process,
-)
 from pdcore.server.generation import ServerState
 from pdcore.server.http_limits import guarded_h11
 from pdcore.server.metrics import Metrics
-from pdcore.server.pp_process import start_stage_processes
+from pdcore.server.spawn import (
+    start_engine_process,
+    start_follower_processes,
+    start_stage_processes,
+    stop_engine_process,
+)
 from pdcore.settings import ServerSettings
 from pdcore.web.errors import check_port
 
@@ -258,6 +258,9 @@ async def _serve(
         try:
             ready = await wait_replicas_ready(replicas, engines, followers)
         except EngineStartupError as exc:
+            for load in (tokenizer_load, defaults_load):  # their own errors say the same again
+                load.cancel()
+                load.add_done_callback(_consume_error)
             raise SystemExit(f"pdcore serve: the engine failed to start: {exc}") from None
         logger.info("engine ready in %.1fs", time.monotonic() - t0)
         if ports:
@@ -339,10 +342,15 @@ async def _exit_when_dead(client: DataParallelClient, server: uvicorn.Server) ->
     server.should_exit = True
 
 
-def _load_tokenizer(settings: ServerSettings) -> Any:
-    from pdcore.model.tokenizer import load_tokenizer
+def _consume_error(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
-    return load_tokenizer(settings.model_path, settings.tokenizer_path)
+
+def _load_tokenizer(settings: ServerSettings) -> Any:
+    from pdcore.model.text_tokenizer import load_text_tokenizer
+
+    return load_text_tokenizer(settings.model_path, settings.tokenizer_path)
 
 
 def _sampling_defaults(settings: ServerSettings) -> GenerationDefaults:

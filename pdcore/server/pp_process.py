@@ -4,7 +4,7 @@ and every grid rank but 0.
 The grid has N x T ranks, rank g = stage * T + tp_rank (pdcore.model.pipeline_split). World
 rank 0 is the engine process itself (engine_process.engine_main joins the grid through
 `join_pp_grid` and hands it to the EngineCore). Ranks 1..N*T-1 are processes running
-`stage_main`, started beside it by `start_stage_processes` and watched by the frontend like
+`stage_main`, started beside it by `pdcore.server.spawn.start_stage_processes` and watched by the frontend like
 TP followers: any of them exiting marks the engine dead (/health 503, requests fail, the
 server exits non-zero). On a PD side each of them also runs a transfer agent
 (pdcore.disagg.rank_channel) that moves the KV of its own layers and heads.
@@ -13,27 +13,21 @@ server exits non-zero). On a PD side each of them also runs a transfer agent
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
 import signal
 import traceback
-from multiprocessing.process import BaseProcess
 
 from pdcore.disagg.rank_channel import RankAgent
 from pdcore.disagg.tp_plan import TPPlace
 from pdcore.engine.pp_stage import StageWorker
 from pdcore.engine.setup import pick_device
-from pdcore.model.parallel import HeadShard, bind_address
+from pdcore.model.dist_addr import bind_address
+from pdcore.model.parallel import HeadShard
 from pdcore.model.pipeline_split import PipelineGrid, init_pipeline_grid, split_layers
+from pdcore.server.spawn import rank_name
 from pdcore.settings import ServerSettings
 
 logger = logging.getLogger("pdcore.pp_process")
-
-
-def rank_name(settings: ServerSettings, rank: int) -> str:
-    """pp1 (no TP) or pp1-tp0: how a grid rank's process and log lines are named."""
-    stage, tp_rank = divmod(rank, settings.tp_size)
-    return f"pp{stage}" + (f"-tp{tp_rank}" if settings.tp_size > 1 else "")
 
 
 def join_pp_grid(settings: ServerSettings, rank: int, init_addr: str | None) -> PipelineGrid:
@@ -56,25 +50,6 @@ def join_pp_grid(settings: ServerSettings, rank: int, init_addr: str | None) -> 
         settings.dist_timeout,
         device,
     )
-
-
-def start_stage_processes(settings: ServerSettings, init_addr: str) -> list[BaseProcess]:
-    """Spawn this node's grid ranks (`grid_ranks_per_node` contiguous ones; on node 0 all
-    but rank 0, which is the engine process)."""
-    ctx = multiprocessing.get_context("spawn")
-    procs: list[BaseProcess] = []
-    per_node = settings.grid_ranks_per_node
-    first = settings.node_rank * per_node
-    for rank in range(max(first, 1), first + per_node):
-        proc = ctx.Process(
-            target=stage_main,
-            args=(settings, rank, init_addr),
-            name=f"pdcore-{rank_name(settings, rank)}",
-            daemon=False,
-        )
-        proc.start()
-        procs.append(proc)
-    return procs
 
 
 def stage_main(settings: ServerSettings, rank: int, init_addr: str) -> None:
