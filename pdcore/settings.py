@@ -273,8 +273,12 @@ class ServerSettings(DisaggSettings, ProfileSettings):
     )
     enable_dp_attention: bool = setting(
         False,
-        "SGLang's data-parallel attention inside the TP group. Not built in pdcore yet: "
-        "refused with a clear error (see docs/models.md).",
+        "SGLang's data-parallel attention for MoE models: each of the --dp-size ranks "
+        "schedules and attends over its own batch and KV cache, while the MoE layers split "
+        "their experts over all --tp-size ranks (expert parallel, tokens exchanged by "
+        "all-to-all); ranks without a batch run idle passes so the others never wait. "
+        "Here --tp-size must equal --dp-size (one attention rank per dp rank) and --ep-size "
+        "equal --tp-size; unified serving only (see docs/models.md).",
     )
 
     def engine_config(self) -> EngineConfig:
@@ -294,7 +298,8 @@ class ServerSettings(DisaggSettings, ProfileSettings):
 
     @property
     def tp_ranks_per_node(self) -> int:
-        return max(self.tp_size // self.nnodes, 1)
+        """Each replica's TP ranks on one node (its attention group under dp-attention)."""
+        return max(self.attention_tp_size // self.nnodes, 1)
 
     @property
     def grid_ranks_per_node(self) -> int:
@@ -348,13 +353,14 @@ class ServerSettings(DisaggSettings, ProfileSettings):
                 split_host_port(self.dist_init_addr)
             except ValueError as exc:
                 return "--dist-init-addr", str(exc)
-        if tp == 1:
+        attention_tp = self.attention_tp_size  # the heads split over it
+        if attention_tp <= 1:
             return None
         from pdcore.model.loader import ModelNotFoundError, read_model_config
         from pdcore.model.parallel import check_tp_size
 
         try:
-            check_tp_size(read_model_config(self.model_path), tp)
+            check_tp_size(read_model_config(self.model_path), attention_tp)
         except ModelNotFoundError as exc:
             return "--model-path", str(exc)
         except ValueError as exc:
@@ -367,10 +373,9 @@ class ServerSettings(DisaggSettings, ProfileSettings):
         if self.moe_a2a_backend == "deepep":
             return "--moe-a2a-backend", deepep_missing(self.device)
         if self.enable_dp_attention:
-            return "--enable-dp-attention", (
-                "data-parallel attention is not built in pdcore yet (attention runs "
-                "tensor-parallel over --tp-size; --dp-size replicates whole engines)"
-            )
+            why = self._dp_attention_problem()
+            if why is not None:
+                return "--enable-dp-attention", why
         if self.ep_size == 1 and self.tp_size == 1:
             return None
         from pdcore.model.loader import ModelNotFoundError, read_model_config
@@ -382,6 +387,36 @@ class ServerSettings(DisaggSettings, ProfileSettings):
             return "--model-path", str(exc)
         except ValueError:
             return None  # an unsupported model: model_problem says so
+
+    def _dp_attention_problem(self) -> str | None:
+        tp, dp = self.tp_size, self.dp_size
+        if dp < 2:
+            return "needs --dp-size > 1 (the ranks that attend over batches of their own)"
+        if tp != dp:
+            return (
+                f"--tp-size {tp} with --dp-size {dp}: each dp rank would attend with "
+                f"{tp / dp:g} TP ranks; pdcore runs one attention rank per dp rank, so set "
+                f"--tp-size {dp}"
+            )
+        if self.ep_size != tp:
+            return (
+                f"the MoE layers split their experts over all {tp} ranks: set --ep-size {tp} "
+                f"(got {self.ep_size})"
+            )
+        if self.pp_size > 1:
+            return "--pp-size > 1 with --enable-dp-attention is not supported"
+        if self.disaggregation_mode != "null":
+            return (
+                "PD (--disaggregation-mode prefill/decode) with dp-attention is not built yet; "
+                "serve unified, or run PD with --tp-size/--ep-size"
+            )
+        return None
+
+    @property
+    def attention_tp_size(self) -> int:
+        """The TP size of attention (and dense layers): --tp-size, or with dp-attention
+        --tp-size / --dp-size (each dp rank its own attention group)."""
+        return self.tp_size // self.dp_size if self.enable_dp_attention else self.tp_size
 
     def dp_problem(self) -> tuple[str, str] | None:
         """(flag, reason) when --dp-size does not fit the other flags."""

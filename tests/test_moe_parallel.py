@@ -40,11 +40,23 @@ def test_invalid_moe_flags_are_refused_naming_the_flag(
     assert "--moe-a2a-backend: deepep needs DeepEP" in err and "NVSHMEM" in err, err
     assert "missing here" in err and "deep_ep" in err, err
     err = _refused(capsys, *ds, "--tp", "2", "--enable-dp-attention")
-    assert "--enable-dp-attention" in err and "not built" in err, err
+    assert "--enable-dp-attention: needs --dp-size > 1" in err, err
+    dpa = [*ds, "--tp", "2", "--dp", "2", "--enable-dp-attention"]
+    err = _refused(capsys, *dpa)
+    assert "--enable-dp-attention" in err and "set --ep-size 2 (got 1)" in err, err
+    err = _refused(capsys, *dpa[:-3], "--dp", "1", "--ep", "2", "--enable-dp-attention")
+    assert "needs --dp-size > 1" in err, err
+    err = _refused(capsys, *dpa, "--ep", "2", "--disaggregation-mode", "prefill")
+    assert "--enable-dp-attention: PD" in err and "not built yet" in err, err
+    err = _refused(capsys, "--model-path", str(tiny_llama_dir), *dpa[2:], "--ep", "2")
+    assert "LlamaForCausalLM has no routed experts" in err, err
     # what works parses
     for argv in (["--tp", "2", "--ep", "2"], ["--tp", "2"], ["--moe-a2a-backend", "none"]):
         settings = parse_serve_args([*ds, *argv])
         assert settings.engine_config().ep_size == settings.ep_size
+    settings = parse_serve_args([*dpa, "--ep", "2"])
+    assert settings.attention_tp_size == 1 and settings.engine_procs_per_node == 2
+    assert settings.engine_config().enable_dp_attention
 
 
 @pytest.fixture(
@@ -53,8 +65,16 @@ def test_invalid_moe_flags_are_refused_naming_the_flag(
         ("DeepseekV3ForCausalLM", "2"),
         ("Qwen3MoeForCausalLM", "2"),
         ("DeepseekV3ForCausalLM", "1"),
+        ("DeepseekV3ForCausalLM", "dp-attention"),
+        ("Qwen3MoeForCausalLM", "dp-attention"),
     ],
-    ids=["deepseek-tp2-ep2", "qwen3moe-tp2-ep2", "deepseek-tp2-ep1"],
+    ids=[
+        "deepseek-tp2-ep2",
+        "qwen3moe-tp2-ep2",
+        "deepseek-tp2-ep1",
+        "deepseek-tp2-dp2-ep2-dpattn",
+        "qwen3moe-tp2-dp2-ep2-dpattn",
+    ],
 )
 def tp_server(
     request: pytest.FixtureRequest,
@@ -65,7 +85,10 @@ def tp_server(
     arch, ep = request.param
     folder = deepseek_dir if arch.startswith("Deepseek") else qwen3_moe_dir
     log = tmp_path_factory.mktemp("server") / "server.log"
-    flags = ("--tp-size", "2", "--ep-size", ep, "--cpu-threads", "1")
+    flags: tuple[str, ...] = ("--tp-size", "2", "--ep-size", ep, "--cpu-threads", "1")
+    if ep == "dp-attention":  # each dp rank attends over its own batch; experts over both
+        flags = ("--tp-size", "2", "--dp-size", "2", "--ep-size", "2", "--enable-dp-attention")
+        flags += ("--cpu-threads", "1")
     server = ServerProcess(folder, log, *flags)
     try:
         server.wait_ready(600)
@@ -79,10 +102,35 @@ def test_tp_ep_greedy_equals_transformers(tp_server) -> None:
     arch, ep, folder, server = tp_server
     info = httpx.get(server.url + "/server_info", timeout=10).json()
     assert info["architecture"] == arch
-    assert (info["tp_size"], info["dp_size"], info["ep_size"]) == (2, 1, int(ep))
+    if ep == "dp-attention":
+        assert (info["tp_size"], info["dp_size"], info["ep_size"]) == (2, 2, 2)
+        assert info["enable_dp_attention"] and info["attention_tp_size"] == 1
+    else:
+        assert (info["tp_size"], info["dp_size"], info["ep_size"]) == (2, 1, int(ep))
     check_against_hf(server.url, str(folder))
-    load = httpx.get(server.url + "/get_load", timeout=10).json()[0]
-    assert load["num_reqs"] == 0 and [r["tp_rank"] for r in load["ranks"]] == [0, 1]
+    loads = httpx.get(server.url + "/get_load", timeout=10).json()
+    if ep == "dp-attention":  # two dp ranks, each its own scheduler, both were used
+        assert [load["dp_rank"] for load in loads] == [0, 1], loads
+        assert all(load["num_reqs"] == 0 for load in loads), loads
+        before = _states(server)
+        assert all(s["num_forward_steps"] > 0 for s in before), before
+        # One request: its dp rank runs 4 passes (prefill + 3 decodes); the other rank has
+        # no batch, so it must run an idle pass for each (its experts serve the tokens).
+        body = {"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 4}}
+        assert httpx.post(server.url + "/generate", json=body, timeout=60).status_code == 200
+        after = _states(server)
+        ran = [a["num_forward_steps"] - b["num_forward_steps"] for a, b in zip(after, before)]
+        idle = [a["num_idle_passes"] - b["num_idle_passes"] for a, b in zip(after, before)]
+        busy = ran.index(max(ran))
+        assert ran[busy] == 4 and ran[1 - busy] == 0, ran
+        assert idle[1 - busy] == 4 and idle[busy] == 0, idle
+    else:
+        load = loads[0]
+        assert load["num_reqs"] == 0 and [r["tp_rank"] for r in load["ranks"]] == [0, 1]
+
+
+def _states(server: ServerProcess) -> list[dict]:
+    return httpx.get(server.url + "/server_info", timeout=10).json()["internal_states"]
 
 
 def _ep_rank(rank: int, port: int, out: str) -> None:

@@ -49,6 +49,11 @@ class EngineConfig:
     """Pipeline stages (the stage group itself is handed to EngineCore)."""
     ep_size: int = 1
     """Expert-parallel ranks of an MoE model: 1, or the TP group (--ep-size == --tp-size)."""
+    dp_size: int = 1
+    """Data-parallel replicas (each an EngineCore of its own)."""
+    enable_dp_attention: bool = False
+    """Each dp replica attends alone (TP size tp_size / dp_size) while the MoE layers split
+    their experts over all tp_size ranks (the EP group is handed to EngineCore)."""
     tp_ranks_per_node: int = 1
     """TP ranks sharing this node's memory (the CPU pool budget is split between them)."""
     profile: ProfileSettings | None = None

@@ -20,6 +20,7 @@ import torch
 
 from pdcore.engine.config import EngineConfig
 from pdcore.engine.detokenizer import IncrementalDetokenizer
+from pdcore.engine.dp_attention import DPAttentionSync
 from pdcore.engine.page_allocator import PageAllocator
 from pdcore.engine.pipeline import BootstrapInfo, Pipeline, PipelineFactory
 from pdcore.engine.request import Request, RequestError, RequestOutput
@@ -55,6 +56,7 @@ class EngineCore:
         pipeline_factory: PipelineFactory = Pipeline,
         tp: TPGroup | None = None,
         pp: PipelineGrid | None = None,
+        ep_group: TPGroup | None = None,
     ) -> None:
         """Load the model and build the KV pool, scheduler and pipeline. `pipeline_factory`
         picks the mode (the unified `Pipeline` by default; PD modes from pdcore.disagg).
@@ -69,11 +71,22 @@ class EngineCore:
         if pp is not None and tp is not None:
             raise ValueError("with pipeline parallelism the TP group is the grid's (pp.tp)")
         self.tp = pp.tp if pp is not None else tp or TPGroup()
-        if self.tp.size != settings.tp_size or not self.tp.is_driver:
+        attention_tp = settings.tp_size
+        if settings.enable_dp_attention:
+            attention_tp = settings.tp_size // settings.dp_size
+            if ep_group is None or ep_group.size != settings.tp_size:
+                raise ValueError("--enable-dp-attention: EngineCore needs the EP group of tp_size")
+        if self.tp.size != attention_tp or not self.tp.is_driver:
             raise ValueError(
-                f"EngineCore is TP rank 0 of tp_size {settings.tp_size}; got rank "
+                f"EngineCore is TP rank 0 of tp_size {attention_tp}; got rank "
                 f"{self.tp.rank} of a group of {self.tp.size}"
             )
+        # dp-attention: the dp ranks step in lock-step (pdcore.engine.dp_attention).
+        self.dp_sync = (
+            DPAttentionSync(ep_group)
+            if ep_group is not None and settings.enable_dp_attention
+            else None
+        )
         self.settings = settings
         started = time.monotonic()
         self.pp = pp
@@ -82,7 +95,7 @@ class EngineCore:
 
             loaded = load_stage(settings, pp)
         else:
-            loaded = load_rank(settings, self.tp)
+            loaded = load_rank(settings, self.tp, ep_group)
         self.resolved = loaded.resolved
         config = self.resolved.config
         self.device = loaded.device
@@ -113,6 +126,7 @@ class EngineCore:
         self._finished_outside_step: list[Request] = []
         self._ready_outputs: list[RequestOutput] = []
         self.num_forward_steps = 0
+        self.num_idle_passes = 0
         self.last_step_ran_forward = False
         self._observe_finish = bool(
             get_plugin_manager().hook.pdcore_request_finished.get_hookimpls()
@@ -226,6 +240,8 @@ class EngineCore:
             outputs = []
         batch = self.scheduler.schedule()
         self.last_step_ran_forward = batch is not None
+        if self.dp_sync is not None and self.dp_sync.turn(batch is not None) and batch is None:
+            self._idle_pass()  # a peer's MoE layers need ours
         if batch is None:
             return outputs
         forward = self.runner.build(batch)
@@ -316,10 +332,24 @@ class EngineCore:
 
     def keepalive(self) -> None:
         """Call while idle: with TP, tells the followers rank 0 is alive (at most once a
-        second). Raises when a TP rank is gone, so an idle server notices too."""
+        second). Raises when a TP rank is gone, so an idle server notices too. With
+        dp-attention, takes this iteration's lock-step turn (see step())."""
         broadcaster = self.runner.broadcaster
         if broadcaster is not None:
             broadcaster.heartbeat()
+        if self.dp_sync is not None and self.dp_sync.turn(False):
+            self._idle_pass()  # a peer's MoE layers need ours
+
+    @property
+    def peers_busy(self) -> bool:
+        """dp-attention: a peer ran a forward pass last turn (so don't sleep long)."""
+        return self.dp_sync is not None and self.dp_sync.any_busy
+
+    def _idle_pass(self) -> None:
+        # Only MoE families (pdcore.model.decoder.Decoder) build with an EP group.
+        model: Any = self.runner.model
+        model.expert_parallel_idle()
+        self.num_idle_passes += 1
 
     def close(self) -> None:
         """Shutdown: the pipeline ends its rooms and transport; a profile still recording
@@ -404,6 +434,8 @@ class EngineCore:
             "prefix_cache_tokens": self.allocator.num_cached() * self.page_size,
             "num_preemptions": self.scheduler.num_preemptions,
             "num_forward_steps": self.num_forward_steps,
+            # dp-attention: passes run for a peer's batch with none of this rank's own
+            "num_idle_passes": self.num_idle_passes,
             **self.pipeline.queue_sizes(),
             **self.pipeline.metrics(drain_samples),  # PD: {"transfer": {backend: {...}}}
         }

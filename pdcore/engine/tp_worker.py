@@ -40,8 +40,11 @@ class LoadedRank:
     max_context_len: int
 
 
-def load_rank(settings: EngineConfig, tp: TPGroup | None = None) -> LoadedRank:
-    """Load this rank's part of the model (the whole model without TP)."""
+def load_rank(
+    settings: EngineConfig, tp: TPGroup | None = None, ep_group: TPGroup | None = None
+) -> LoadedRank:
+    """Load this rank's part of the model (the whole model without TP); `ep_group`: with
+    --enable-dp-attention, the group the MoE layers split their experts over."""
     tp = tp or TPGroup()
     resolved = resolve_model(settings.model_path)
     config = resolved.config
@@ -79,7 +82,7 @@ def load_rank(settings: EngineConfig, tp: TPGroup | None = None) -> LoadedRank:
         quant = load_quantized(settings.quantization, resolved.source, config, device, tp.size)
     state = load_state_dict(resolved)
     model = registry.build_model(
-        config, state, dtype, device, context + 1, tp, quant, settings.ep_size
+        config, state, dtype, device, context + 1, tp, quant, settings.ep_size, ep_group
     )
     with kv_pool_allocation(device):  # a plugin's allocator, where its transport needs one
         pool = registry.make_kv_pool(config, num_pages, settings.page_size, dtype, device, tp.size)
@@ -103,7 +106,10 @@ def load_rank(settings: EngineConfig, tp: TPGroup | None = None) -> LoadedRank:
         model,
         pool,
         attn,
-        disable_cuda_graph=settings.disable_cuda_graph or not family.cuda_graphs,
+        # dp-attention steps run lock-step with idle peers: eager, as TP decode is.
+        disable_cuda_graph=settings.disable_cuda_graph
+        or not family.cuda_graphs
+        or ep_group is not None,
         cuda_graph_max_bs=settings.cuda_graph_max_bs,
     )
     return LoadedRank(resolved, device, dtype, runner, num_pages, context)

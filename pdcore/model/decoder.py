@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +83,18 @@ class Decoder:
     def prepare(self, batch: ForwardBatch, pool: KVPool, attn: AttentionBackend) -> None:
         """Per-step attention metadata, once before the layers (default: the backend's)."""
         attn.prepare(batch, pool)
+
+    @torch.inference_mode()
+    def expert_parallel_idle(self) -> None:
+        """--enable-dp-attention: this rank has no batch this step but a peer has one; take
+        part in every MoE layer's all-to-alls, in layer order, with no tokens of its own.
+        Attention and dense layers have no collectives across the dp ranks, so these are
+        the only ones a peer's forward waits on."""
+        for layer in self.layers:
+            mlp: Any = layer.mlp
+            experts = getattr(mlp, "experts", None)
+            if experts is not None:
+                experts.idle(self.config.hidden_size, int(mlp.top_k), self.dtype, self.device)
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, pool: KVPool, attn: AttentionBackend) -> torch.Tensor:

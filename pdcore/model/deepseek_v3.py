@@ -114,16 +114,18 @@ class DeepseekMoE:
         device: torch.device,
         tp: TPGroup,
         ep: bool,
+        ep_group: TPGroup | None = None,
     ) -> None:
         """With `tp`: the shared experts split by channel; the routed experts split by
         channel too, or (`ep`) whole experts per rank. The output is then a partial sum
-        the decoder all-reduces."""
+        the decoder all-reduces. `ep_group` (dp-attention): the routed experts split
+        whole over that group instead."""
         e = config.extra
         self.gate = state[prefix + "gate.weight"].to(device, torch.float32).contiguous()
         bias = state.get(prefix + "gate.e_score_correction_bias")
         self.bias = None if bias is None else bias.to(device, torch.float32)
         self.experts = Experts.from_state(
-            state, prefix + "experts.", int(e["n_routed_experts"]), to, tp, ep
+            state, prefix + "experts.", int(e["n_routed_experts"]), to, tp, ep, ep_group
         )
         self.shared = (
             SwiGLU.from_state(state, prefix + "shared_experts.", to, tp)
@@ -160,6 +162,7 @@ class DeepseekV3Model(Decoder):
         max_positions: int,
         tp: TPGroup | None = None,
         ep_size: int = 1,
+        ep_group: TPGroup | None = None,
     ) -> None:
         tp = tp or TPGroup(device=device)
         shard = HeadShard.of(config, tp.size, tp.rank)
@@ -173,7 +176,7 @@ class DeepseekV3Model(Decoder):
             device,
         )
         super().__init__(config, state, dtype, device, rotary, shard.num_heads, 1, tp)
-        ep = check_ep(config, tp.size, ep_size)
+        ep = ep_group is None and check_ep(config, tp.size, ep_size)
         scale = softmax_scale(config)
         interleave = bool(config.extra["rope_interleave"])
         first_dense = int(config.extra["first_k_dense_replace"])
@@ -182,7 +185,7 @@ class DeepseekV3Model(Decoder):
             mlp = (
                 SwiGLU.from_state(state, prefix + "mlp.", self.to, tp)
                 if i < first_dense
-                else DeepseekMoE(state, prefix + "mlp.", config, self.to, device, tp, ep)
+                else DeepseekMoE(state, prefix + "mlp.", config, self.to, device, tp, ep, ep_group)
             )
             self.layers.append(
                 DecoderLayer(
@@ -205,8 +208,9 @@ def build_model(
     max_positions: int,
     tp: TPGroup | None,
     ep_size: int = 1,
+    ep_group: TPGroup | None = None,
 ) -> DeepseekV3Model:
-    return DeepseekV3Model(config, state, dtype, device, max_positions, tp, ep_size)
+    return DeepseekV3Model(config, state, dtype, device, max_positions, tp, ep_size, ep_group)
 
 
 def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype, tp_size: int) -> int:

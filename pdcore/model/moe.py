@@ -75,12 +75,21 @@ class Experts:
     by all-to-all (`_expert_parallel`)."""
 
     def __init__(
-        self, experts: list[SwiGLU], first: int = 0, total: int = 0, ep: TPGroup | None = None
+        self,
+        experts: list[SwiGLU],
+        first: int = 0,
+        total: int = 0,
+        ep: TPGroup | None = None,
+        share: TPGroup | None = None,
     ) -> None:
         self.experts = experts  # global experts [first, first + len(experts))
         self.first = first
         self.total = total or len(experts)
         self.ep = ep if ep is not None and ep.size > 1 else None
+        # The ranks that hold the same tokens (the attention's TP group, over which the
+        # layer all-reduces): each routes its own share of them. Without dp-attention
+        # that is the EP group itself; with it, each rank has a batch of its own.
+        self.share = share if share is not None else self.ep
 
     @classmethod
     def from_state(
@@ -91,12 +100,17 @@ class Experts:
         to: ToDevice,
         tp: TPGroup | None = None,
         ep: bool = False,
+        ep_group: TPGroup | None = None,
     ) -> Experts:
         """Both ways transformers writes experts: one module per expert
         (`{prefix}{e}.gate_proj.weight`, the released checkpoints' names and what
         save_pretrained writes) or stacked 3D tensors (`{prefix}gate_up_proj`, `down_proj`).
         `tp` and `ep`: this rank's experts (ep: the TP group is the EP group), else
-        this rank's channels of every expert."""
+        this rank's channels of every expert. `ep_group` (dp-attention): whole experts
+        split over that group, each rank routing tokens of its own (`tp`: the ranks that
+        share them)."""
+        if ep_group is not None and ep_group.size > 1:
+            return cls._whole_experts(state, prefix, num_experts, to, ep_group, tp)
         group = tp if tp is not None and tp.size > 1 else None
         ids = range(num_experts)
         if group is not None and ep:
@@ -119,6 +133,39 @@ class Experts:
         else:
             made = [SwiGLU.from_state(state, f"{prefix}{e}.", to, shard) for e in ids]
         return cls(made, ids.start, num_experts, group if ep else None)
+
+    @classmethod
+    def _whole_experts(
+        cls,
+        state: dict[str, torch.Tensor],
+        prefix: str,
+        num_experts: int,
+        to: ToDevice,
+        ep_group: TPGroup,
+        share: TPGroup | None,
+    ) -> Experts:
+        if num_experts % ep_group.size:
+            raise ValueError(f"{num_experts} experts are not divisible by ep size {ep_group.size}")
+        per = num_experts // ep_group.size
+        ids = range(ep_group.rank * per, (ep_group.rank + 1) * per)
+        if prefix + "gate_up_proj" in state:
+            gate_up, down = state[prefix + "gate_up_proj"], state[prefix + "down_proj"]
+            made = [SwiGLU(to(gate_up[e]), to(down[e])) for e in ids]
+        else:
+            made = [SwiGLU.from_state(state, f"{prefix}{e}.", to) for e in ids]
+        return cls(made, ids.start, num_experts, ep_group, share or TPGroup(device=ep_group.device))
+
+    def idle(self, hidden: int, top_k: int, dtype: torch.dtype, device: torch.device) -> None:
+        """dp-attention, a step where this rank has no batch but a peer has: take part in
+        this layer's all-to-alls with no tokens of its own, running this rank's experts on
+        what the peers send (SGLang's idle batch), so no peer waits forever."""
+        if self.ep is None:
+            return
+        self._expert_parallel(
+            torch.empty((0, hidden), dtype=dtype, device=device),
+            torch.empty((0, top_k), dtype=torch.long, device=device),
+            torch.empty((0, top_k), dtype=torch.float32, device=device),
+        )
 
     def __call__(
         self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
@@ -158,11 +205,11 @@ class Experts:
         of the expert ids); each rank runs its experts over what it got; combine: the
         outputs go back (one all_to_all) and are weighted and summed per token at home, in
         global expert order, as without EP."""
-        ep = self.ep
-        assert ep is not None
+        ep, group = self.ep, self.share
+        assert ep is not None and group is not None
         t, k = topk_ids.shape
-        share = -(-t // ep.size)
-        lo, hi = min(ep.rank * share, t), min((ep.rank + 1) * share, t)
+        share = -(-t // group.size)
+        lo, hi = min(group.rank * share, t), min((group.rank + 1) * share, t)
         flat = topk_ids[lo:hi].reshape(-1)
         order = torch.argsort(flat, stable=True)
         token_of = order // k

@@ -117,11 +117,12 @@ class _SparseMoE:
         to: ToDevice,
         tp: TPGroup,
         ep: bool,
+        ep_group: TPGroup | None = None,
     ) -> None:
         e = config.extra
         self.gate = Linear(to(state[prefix + "gate.weight"]))  # every rank routes every token
         self.experts = Experts.from_state(
-            state, prefix + "experts.", int(e["num_experts"]), to, tp, ep
+            state, prefix + "experts.", int(e["num_experts"]), to, tp, ep, ep_group
         )
         self.top_k = int(e["num_experts_per_tok"])
         self.norm_topk_prob = bool(e["norm_topk_prob"])
@@ -141,6 +142,7 @@ class Qwen3MoeModel(Decoder):
         max_positions: int,
         tp: TPGroup | None = None,
         ep_size: int = 1,
+        ep_group: TPGroup | None = None,
     ) -> None:
         tp = tp or TPGroup(device=device)
         shard = HeadShard.of(config, tp.size, tp.rank)
@@ -150,11 +152,11 @@ class Qwen3MoeModel(Decoder):
         super().__init__(
             config, state, dtype, device, rotary, shard.num_heads, shard.num_kv_heads, tp
         )
-        ep = check_ep(config, tp.size, ep_size)
+        ep = ep_group is None and check_ep(config, tp.size, ep_size)
         for i in range(config.num_layers):
             prefix = f"model.layers.{i}."
             mlp = (
-                _SparseMoE(state, prefix + "mlp.", config, self.to, tp, ep)
+                _SparseMoE(state, prefix + "mlp.", config, self.to, tp, ep, ep_group)
                 if is_sparse(config, i)
                 else SwiGLU.from_state(state, prefix + "mlp.", self.to, tp)
             )
@@ -176,5 +178,6 @@ def build_model(
     max_positions: int,
     tp: TPGroup | None,
     ep_size: int = 1,
+    ep_group: TPGroup | None = None,
 ) -> Qwen3MoeModel:
-    return Qwen3MoeModel(config, state, dtype, device, max_positions, tp, ep_size)
+    return Qwen3MoeModel(config, state, dtype, device, max_positions, tp, ep_size, ep_group)

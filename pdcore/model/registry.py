@@ -200,15 +200,25 @@ def build_model(
     tp: TPGroup | None = None,
     quant: QuantizedWeights | None = None,
     ep_size: int = 1,
+    ep_group: TPGroup | None = None,
 ) -> CausalLM:
     """Build `config`'s family's model from HF-named weights (this rank's share); `quant`:
     linear weights kept quantized (--quantization), for families with `quantized_linear`;
-    `ep_size`: expert parallelism over the TP group (MoE families)."""
-    from pdcore.model.moe import check_ep
+    `ep_size`: expert parallelism over the TP group (MoE families); `ep_group`
+    (--enable-dp-attention): experts split over that group, every rank a batch of its own."""
+    from pdcore.model.moe import check_ep, num_routed_experts
 
     check_parallel(config, tp.size if tp else 1)
-    check_ep(config, tp.size if tp else 1, ep_size)
     family = family_for(config)
+    if ep_group is not None:
+        if quant is not None or num_routed_experts(config) == 0:
+            raise ValueError(
+                f"--enable-dp-attention needs a mixture-of-experts model without "
+                f"--quantization; {family.architecture} is not one"
+            )
+        build = family.impl().build_model
+        return build(config, state, dtype, device, max_positions, tp, ep_group=ep_group)  # type: ignore[call-arg]
+    check_ep(config, tp.size if tp else 1, ep_size)
     if quant is None:
         build = family.impl().build_model
         if ep_size > 1:  # only MoE families take it (check_ep refuses it for the others)

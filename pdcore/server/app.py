@@ -83,6 +83,7 @@ async def server_info(request: Request) -> Response:
             "nnodes": state.settings.nnodes,
             "dp_size": state.settings.dp_size,
             "ep_size": state.settings.ep_size,
+            "attention_tp_size": state.settings.attention_tp_size,
             "disaggregation_mode": state.settings.disaggregation_mode,
             "context_length": state.max_context_len,
             "internal_states": await _control(state, "stats"),  # one per dp replica

@@ -179,16 +179,48 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 
 def build_engine(
-    settings: ServerSettings, tp: TPGroup | None = None, pp: PipelineGrid | None = None
+    settings: ServerSettings,
+    tp: TPGroup | None = None,
+    pp: PipelineGrid | None = None,
+    ep_group: TPGroup | None = None,
 ) -> EngineCore:
     """The engine of `pdcore serve`: the model, plus the pipeline of its PD mode; with
-    --pp-size, world rank 0 of the pipeline grid `pp`."""
+    --pp-size, world rank 0 of the pipeline grid `pp`; with --enable-dp-attention, dp rank
+    `ep_group.rank` of the group its MoE layers split experts over."""
     return EngineCore(
         settings.engine_config(),
         pipeline_factory(settings.disaggregation_mode, settings, settings.host),
         tp,
         pp,
+        ep_group,
     )
+
+
+def _build_dp_attention_engine(
+    settings: ServerSettings, dp_rank: int, init_addr: str | None
+) -> EngineCore:
+    """--enable-dp-attention: this dp rank attends alone (a TP group of its own, size 1)
+    and joins the group of all dp ranks (rendezvous at `init_addr`) for the MoE layers."""
+    import torch
+
+    threads = settings.cpu_threads or max((os.cpu_count() or 1) // settings.dp_size, 1)
+    torch.set_num_threads(threads)
+    device = pick_device(settings.device, settings.base_gpu_id)
+    if init_addr is None:
+        raise ValueError("--enable-dp-attention needs a rendezvous address")
+    ep_group = init_tp_group(
+        dp_rank,
+        settings.tp_size,
+        init_addr,
+        bind_address(settings.host),
+        settings.dist_timeout,
+        device,
+    )
+    try:
+        return build_engine(settings, TPGroup(device=device), None, ep_group)
+    except BaseException:
+        ep_group.close()
+        raise
 
 
 def engine_main(
@@ -197,6 +229,7 @@ def engine_main(
     output_addr: str,
     parent_pid: int | None = None,
     init_addr: str | None = None,
+    dp_rank: int = 0,
 ) -> None:
     """Entry point of the engine process: build the core, announce readiness, run the loop."""
     _die_with_parent()
@@ -216,6 +249,8 @@ def engine_main(
             from pdcore.server.pp_process import join_pp_grid
 
             core = build_engine(settings, None, join_pp_grid(settings, 0, init_addr))
+        elif settings.enable_dp_attention:
+            core = _build_dp_attention_engine(settings, dp_rank, init_addr)
         else:
             core = build_engine(settings, _join_tp_group(settings, 0, init_addr))
     except BaseException as exc:
@@ -263,7 +298,7 @@ class EngineLoop:
         idle_iterations = 0
         while True:
             if not self.core.has_work():
-                timeout = IDLE_POLL_MS
+                timeout = 0 if self.core.peers_busy else IDLE_POLL_MS
             elif self.core.last_step_ran_forward:
                 timeout = 0
             else:  # only waiting on network (PD handshakes, transfers): don't spin a core

@@ -200,6 +200,8 @@ async def _serve(
         if _dp_prefill(settings)
         else []
     )
+    # --enable-dp-attention: one rendezvous for all dp ranks (the MoE layers' group).
+    dp_attention_addr = _init_addr(settings) if settings.enable_dp_attention else None
     try:
         for dp_rank in range(settings.dp_size):
             rs = replica_settings(settings, dp_rank, ports[dp_rank] if ports else None)
@@ -210,11 +212,15 @@ async def _serve(
             else:
                 replica = EngineClient(ipc_dir)
             replicas.append(replica)
-            init_addr = _init_addr(rs)
-            proc = start_engine_process(rs, replica.request_addr, replica.output_addr, init_addr)
+            init_addr = dp_attention_addr or _init_addr(rs)
+            proc = start_engine_process(
+                rs, replica.request_addr, replica.output_addr, init_addr, dp_rank
+            )
             procs.append(proc)
             engines.append(proc)
             followers.append([])
+            if settings.enable_dp_attention:
+                continue  # each dp rank attends alone: no TP followers
             if init_addr is not None and settings.pp_size > 1:
                 followers[-1] = start_stage_processes(rs, init_addr)
                 procs.extend(followers[-1])

@@ -53,9 +53,11 @@ def start_engine_process(
     request_addr: str,
     output_addr: str,
     init_addr: str | None = None,
+    dp_rank: int = 0,
 ) -> BaseProcess:
-    """Spawn the engine process; with TP it is rank 0 and joins the group at `init_addr`."""
-    args = (settings, request_addr, output_addr, os.getpid(), init_addr)
+    """Spawn the engine process; with TP it is rank 0 and joins the group at `init_addr`
+    (with --enable-dp-attention: dp rank `dp_rank` of the MoE layers' group there)."""
+    args = (settings, request_addr, output_addr, os.getpid(), init_addr, dp_rank)
     return _spawn(_engine_entry, args, "pdcore-engine")
 
 
