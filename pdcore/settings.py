@@ -326,7 +326,7 @@ class ServerSettings(DisaggSettings, ProfileSettings):
     def quantization_problem(self) -> tuple[str, str] | None:
         """(flag, reason) when --quantization cannot work with the model and device flags;
         reads only the flags, never the model."""
-        from pdcore.model.quantized import quantization_problem
+        from pdcore.model.quantization_flags import quantization_problem
 
         why = quantization_problem(self.quantization, self.model_path, self.device, self.tp_size)
         return None if why is None else ("--quantization", why)

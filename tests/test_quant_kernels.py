@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from pdcore.model import native_cpu
+from pdcore.model.quantization_flags import quantization_problem
 from pdcore.model.quantized import (
     GGUFRows,
     QuantLinear,
     pack_gguf,
-    quantization_problem,
     quantize_int8,
 )
 from tests.test_native_cpu import ISAS

@@ -86,12 +86,16 @@ def test_other_tokenizer_classes_keep_autotokenizer(tmp_path: Path, pair) -> Non
     assert not isinstance(load_text_tokenizer(None, str(tmp_path)), TextTokenizer)
 
 
-def test_the_http_frontend_imports_no_torch() -> None:
-    """`pdcore serve`'s HTTP process only spawns the engine: torch and transformers'
-    tokenizer classes stay out of it (each cost seconds of CPU per server start)."""
+def test_the_http_frontend_imports_no_torch(tiny_llama_dir: Path) -> None:
+    """`pdcore serve`'s HTTP process only checks flags and spawns the engine: torch and
+    transformers' tokenizer classes stay out of it (each cost seconds of CPU per server
+    start), for the default GGUF and for an HF folder alike."""
     code = (
         "import sys, pdcore.cli, pdcore.server.launch; "
+        "from pdcore.settings import parse_serve_args; "
         "from pdcore.model.text_tokenizer import load_text_tokenizer; load_text_tokenizer(None); "
+        f"parse_serve_args(['--model-path', {str(tiny_llama_dir)!r}]); "
+        f"load_text_tokenizer({str(tiny_llama_dir)!r}); parse_serve_args([]); "
         "heavy = sorted(m for m in ('torch', 'transformers.tokenization_utils_base') "
         "if m in sys.modules); print(heavy)"
     )

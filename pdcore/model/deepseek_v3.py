@@ -11,7 +11,6 @@ weights, normalised when norm_topk_prob, times routed_scaling_factor).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,61 +18,13 @@ import torch.nn.functional as F
 from pdcore.model.attention import AttentionBackend
 from pdcore.model.config import ModelConfig
 from pdcore.model.decoder import Decoder, DecoderLayer
+from pdcore.model.family_configs import read_deepseek_v3_config as read_config  # noqa: F401
 from pdcore.model.forward_batch import ForwardBatch
 from pdcore.model.kv_pool import KVPool, MLAKVPool
 from pdcore.model.mla import MLADims, MLAttention, prepare_mla
 from pdcore.model.moe import Experts, SwiGLU, ToDevice, check_ep, grouped_topk
 from pdcore.model.parallel import HeadShard, TPGroup
 from pdcore.model.rope import RotaryTable, yarn_mscale
-
-_EXTRA_KEYS = (
-    "q_lora_rank",
-    "kv_lora_rank",
-    "qk_nope_head_dim",
-    "qk_rope_head_dim",
-    "v_head_dim",
-    "n_routed_experts",
-    "n_shared_experts",
-    "moe_intermediate_size",
-    "num_experts_per_tok",
-    "n_group",
-    "topk_group",
-    "norm_topk_prob",
-    "routed_scaling_factor",
-    "first_k_dense_replace",
-    "rope_interleave",
-)
-_DEFAULTS: dict[str, Any] = {
-    "n_shared_experts": 0,
-    "n_group": 1,
-    "topk_group": 1,
-    "norm_topk_prob": True,
-    "routed_scaling_factor": 1.0,
-    "first_k_dense_replace": 0,
-    "rope_interleave": True,
-    "q_lora_rank": None,
-}
-
-
-def read_config(cfg: dict[str, Any]) -> ModelConfig:
-    """The shared fields, plus MLA and MoE numbers in `extra`. The pool stores one
-    "head" per token: num_kv_heads 1, head_dim kv_lora_rank + qk_rope_head_dim."""
-    missing = [k for k in _EXTRA_KEYS if k not in cfg and k not in _DEFAULTS]
-    if missing:
-        raise ValueError(f"DeepseekV3 config.json lacks {', '.join(missing)}")
-    extra: dict[str, Any] = {k: cfg.get(k, _DEFAULTS.get(k)) for k in _EXTRA_KEYS}
-    scoring, method = cfg.get("scoring_func", "sigmoid"), cfg.get("topk_method", "noaux_tc")
-    if scoring != "sigmoid" or method not in ("noaux_tc", "group_limited_greedy"):
-        raise ValueError(
-            "DeepseekV3ForCausalLM: only sigmoid scoring with grouped top-k is implemented "
-            f"(scoring_func={scoring!r}, topk_method={method!r})"
-        )
-    return ModelConfig.from_hf_dict(
-        cfg,
-        num_kv_heads=1,
-        head_dim=int(extra["kv_lora_rank"]) + int(extra["qk_rope_head_dim"]),
-        extra=extra,
-    )
 
 
 def mla_dims(config: ModelConfig) -> MLADims:

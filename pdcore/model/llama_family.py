@@ -3,25 +3,14 @@ model over the per-head ("mha") KV pool, sharded by tensor parallelism."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from pdcore.model.config import SUPPORTED_ARCHITECTURES, ModelConfig
+from pdcore.model.config import ModelConfig
+from pdcore.model.family_configs import read_llama_config as read_config  # noqa: F401
 from pdcore.model.kv_pool import KVPool
 from pdcore.model.llama import LlamaModel
 from pdcore.model.parallel import TPGroup, local_kv_heads
 from pdcore.model.quantized import QuantizedWeights
-
-
-def read_config(cfg: dict[str, Any]) -> ModelConfig:
-    model_type = str(cfg.get("model_type", "llama")).lower()
-    if model_type not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(
-            f"model_type '{model_type}' is not a Llama-family model; "
-            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
-    return ModelConfig.from_hf_dict(cfg)
 
 
 def build_model(

@@ -31,13 +31,13 @@ import torch
 import torch.nn.functional as F
 
 from pdcore.model import native_cpu
+from pdcore.model.quantization_flags import is_gguf
 
 if TYPE_CHECKING:
     from pdcore.model.config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("auto", "none", "gguf", "int8", "w8a16")
 FMT_Q4, FMT_Q8, FMT_I8 = 0, 1, 2  # kernels/quant_gemm.c's formats
 GGUF_KERNEL_TYPES = {"Q4_0": FMT_Q4, "Q4_1": FMT_Q4, "Q8_0": FMT_Q8}
 _GGUF_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
@@ -180,31 +180,6 @@ class QuantizedWeights:
         return QuantLinear(pack_gguf(GGUFRows(first.type_name, data, first.k)), bias, self.kern)
 
 
-def _is_gguf(model_path: str | None) -> bool:
-    return model_path is None or str(model_path).endswith(".gguf")  # None: the default GGUF
-
-
-def quantization_problem(
-    method: str, model_path: str | None, device: str, tp_size: int
-) -> str | None:
-    """Why `--quantization method` cannot work with these flags (checked before any weights
-    load), or None."""
-    if method not in METHODS:
-        return f"unknown method {method!r}; choose one of {', '.join(METHODS)}"
-    if method in ("auto", "none"):
-        return None
-    if method == "gguf" and not _is_gguf(model_path):
-        return (
-            f"gguf needs a .gguf model file; {model_path} is a folder of dense weights "
-            "(use int8 to quantize it at load, or none)"
-        )
-    if device not in ("auto", "cpu"):
-        return f"{method}: quantized weights run on CPU only (--device {device}); use none"
-    if tp_size > 1:
-        return f"{method}: not supported with --tp-size > 1 yet; use none"
-    return None
-
-
 def resolve(method: str, model_source: str, device: torch.device, tp_size: int) -> tuple[str, str]:
     """The method to load with (gguf, int8 or none) and why. Raises ValueError for an
     explicit method the device cannot run (the CLI catches the others earlier)."""
@@ -222,7 +197,7 @@ def resolve(method: str, model_source: str, device: torch.device, tp_size: int) 
             logger.warning("--quantization %s ignored, weights dequantized (%s)", method, why)
         return "none", why
     if method == "auto":
-        if not _is_gguf(model_source):
+        if not is_gguf(model_source):
             return "none", "auto: dense checkpoint served as stored"
         return "gguf", "auto: a GGUF keeps its file's format"
     return method, f"--quantization {method}"

@@ -6,14 +6,13 @@ and (index + 1) is a multiple of `decoder_sparse_step`; the others keep a dense 
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 
 from pdcore.model.attention import AttentionBackend
 from pdcore.model.config import ModelConfig
 from pdcore.model.decoder import Decoder, DecoderLayer
+from pdcore.model.family_configs import read_qwen3_moe_config as read_config  # noqa: F401
 from pdcore.model.forward_batch import ForwardBatch
 from pdcore.model.kv_pool import KVPool
 from pdcore.model.linear import Linear
@@ -23,24 +22,6 @@ from pdcore.model.llama_family import kv_bytes_per_token, make_kv_pool  # noqa: 
 from pdcore.model.moe import Experts, SwiGLU, ToDevice, check_ep, softmax_topk
 from pdcore.model.parallel import HeadShard, TPGroup
 from pdcore.model.rope import RotaryTable, apply_rotary
-
-_EXTRA_DEFAULTS: dict[str, Any] = {
-    "num_experts": 0,
-    "num_experts_per_tok": 1,
-    "moe_intermediate_size": 0,
-    "norm_topk_prob": False,
-    "decoder_sparse_step": 1,
-    "mlp_only_layers": [],
-}
-
-
-def read_config(cfg: dict[str, Any]) -> ModelConfig:
-    if cfg.get("use_sliding_window"):
-        raise ValueError("Qwen3MoeForCausalLM with use_sliding_window is not supported")
-    extra = {k: cfg.get(k, d) if cfg.get(k) is not None else d for k, d in _EXTRA_DEFAULTS.items()}
-    if cfg.get("num_experts") is None and cfg.get("num_local_experts") is not None:
-        extra["num_experts"] = cfg["num_local_experts"]  # transformers 5 saves this name
-    return ModelConfig.from_hf_dict(cfg, extra=extra)
 
 
 def is_sparse(config: ModelConfig, layer: int) -> bool:

@@ -17,17 +17,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
-import torch
-
-from pdcore.model.attention import AttentionBackend
 from pdcore.model.config import ModelConfig
-from pdcore.model.forward_batch import ForwardBatch
-from pdcore.model.kv_pool import KVPool
-from pdcore.model.parallel import TPGroup
-from pdcore.model.rope import RotaryTable
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch and the model code load with a family, not with the registry
+    import torch
+
+    from pdcore.model.attention import AttentionBackend
+    from pdcore.model.forward_batch import ForwardBatch
+    from pdcore.model.kv_pool import KVPool
+    from pdcore.model.parallel import TPGroup
     from pdcore.model.quantized import QuantizedWeights
+    from pdcore.model.rope import RotaryTable
 
 
 class CausalLM(Protocol):
@@ -83,9 +83,19 @@ class ModelFamily:
     uses_attention_backend: bool = True  # False: the model attends itself (MLA, in torch)
     cuda_graphs: bool = True  # False: host-side work per step (MoE grouping) rules them out
     quantized_linear: bool = False  # whether --quantization gguf/int8 is implemented
+    # "module:function" reading config.json without torch (pdcore.model.family_configs);
+    # empty: the family module's own read_config (which may import torch).
+    config_reader: str = ""
 
     def impl(self) -> FamilyModule:
         return cast("FamilyModule", importlib.import_module(self.module))
+
+    def read_config(self, cfg: dict[str, Any]) -> ModelConfig:
+        if not self.config_reader:
+            return self.impl().read_config(cfg)
+        module, name = self.config_reader.split(":")
+        reader: Any = getattr(importlib.import_module(module), name)
+        return cast(ModelConfig, reader(cfg))
 
 
 _FAMILIES: dict[str, ModelFamily] = {}
@@ -106,6 +116,7 @@ for _arch in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"):
             + (("smollm",) if _arch == "LlamaForCausalLM" else ()),
             tensor_parallel=True,
             quantized_linear=True,
+            config_reader="pdcore.model.family_configs:read_llama_config",
         )
     )
 register(
@@ -118,6 +129,7 @@ register(
         tensor_parallel=True,
         uses_attention_backend=False,
         cuda_graphs=False,
+        config_reader="pdcore.model.family_configs:read_deepseek_v3_config",
     )
 )
 register(
@@ -129,6 +141,7 @@ register(
         model_types=("qwen3_moe",),
         tensor_parallel=True,
         cuda_graphs=False,
+        config_reader="pdcore.model.family_configs:read_qwen3_moe_config",
     )
 )
 
@@ -178,7 +191,7 @@ def family_of_hf(cfg: dict[str, Any], where: str = "") -> ModelFamily:
 def config_from_hf(path: Path) -> ModelConfig:
     """Read an HF config.json through its family's reader (ValueError when unsupported)."""
     cfg = json.loads(path.read_text())
-    return family_of_hf(cfg, f" in {path}").impl().read_config(cfg)
+    return family_of_hf(cfg, f" in {path}").read_config(cfg)
 
 
 def check_parallel(config: ModelConfig, tp_size: int) -> None:

@@ -1,0 +1,34 @@
+"""`--quantization`'s values and the flag check that runs before any weight loads.
+
+Apart from pdcore.model.quantized (torch, the kernels) because `pdcore serve` checks its
+flags in the HTTP frontend, which never imports torch.
+"""
+
+from __future__ import annotations
+
+METHODS = ("auto", "none", "gguf", "int8", "w8a16")
+
+
+def is_gguf(model_path: str | None) -> bool:
+    return model_path is None or str(model_path).endswith(".gguf")  # None: the default GGUF
+
+
+def quantization_problem(
+    method: str, model_path: str | None, device: str, tp_size: int
+) -> str | None:
+    """Why `--quantization method` cannot work with these flags (checked before any weights
+    load), or None."""
+    if method not in METHODS:
+        return f"unknown method {method!r}; choose one of {', '.join(METHODS)}"
+    if method in ("auto", "none"):
+        return None
+    if method == "gguf" and not is_gguf(model_path):
+        return (
+            f"gguf needs a .gguf model file; {model_path} is a folder of dense weights "
+            "(use int8 to quantize it at load, or none)"
+        )
+    if device not in ("auto", "cpu"):
+        return f"{method}: quantized weights run on CPU only (--device {device}); use none"
+    if tp_size > 1:
+        return f"{method}: not supported with --tp-size > 1 yet; use none"
+    return None
