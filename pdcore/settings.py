@@ -356,8 +356,8 @@ class ServerSettings(DisaggSettings, ProfileSettings):
         attention_tp = self.attention_tp_size  # the heads split over it
         if attention_tp <= 1:
             return None
+        from pdcore.model.head_split import check_tp_size
         from pdcore.model.loader import ModelNotFoundError, read_model_config
-        from pdcore.model.parallel import check_tp_size
 
         try:
             check_tp_size(read_model_config(self.model_path), attention_tp)
@@ -379,7 +379,7 @@ class ServerSettings(DisaggSettings, ProfileSettings):
         if self.ep_size == 1 and self.tp_size == 1:
             return None
         from pdcore.model.loader import ModelNotFoundError, read_model_config
-        from pdcore.model.moe import ep_problem
+        from pdcore.model.moe_flags import ep_problem
 
         try:
             return ep_problem(read_model_config(self.model_path), self.tp_size, self.ep_size)
@@ -438,7 +438,7 @@ class ServerSettings(DisaggSettings, ProfileSettings):
         if self.dp_size > 1:
             return "--pp-size", "--pp-size > 1 with --dp-size > 1 is not supported yet"
         from pdcore.model.loader import ModelNotFoundError, read_model_config
-        from pdcore.model.pipeline_split import pp_size_problem
+        from pdcore.model.pipeline_layers import pp_size_problem
         from pdcore.model.registry import family_for
 
         try:

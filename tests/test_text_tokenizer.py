@@ -96,6 +96,8 @@ def test_the_http_frontend_imports_no_torch(tiny_llama_dir: Path) -> None:
         "from pdcore.model.text_tokenizer import load_text_tokenizer; load_text_tokenizer(None); "
         f"parse_serve_args(['--model-path', {str(tiny_llama_dir)!r}]); "
         f"load_text_tokenizer({str(tiny_llama_dir)!r}); parse_serve_args([]); "
+        f"parse_serve_args(['--model-path', {str(tiny_llama_dir)!r}, '--tp-size', '2']); "
+        f"parse_serve_args(['--model-path', {str(tiny_llama_dir)!r}, '--pp-size', '2']); "
         "heavy = sorted(m for m in ('torch', 'transformers.tokenization_utils_base') "
         "if m in sys.modules); print(heavy)"
     )
