@@ -80,10 +80,10 @@ def test_other_tokenizer_classes_keep_autotokenizer(tmp_path: Path, pair) -> Non
     hf.save_pretrained(str(tmp_path))
     assert verbatim_tokenizer_folder(tmp_path)
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
-    config["tokenizer_class"] = "LlamaTokenizer"
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
-    assert not verbatim_tokenizer_folder(tmp_path)
-    assert not isinstance(load_text_tokenizer(None, str(tmp_path)), TextTokenizer)
+    for change in ({"tokenizer_class": "LlamaTokenizer"}, {"add_bos_token": True}):
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, **change}))
+        assert not verbatim_tokenizer_folder(tmp_path), change
+        assert not isinstance(load_text_tokenizer(None, str(tmp_path)), TextTokenizer), change
 
 
 def test_the_http_frontend_imports_no_torch(tiny_llama_dir: Path) -> None:

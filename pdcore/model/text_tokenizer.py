@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 # Tokenizer classes whose transformers implementation uses tokenizer.json as it is.
 _VERBATIM_CLASSES = {"TokenizersBackend", "PreTrainedTokenizerFast"}
+_REBUILDING_KEYS = ("add_bos_token", "add_eos_token", "add_prefix_space")
 # transformers' named special tokens (PreTrainedTokenizerBase.SPECIAL_TOKENS_ATTRIBUTES),
 # the keywords a chat template sees.
 _SPECIAL_NAMES = (
@@ -87,6 +88,10 @@ class TextTokenizer:
         self.bos_token_id = self._id(special.get("bos_token"))
         self.eos_token_id = self._id(special.get("eos_token"))
         self.pad_token_id = self._id(special.get("pad_token"))
+
+    @property
+    def has_post_processor(self) -> bool:
+        return self._tokenizer.post_processor is not None
 
     def _id(self, token: str | None) -> int | None:
         return None if token is None else self._tokenizer.token_to_id(token)
@@ -167,7 +172,11 @@ def verbatim_tokenizer_folder(folder: Path) -> bool:
         config = json.loads(config_file.read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(config, dict) and config.get("tokenizer_class") in _VERBATIM_CLASSES
+    if not isinstance(config, dict) or config.get("tokenizer_class") not in _VERBATIM_CLASSES:
+        return False
+    # Settings transformers applies on top of tokenizer.json (it rebuilds the
+    # post-processor for add_bos_token / add_eos_token): leave those to it.
+    return not any(key in config for key in _REBUILDING_KEYS)
 
 
 def load_text_tokenizer(model_path: str | None, tokenizer_path: str | None = None) -> Any:
@@ -175,7 +184,9 @@ def load_text_tokenizer(model_path: str | None, tokenizer_path: str | None = Non
     transformers' `AutoTokenizer` otherwise (same API subset, same results)."""
     folder = Path(tokenizer_path) if tokenizer_path else resolve_model(model_path).folder
     if verbatim_tokenizer_folder(folder):
-        return TextTokenizer.load(folder)
+        tokenizer = TextTokenizer.load(folder)
+        if tokenizer.has_post_processor:  # else transformers writes one of its own
+            return tokenizer
     from pdcore.model.tokenizer import load_tokenizer
 
     return load_tokenizer(model_path, tokenizer_path)
