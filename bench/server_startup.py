@@ -8,6 +8,8 @@ seconds of the server's whole process tree (frontend, engine, multiprocessing's 
 
     .venv/bin/python bench/server_startup.py                      # the default model
     .venv/bin/python bench/server_startup.py --model-path DIR     # e.g. a tiny HF folder
+    .venv/bin/python bench/server_startup.py --fresh-cache        # + a first start that
+                                                                  # converts the GGUF
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import platform
 import resource
 import signal
@@ -40,14 +43,14 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def one_start(extra: list[str], log: Path) -> dict[str, float]:
+def one_start(extra: list[str], log: Path, env: dict[str, str] | None = None) -> dict[str, float]:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     cpu0 = _children_cpu()
     t0 = time.monotonic()
     cmd = [sys.executable, "-m", "pdcore.server.launch", "--port", str(port), *extra]
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         try:
             while True:
                 if proc.poll() is not None:
@@ -82,14 +85,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model-path", default=None)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--fresh-cache",
+        action="store_true",
+        help="an empty PDCORE_CACHE_DIR: the first start converts the GGUF (reported apart)",
+    )
     args, extra = ap.parse_known_args()
     flags = ["--dtype", "float32", "--max-total-tokens", "4096", *extra]
     if args.model_path:
         flags += ["--model-path", args.model_path]
     runs = []
+    first = None
     with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "PDCORE_CACHE_DIR": str(Path(tmp) / "cache")}
+        if args.fresh_cache:
+            first = one_start(flags, Path(tmp) / "first.log", env)
         for i in range(args.repeats):
-            runs.append(one_start(flags, Path(tmp) / f"server{i}.log"))
+            runs.append(one_start(flags, Path(tmp) / f"server{i}.log", env if first else None))
     cpu = ""
     with contextlib.suppress(OSError, StopIteration):
         cpu = next(
@@ -104,6 +116,7 @@ def main() -> None:
                 "model": args.model_path or "default (SmolLM2-135M Q4_1 GGUF)",
                 "flags": flags,
                 "cpu": cpu or platform.processor(),
+                "first_start_fresh_cache": first,
                 "median": summary,
                 "runs": runs,
             },

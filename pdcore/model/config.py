@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "smollm")
@@ -50,18 +48,6 @@ class ModelConfig:
         data = dict(data)
         data["eos_token_ids"] = tuple(data.get("eos_token_ids") or ())
         return cls(**data)
-
-    @classmethod
-    def from_hf_config(cls, path: Path) -> ModelConfig:
-        """Read a Hugging Face config.json of a Llama-family model."""
-        cfg = json.loads(path.read_text())
-        model_type = str(cfg.get("model_type", "llama")).lower()
-        if model_type not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(
-                f"unsupported model_type '{model_type}' in {path}; "
-                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-            )
-        return cls.from_hf_dict(cfg)
 
     @classmethod
     def from_hf_dict(cls, cfg: dict[str, Any], **overrides: Any) -> ModelConfig:
