@@ -20,10 +20,11 @@ class DPAttentionSync:
     def __init__(self, group: TPGroup) -> None:
         self.group = group
         self.any_busy = False  # whether some rank ran a forward pass in the last turn
+        self._flag = torch.zeros(1, dtype=torch.long, device=group.device)  # reused each turn
 
     def turn(self, busy: bool) -> bool:
         """Called exactly once per engine-loop iteration on every dp rank: whether any rank
         has a batch this iteration (then every rank runs a pass: its batch, or idle)."""
-        flag = torch.tensor([1 if busy else 0], dtype=torch.long, device=self.group.device)
-        self.any_busy = bool(self.group.all_reduce(flag).item())
+        self._flag.fill_(1 if busy else 0)
+        self.any_busy = bool(self.group.all_reduce(self._flag).item())
         return self.any_busy

@@ -109,9 +109,12 @@ class Experts:
         this rank's channels of every expert. `ep_group` (dp-attention): whole experts
         split over that group, each rank routing tokens of its own (`tp`: the ranks that
         share them)."""
-        if ep_group is not None and ep_group.size > 1:
-            return cls._whole_experts(state, prefix, num_experts, to, ep_group, tp)
-        group = tp if tp is not None and tp.size > 1 else None
+        share: TPGroup | None = None
+        group: TPGroup | None
+        if ep_group is not None and ep_group.size > 1:  # experts over ep_group, tokens own
+            group, ep, share = ep_group, True, tp or TPGroup(device=ep_group.device)
+        else:
+            group = tp if tp is not None and tp.size > 1 else None
         ids = range(num_experts)
         if group is not None and ep:
             if num_experts % group.size:
@@ -132,28 +135,7 @@ class Experts:
                 made.append(SwiGLU(to(gu), to(d)))
         else:
             made = [SwiGLU.from_state(state, f"{prefix}{e}.", to, shard) for e in ids]
-        return cls(made, ids.start, num_experts, group if ep else None)
-
-    @classmethod
-    def _whole_experts(
-        cls,
-        state: dict[str, torch.Tensor],
-        prefix: str,
-        num_experts: int,
-        to: ToDevice,
-        ep_group: TPGroup,
-        share: TPGroup | None,
-    ) -> Experts:
-        if num_experts % ep_group.size:
-            raise ValueError(f"{num_experts} experts are not divisible by ep size {ep_group.size}")
-        per = num_experts // ep_group.size
-        ids = range(ep_group.rank * per, (ep_group.rank + 1) * per)
-        if prefix + "gate_up_proj" in state:
-            gate_up, down = state[prefix + "gate_up_proj"], state[prefix + "down_proj"]
-            made = [SwiGLU(to(gate_up[e]), to(down[e])) for e in ids]
-        else:
-            made = [SwiGLU.from_state(state, f"{prefix}{e}.", to) for e in ids]
-        return cls(made, ids.start, num_experts, ep_group, share or TPGroup(device=ep_group.device))
+        return cls(made, ids.start, num_experts, group if ep else None, share)
 
     def idle(self, hidden: int, top_k: int, dtype: torch.dtype, device: torch.device) -> None:
         """dp-attention, a step where this rank has no batch but a peer has: take part in
