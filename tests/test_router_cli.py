@@ -101,6 +101,16 @@ def test_every_setting_is_also_an_env_var(monkeypatch: pytest.MonkeyPatch) -> No
             "--port (env PDCORE_ROUTER_PORT)",
         ),
         (["--pd-disaggregation", "--prefill", P, "--decode", D, "--bogus"], {}, "--bogus"),
+        (
+            ["--pd-disaggregation", "--prefill", P, "--decode", D, "--router-processes", "0"],
+            {},
+            "--router-processes: Input should be greater than or equal to 1",
+        ),
+        (
+            ["--pd-disaggregation", "--prefill", P, "--decode", D],
+            {"PDCORE_ROUTER_ROUTER_PROCESSES": "-2"},
+            "--router-processes (env PDCORE_ROUTER_ROUTER_PROCESSES): Input should be greater",
+        ),
     ],
 )
 def test_bad_flags_exit_naming_the_flag(args, env, expected) -> None:
@@ -111,23 +121,30 @@ def test_bad_flags_exit_naming_the_flag(args, env, expected) -> None:
     assert expected in last, r.stderr
 
 
-def test_unhealthy_worker_at_start_names_it() -> None:
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_unhealthy_worker_at_start_names_it(processes: str) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
     r = router_cli(
         *("--pd-disaggregation", "--prefill", dead, "--decode", dead),
         *("--port", str(free_port()), "--worker-startup-timeout-secs", "0.5"),
+        *("--router-processes", processes),
     )
     assert r.returncode == 1
     assert "workers not healthy after 0.5s (--worker-startup-timeout-secs)" in r.stderr
     assert f"prefill {dead}" in r.stderr and f"decode {dead}" in r.stderr
+    assert "spawn_main" not in r.stderr  # with 2: the supervisor waited, before any process
 
 
-def test_busy_port_is_reported() -> None:
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_busy_port_is_reported(processes: str) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        r = router_cli("--pd-disaggregation", "--prefill", P, "--decode", D, "--port", str(port))
+        r = router_cli(
+            *("--pd-disaggregation", "--prefill", P, "--decode", D, "--port", str(port)),
+            *("--router-processes", processes),
+        )
     assert r.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in r.stderr
 
 
@@ -152,6 +169,7 @@ def test_router_modules_never_import_torch() -> None:
     code = (
         "import sys\n"
         "import pdcore.cli, pdcore.router.app, pdcore.router.launch, pdcore.router.pd\n"
+        "import pdcore.router.supervisor, pdcore.router.cluster\n"
         "from pdcore.plugins import get_registry\n"
         "get_registry('routing_policy').create('round_robin')\n"
         "light = ('pdcore.disagg', 'pdcore.disagg.settings')  # settings models only\n"

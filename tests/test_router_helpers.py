@@ -86,7 +86,7 @@ def pd_flags(prefills: list[Any], decodes: list[Any], *extra: str) -> list[str]:
 
 class FakeWorker:
     """A fake prefill or decode server. Set `status`, `delay`, `events`, `event_delay`,
-    `fail_event_at`, `live_status` (of /health) to shape its answers; read `bodies`,
+    `fail_event_at`, `live_status` and `health_delay` (of /health) to shape its answers; read `bodies`,
     `arrivals`, `active`, `aborted`."""
 
     GENERATE = ("/generate", "/v1/completions", "/v1/chat/completions")
@@ -102,7 +102,7 @@ class FakeWorker:
         self.reset()
         routes = [Route(p, self._generate, methods=["POST"]) for p in self.GENERATE]
         routes += [
-            Route("/health", lambda r: Response(status_code=self.live_status)),
+            Route("/health", self._health),
             Route("/health_generate", self._health_generate),
             Route("/server_info", lambda r: JSONResponse({"name": self.name})),
             Route("/get_load", lambda r: JSONResponse([{"dp_rank": 0, "num_reqs": self.active}])),
@@ -128,11 +128,16 @@ class FakeWorker:
         self.fail_event_at: int | None = None
         self.health_status = 200  # /health_generate
         self.live_status = 200  # /health
+        self.health_delay = 0.0  # before /health answers
         self.flush_status = 200
 
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(10)
+
+    async def _health(self, request: Request) -> Response:
+        await asyncio.sleep(self.health_delay)
+        return Response(status_code=self.live_status)
 
     async def _health_generate(self, request: Request) -> Response:
         return Response(status_code=self.health_status)

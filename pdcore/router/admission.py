@@ -15,6 +15,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Protocol
 
 from starlette.responses import JSONResponse
 
@@ -69,10 +70,31 @@ class Rejected(Exception):
         return JSONResponse(body, status_code=self.status, headers=headers)
 
 
+class AdmissionControl(Protocol):
+    """What the router asks of flow control: `Admission` in one process, `SharedAdmission`
+    across the processes of `--router-processes N`."""
+
+    @property
+    def active(self) -> int:
+        """Requests admitted and not yet finished."""
+        ...
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a slot."""
+        ...
+
+    def try_admit(self) -> Ticket | None: ...
+
+    async def admit(self) -> Ticket: ...
+
+    def _release(self) -> None: ...
+
+
 class Ticket:
     """An admitted request's slot; `release()` (idempotent) hands it to the next in line."""
 
-    def __init__(self, admission: Admission | None) -> None:
+    def __init__(self, admission: AdmissionControl | None) -> None:
         self._admission = admission
 
     def release(self) -> None:
@@ -81,12 +103,9 @@ class Ticket:
             admission._release()
 
 
-class Admission:
-    """The concurrency limit and its FIFO queue, plus the optional token bucket.
-
-    `max_concurrent <= 0` admits everything (the queue is then unused). Not thread-safe:
-    it lives on the router's event loop.
-    """
+class Limits:
+    """The settings of flow control and the answers it gives (shared by `Admission` and
+    `shared_admission.SharedAdmission`)."""
 
     def __init__(
         self,
@@ -101,17 +120,63 @@ class Admission:
         self.queue_timeout_s = queue_timeout_s
         self.bucket = bucket
         self.on_reject = on_reject
+
+    def _reject(self, status: int, code: str, message: str, retry_after: float | None) -> Rejected:
+        if self.on_reject is not None:
+            self.on_reject(code)
+        return Rejected(status, code, message, retry_after)
+
+    def _full(self, active: int, queued: int) -> Rejected:
+        return self._reject(
+            429,
+            "queue_full",
+            f"The router is at capacity: {active} requests running "
+            f"(--max-concurrent-requests {self.max_concurrent}) and {queued} waiting "
+            f"(--queue-size {self.queue_size}); try again shortly",
+            1.0,
+        )
+
+    def _rate_limited(self, bucket: TokenBucket) -> Rejected:
+        return self._reject(
+            429,
+            "rate_limited",
+            f"Too many requests: the router admits {bucket.rate:g} requests per "
+            "second (--rate-limit-tokens-per-second); try again shortly",
+            bucket.seconds_until(),
+        )
+
+    def _timed_out(self) -> Rejected:
+        return self._reject(
+            408,
+            "queue_timeout",
+            f"The request waited {self.queue_timeout_s:g}s in the router's queue "
+            "(--queue-timeout-secs) without a free slot; try again later",
+            None,
+        )
+
+
+class Admission(Limits):
+    """The concurrency limit and its FIFO queue, plus the optional token bucket.
+
+    `max_concurrent <= 0` admits everything (the queue is then unused). Not thread-safe:
+    it lives on the router's event loop.
+    """
+
+    def __init__(
+        self,
+        max_concurrent: int,
+        queue_size: int,
+        queue_timeout_s: float,
+        bucket: TokenBucket | None = None,
+        on_reject: Callable[[str], None] | None = None,
+    ) -> None:
+        super().__init__(max_concurrent, queue_size, queue_timeout_s, bucket, on_reject)
         self.active = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
 
     @property
     def queued(self) -> int:
         return sum(1 for f in self._waiters if not f.done())
-
-    def _reject(self, status: int, code: str, message: str, retry_after: float | None) -> Rejected:
-        if self.on_reject is not None:
-            self.on_reject(code)
-        return Rejected(status, code, message, retry_after)
 
     def try_admit(self) -> Ticket | None:
         """The slot at once when one is free, nobody waits and no rate limit applies, without
@@ -128,27 +193,14 @@ class Admission:
     async def admit(self) -> Ticket:
         """A slot for one request, waiting in line if need be; raises Rejected (429/408)."""
         if self.bucket is not None and not self.bucket.try_acquire():
-            raise self._reject(
-                429,
-                "rate_limited",
-                f"Too many requests: the router admits {self.bucket.rate:g} requests per "
-                "second (--rate-limit-tokens-per-second); try again shortly",
-                self.bucket.seconds_until(),
-            )
+            raise self._rate_limited(self.bucket)
         if self.max_concurrent <= 0:
             return Ticket(None)
         if self.active < self.max_concurrent and not self.queued:
             self.active += 1
             return Ticket(self)
         if self.queued >= self.queue_size:
-            raise self._reject(
-                429,
-                "queue_full",
-                f"The router is at capacity: {self.active} requests running "
-                f"(--max-concurrent-requests {self.max_concurrent}) and {self.queued} waiting "
-                f"(--queue-size {self.queue_size}); try again shortly",
-                1.0,
-            )
+            raise self._full(self.active, self.queued)
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         try:
@@ -161,13 +213,7 @@ class Admission:
             self._drop_done()
             if isinstance(exc, asyncio.CancelledError):
                 raise
-            raise self._reject(
-                408,
-                "queue_timeout",
-                f"The request waited {self.queue_timeout_s:g}s in the router's queue "
-                "(--queue-timeout-secs) without a free slot; try again later",
-                None,
-            ) from None
+            raise self._timed_out() from None
         return Ticket(self)
 
     def _drop_done(self) -> None:

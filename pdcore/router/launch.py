@@ -10,6 +10,7 @@ import asyncio
 import functools
 import logging
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable, Coroutine
@@ -20,8 +21,9 @@ import uvicorn
 
 from pdcore.plugins import get_registry
 from pdcore.router import http1
-from pdcore.router.admission import Admission, TokenBucket
+from pdcore.router.admission import Admission, AdmissionControl, TokenBucket
 from pdcore.router.app import build_app, build_metrics_app
+from pdcore.router.cluster import ChildSpec, SupervisorLink
 from pdcore.router.health import HealthChecker, probe
 from pdcore.router.http_protocol import router_http_protocol
 from pdcore.router.legs import CONNECT_TIMEOUT_S, make_client
@@ -30,12 +32,14 @@ from pdcore.router.pd import RouterState
 from pdcore.router.policies import RoutingPolicy, Worker
 from pdcore.router.resilience import Backoff, BreakerState
 from pdcore.router.settings import RouterSettings
+from pdcore.router.shared_admission import SharedAdmission, SharedTokenBucket
 from pdcore.router.workers import ROLES, WorkerPool
 from pdcore.web.errors import check_port
 
 logger = logging.getLogger("pdcore.router")
 
 _STARTUP_PROBE_TIMEOUT_S = 5.0
+_LINK_TIMEOUT_S = 30.0  # plus the probe's: a worker change reaching every router process
 
 
 class _Terminate(BaseException):
@@ -47,22 +51,31 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     raise _Terminate()
 
 
+def setup_logging(settings: RouterSettings, name: str = "router") -> None:
+    level = "warning" if settings.log_level == "warn" else settings.log_level
+    logging.basicConfig(
+        level=level.upper(),
+        format=f"%(asctime)s [{name}] %(levelname)s %(name)s: %(message)s",
+    )
+    if level != "debug":  # httpx logs every request at INFO
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
 def run_router(settings: RouterSettings) -> int:
     """Serve the router on settings.host:settings.port; returns the exit status.
 
     Raises SystemExit with a message when the port cannot be listened on or a worker is
-    not healthy within --worker-startup-timeout-secs.
+    not healthy within --worker-startup-timeout-secs. With --router-processes N > 1 this
+    process becomes the supervisor of N router processes (supervisor.py).
     """
-    level = "warning" if settings.log_level == "warn" else settings.log_level
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s [router] %(levelname)s %(name)s: %(message)s",
-    )
-    if level != "debug":  # httpx logs every request at INFO
-        logging.getLogger("httpx").setLevel(logging.WARNING)
+    setup_logging(settings, "router supervisor" if settings.router_processes > 1 else "router")
     check_port("pdcore router", settings.host, settings.port)
     if settings.prometheus_port is not None:
         check_port("pdcore router", settings.prometheus_host, settings.prometheus_port)
+    if settings.router_processes > 1:
+        from pdcore.router.supervisor import run_supervisor
+
+        return run_supervisor(settings)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         _event_loop_runner()(_serve(settings))
@@ -109,18 +122,28 @@ def make_policies(settings: RouterSettings) -> dict[str, RoutingPolicy]:
 
 
 def make_state(
-    settings: RouterSettings, client: httpx.AsyncClient, legs: http1.Client
+    settings: RouterSettings,
+    client: httpx.AsyncClient,
+    legs: http1.Client,
+    spec: ChildSpec | None = None,
 ) -> RouterState:
-    metrics = RouterMetrics(settings.prometheus_duration_buckets)
+    """The router's state; `spec`: this process's share of --router-processes N > 1 (flow
+    control in shared memory, metrics in the multiprocess folder, the supervisor's link)."""
+    metrics_dir = spec.metrics_dir if spec is not None else None
+    metrics = RouterMetrics(settings.prometheus_duration_buckets, metrics_dir)
     rate = settings.rate_limit_tokens_per_second
-    bucket = TokenBucket(rate, max(1.0, rate)) if rate else None
-    admission = Admission(
-        settings.max_concurrent_requests,
-        settings.queue_size,
-        settings.queue_timeout_secs,
-        bucket,
-        on_reject=lambda reason: metrics.rejected.labels(reason=reason).inc(),
-    )
+
+    def rejected(reason: str) -> None:
+        metrics.rejected.labels(reason=reason).inc()
+
+    admission: AdmissionControl
+    limits = (settings.max_concurrent_requests, settings.queue_size, settings.queue_timeout_secs)
+    if spec is None:
+        bucket = TokenBucket(rate, max(1.0, rate)) if rate else None
+        admission = Admission(*limits, bucket, on_reject=rejected)
+    else:
+        shared = SharedTokenBucket(spec.slots, rate, max(1.0, rate)) if rate else None
+        admission = SharedAdmission(spec.slots, *limits, shared, on_reject=rejected)
     backoff = Backoff(
         settings.retry_initial_backoff_ms / 1000,
         settings.retry_max_backoff_ms / 1000,
@@ -136,6 +159,9 @@ def make_state(
         metrics,
         admission,
         backoff,
+        link=SupervisorLink(spec.link, _LINK_TIMEOUT_S + settings.health_check_timeout_secs)
+        if spec is not None
+        else None,
     )
 
 
@@ -167,10 +193,12 @@ def _background(state: RouterState) -> list[asyncio.Task[Any]]:
     return tasks
 
 
-async def _serve(settings: RouterSettings) -> None:
+async def _serve(settings: RouterSettings, spec: ChildSpec | None = None) -> None:
+    """Serve until told to stop; `spec`: as one of --router-processes N > 1 (on the
+    supervisor's sockets, which waited for the workers already)."""
     async with _client(settings) as client, make_client(settings.request_timeout_secs) as legs:
-        state = make_state(settings, client, legs)
-        if not settings.disable_health_check:
+        state = make_state(settings, client, legs, spec)
+        if spec is None and not settings.disable_health_check:
             workers = [m.worker for m in state.pool]
             await wait_for_workers(client, workers, settings, _auth(settings))
         level = "warning" if settings.log_level == "warn" else settings.log_level
@@ -198,19 +226,35 @@ async def _serve(settings: RouterSettings) -> None:
                 lifespan="off",
             )
             servers.append(_MetricsServer(config))
-        logger.info(
-            "PD router on http://%s:%d: prefill %s; decode %s; policies prefill=%s decode=%s",
-            settings.host,
-            settings.port,
-            ", ".join(f"{w.url} (bootstrap port {w.bootstrap_port})" for w in state.prefills),
-            ", ".join(w.url for w in state.decodes),
-            settings.role_policy("prefill"),
-            settings.role_policy("decode"),
-        )
+        sockets: list[list[socket.socket] | None] = [None, None]
+        if spec is None:
+            logger.info(
+                "PD router on http://%s:%d: prefill %s; decode %s; policies prefill=%s decode=%s",
+                settings.host,
+                settings.port,
+                ", ".join(f"{w.url} (bootstrap port {w.bootstrap_port})" for w in state.prefills),
+                ", ".join(w.url for w in state.decodes),
+                settings.role_policy("prefill"),
+                settings.role_policy("decode"),
+            )
+        else:
+            sockets = [spec.sockets, spec.metrics_sockets]
+
+            def supervisor_gone() -> None:
+                if not servers[0].should_exit:
+                    logger.error("the router supervisor is gone: stopping")
+                for srv in servers:
+                    srv.should_exit = True
+
+            assert state.link is not None
+            await state.link.start(state, supervisor_gone)
         tasks = _background(state)
+        extra: list[asyncio.Future[None]] = []
         try:
-            main = asyncio.ensure_future(servers[0].serve())
-            extra = [asyncio.ensure_future(srv.serve()) for srv in servers[1:]]
+            main = asyncio.ensure_future(servers[0].serve(sockets[0]))
+            extra = [asyncio.ensure_future(srv.serve(sockets[1])) for srv in servers[1:]]
+            if state.link is not None:
+                tasks.append(asyncio.create_task(_report_ready(servers, state.link)))
             await main
         finally:
             for srv in servers[1:]:
@@ -218,6 +262,12 @@ async def _serve(settings: RouterSettings) -> None:
             for task in [*tasks, *list(state.background)]:
                 task.cancel()
             await asyncio.gather(*tasks, *state.background, *extra, return_exceptions=True)
+
+
+async def _report_ready(servers: list[uvicorn.Server], link: SupervisorLink) -> None:
+    while not all(srv.started for srv in servers):
+        await asyncio.sleep(0.01)
+    link.ready()
 
 
 class _MetricsServer(uvicorn.Server):

@@ -5,11 +5,20 @@ failures, in-flight requests, health and circuit breaker; retries; flow control.
 
 Like the server's, the collectors live in a registry of their own, so several routers in
 one process (tests) never collide.
+
+With `--router-processes N > 1` each router process counts into prometheus_client's
+multiprocess files (PROMETHEUS_MULTIPROC_DIR, a folder the supervisor makes and removes)
+and /metrics, on any process, merges them: counters and histograms are summed, the
+in-flight gauges summed over live processes, `pdcore_router_process_requests` has one
+sample per live process (label `pid`). The gauges set at scrape time from the pool --
+breakers, health, registered/available counts -- are the answering process's view (each
+process runs its own health checks and breakers); the flow-control gauges are global
+(shared memory, see shared_admission.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
 from prometheus_client import (
@@ -21,6 +30,9 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
 from pdcore.router.resilience import BREAKER_GAUGE
 
@@ -51,12 +63,73 @@ _LATENCY_BUCKETS = (
 )
 
 
-class RouterMetrics:
-    """The router's collectors and the calls the app makes on them."""
+class PoolGauges(Collector):
+    """The gauges set from the worker pool and flow control just before a scrape (a
+    prometheus_client custom collector, so a removed worker's samples disappear, and with
+    several router processes they are never merged from stale copies)."""
 
-    def __init__(self, buckets: Sequence[float] | None = None) -> None:
+    def __init__(self) -> None:
+        self.cb_state: list[tuple[str, str, float]] = []
+        self.health: list[tuple[str, str, float]] = []
+        self.pool_size: dict[tuple[str, str], int] = {}
+        self.active = 0
+        self.queued = 0
+
+    def collect(self) -> Iterator[Metric]:
+        cb = GaugeMetricFamily(
+            "pdcore_router_worker_cb_state",
+            "Circuit breaker state of each worker: 0 closed, 1 open, 2 half-open.",
+            labels=["worker", "role"],
+        )
+        for worker, role, value in self.cb_state:
+            cb.add_metric([worker, role], value)
+        health = GaugeMetricFamily(
+            "pdcore_router_worker_health",
+            "1 while a worker passes its health checks, else 0.",
+            labels=["worker", "role"],
+        )
+        for worker, role, value in self.health:
+            health.add_metric([worker, role], value)
+        pool = GaugeMetricFamily(
+            "pdcore_router_workers",
+            "Registered workers per role, and how many of them are available.",
+            labels=["role", "state"],
+        )
+        for (role, st), n in self.pool_size.items():
+            pool.add_metric([role, st], n)
+        yield from (cb, health, pool)
+        yield GaugeMetricFamily(
+            "pdcore_router_requests_active",
+            "Generation requests admitted and not yet finished.",
+            value=self.active,
+        )
+        yield GaugeMetricFamily(
+            "pdcore_router_queue_depth",
+            "Generation requests waiting for a slot (--max-concurrent-requests).",
+            value=self.queued,
+        )
+
+
+class RouterMetrics:
+    """The router's collectors and the calls the app makes on them.
+
+    `multiprocess_dir`: the PROMETHEUS_MULTIPROC_DIR of `--router-processes N > 1` (this
+    process's values are in its files already: prometheus_client reads the variable when
+    imported); `render` then merges every process's files."""
+
+    def __init__(
+        self, buckets: Sequence[float] | None = None, multiprocess_dir: str | None = None
+    ) -> None:
         buckets = tuple(buckets) if buckets else _LATENCY_BUCKETS
         self.registry = r = CollectorRegistry()
+        self.pool_gauges = PoolGauges()
+        if multiprocess_dir is None:
+            r.register(self.pool_gauges)
+            self._scrape = r
+        else:
+            self._scrape = CollectorRegistry()
+            MultiProcessCollector(self._scrape, multiprocess_dir)
+            self._scrape.register(self.pool_gauges)
         self._children: dict[tuple[object, ...], MetricWrapperBase] = {}
         self.requests = Counter(
             "pdcore_router_requests",
@@ -103,44 +176,16 @@ class RouterMetrics:
             ["role"],
             registry=r,
         )
-        self.cb_state = Gauge(
-            "pdcore_router_worker_cb_state",
-            "Circuit breaker state of each worker: 0 closed, 1 open, 2 half-open.",
-            ["worker", "role"],
-            registry=r,
-        )
         self.cb_transitions = Counter(
             "pdcore_router_worker_cb_transitions",
             "Circuit breaker state changes per worker.",
             ["worker", "role", "from_state", "to_state"],
             registry=r,
         )
-        self.health = Gauge(
-            "pdcore_router_worker_health",
-            "1 while a worker passes its health checks, else 0.",
-            ["worker", "role"],
-            registry=r,
-        )
         self.health_checks = Counter(
             "pdcore_router_worker_health_checks",
             "Health checks per worker, by result (ok, failed).",
             ["worker", "role", "result"],
-            registry=r,
-        )
-        self.pool_size = Gauge(
-            "pdcore_router_workers",
-            "Registered workers per role, and how many of them are available.",
-            ["role", "state"],
-            registry=r,
-        )
-        self.active = Gauge(
-            "pdcore_router_requests_active",
-            "Generation requests admitted and not yet finished.",
-            registry=r,
-        )
-        self.queued = Gauge(
-            "pdcore_router_queue_depth",
-            "Generation requests waiting for a slot (--max-concurrent-requests).",
             registry=r,
         )
         self.rejected = Counter(
@@ -168,7 +213,22 @@ class RouterMetrics:
             "Requests the router has open on each worker.",
             ["worker", "role"],
             registry=r,
+            multiprocess_mode="livesum",
         )
+        self.process_requests = Gauge(
+            "pdcore_router_process_requests",
+            "HTTP requests this router process answered (with --router-processes > 1, one "
+            "sample per live process, label pid).",
+            registry=r,
+            multiprocess_mode="liveall",
+        )
+        self.processes = Gauge(
+            "pdcore_router_processes",
+            "Router processes serving (--router-processes; live ones).",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.processes.set(1)
 
     def _child(self, metric: M, *values: str) -> M:
         """`metric.labels(*values)`, remembered: labels() costs more than the increment, and
@@ -183,6 +243,7 @@ class RouterMetrics:
     def observe_request(self, route: str, status: int, seconds: float) -> None:
         self._child(self.requests, route, str(status)).inc()
         self._child(self.latency, route).observe(seconds)
+        self.process_requests.inc()
 
     def leg_started(self, worker: str, role: str) -> None:
         self._child(self.worker_requests, worker, role).inc()
@@ -199,21 +260,19 @@ class RouterMetrics:
     def sync_workers(self, members: Iterable[Member], active: int, queued: int) -> None:
         """Set the per-worker gauges from the pool as it is now (called before a scrape, so
         lazily changing states such as an expiring breaker are always current)."""
-        self.cb_state.clear()
-        self.health.clear()
+        g = self.pool_gauges
         counts = {
             (role, st): 0 for role in ("prefill", "decode") for st in ("registered", "available")
         }
+        g.cb_state, g.health = [], []
         for m in members:
             w = m.worker
-            self.cb_state.labels(worker=w.url, role=w.role).set(BREAKER_GAUGE[m.breaker.state])
-            self.health.labels(worker=w.url, role=w.role).set(1 if w.healthy else 0)
+            g.cb_state.append((w.url, w.role, BREAKER_GAUGE[m.breaker.state]))
+            g.health.append((w.url, w.role, 1 if w.healthy else 0))
             counts[(w.role, "registered")] += 1
             counts[(w.role, "available")] += int(m.available)
-        for (role, st), n in counts.items():
-            self.pool_size.labels(role=role, state=st).set(n)
-        self.active.set(active)
-        self.queued.set(queued)
+        g.pool_size = counts
+        g.active, g.queued = active, queued
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self._scrape)

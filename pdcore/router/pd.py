@@ -34,7 +34,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
@@ -43,7 +43,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from pdcore.router import http1
-from pdcore.router.admission import Admission, Rejected, Ticket
+from pdcore.router.admission import AdmissionControl, Rejected, Ticket
 from pdcore.router.legs import Leg, LegError
 from pdcore.router.metrics import RouterMetrics
 from pdcore.router.policies import RouteRequest, RoutingPolicy, Worker
@@ -52,6 +52,9 @@ from pdcore.router.settings import RouterSettings
 from pdcore.router.workers import WorkerPool
 from pdcore.web.errors import ProtocolError, error_body, parse_json, require_object
 from pdcore.web.streaming import SSE_DONE, ClientDisconnected, sse, wait_for_disconnect
+
+if TYPE_CHECKING:
+    from pdcore.router.cluster import SupervisorLink
 
 logger = logging.getLogger("pdcore.router")
 
@@ -70,9 +73,12 @@ class RouterState:
     client: httpx.AsyncClient  # the control plane: health checks, admin calls, policies
     legs: http1.Client  # the legs' connections (legs.make_client)
     metrics: RouterMetrics
-    admission: Admission
+    admission: AdmissionControl
     backoff: Backoff
     background: set[asyncio.Task[Any]] = field(default_factory=set)
+    # With --router-processes N > 1: the channel to the supervisor, through which worker
+    # registrations reach every router process (None: the only process).
+    link: SupervisorLink | None = None
 
     @property
     def prefills(self) -> list[Worker]:

@@ -128,6 +128,15 @@ class RouterOptions(PdcoreSettings, PolicyOptions):
 
     host: str = setting("127.0.0.1", "Address the router binds to.")
     port: int = setting(8000, "Port the router listens on.", ge=1, le=65535)
+    router_processes: int = setting(
+        1,
+        "Router processes serving --host:--port together (one SO_REUSEPORT socket each), "
+        "started and stopped by a supervisor; 1: one process, no supervisor. Worker "
+        "registration reaches every process before it is answered, flow control and "
+        "/metrics are global; each process runs its own health checks, circuit breakers "
+        "and routing policy (docs/router.md).",
+        ge=1,
+    )
     policy: str = setting(
         "round_robin",
         "Routing policy for both roles unless --prefill-policy / --decode-policy say "

@@ -76,15 +76,27 @@ class WorkerPool:
         self._ids = {role: itertools.count() for role in ROLES}
 
     def add(
-        self, url: str, role: str, bootstrap_port: int | None = None, *, healthy: bool = True
+        self,
+        url: str,
+        role: str,
+        bootstrap_port: int | None = None,
+        *,
+        healthy: bool = True,
+        worker_id: str | None = None,
     ) -> Member:
+        """A new worker; `worker_id`: the id the supervisor gave it (`--router-processes`
+        N > 1, where the supervisor numbers workers for every process), else the next one."""
         if role not in ROLES:
             raise ValueError(f"role must be 'prefill' or 'decode', got {role!r}")
         if role == "decode" and bootstrap_port is not None:
             raise ValueError("bootstrap_port is for prefill workers only")
         if self.find(url, role) is not None:
             raise WorkerExists(f"{role} worker {url} is registered already")
-        worker = Worker(url, role, bootstrap_port, worker_id=f"{role}-{next(self._ids[role])}")
+        if worker_id is None:
+            worker_id = f"{role}-{next(self._ids[role])}"
+        elif worker_id in self._members:
+            raise WorkerExists(f"worker id {worker_id} is taken")
+        worker = Worker(url, role, bootstrap_port, worker_id=worker_id)
         worker.healthy = healthy
         s = self.settings
 

@@ -43,14 +43,18 @@ def _validated(url: Any, role: Any, port: Any) -> tuple[str, str, int | None]:
     return clean, role, bootstrap
 
 
-async def _register(request: Request, url: Any, role: Any, port: Any) -> Response:
-    state = _state(request)
-    clean, role, bootstrap = _validated(url, role, port)
+async def add_member(
+    state: RouterState,
+    url: str,
+    role: str,
+    bootstrap_port: int | None,
+    headers: dict[str, str],
+    worker_id: str | None = None,
+) -> Member:
+    """Register a worker in this process and probe it once (unless health checks are off);
+    raises WorkerExists. `worker_id`: the supervisor's id for it (--router-processes)."""
     check = not state.settings.disable_health_check
-    try:
-        member = state.pool.add(clean, role, bootstrap, healthy=not check)
-    except WorkerExists as exc:
-        return JSONResponse(error_body(str(exc), code="worker_exists"), status_code=409)
+    member = state.pool.add(url, role, bootstrap_port, healthy=not check, worker_id=worker_id)
     if check:
         s = state.settings
         error = await probe(
@@ -58,27 +62,22 @@ async def _register(request: Request, url: Any, role: Any, port: Any) -> Respons
             member.worker,
             s.health_check_endpoint,
             s.health_check_timeout_secs,
-            worker_headers(state, request),
+            headers,
         )
         member.worker.healthy = error is None
         member.last_error = error
     logger.info(
         "added %s %s as %s (healthy: %s)",
         role,
-        clean,
+        url,
         member.worker.worker_id,
         member.worker.healthy,
     )
-    return JSONResponse(member.detail(), status_code=201)
+    return member
 
 
-async def _unregister(request: Request, member: Member | None, what: str) -> Response:
-    state = _state(request)
-    if member is None:
-        return JSONResponse(
-            error_body(f"no worker {what}; GET /workers lists them", code="worker_not_found"),
-            status_code=404,
-        )
+def remove_member(state: RouterState, member: Member) -> dict[str, Any]:
+    """Take a worker out of this process's pool (requests on it finish); its detail."""
     state.pool.remove(member)
     policy = state.policies.get(member.worker.role)
     forget = getattr(policy, "forget", None)
@@ -90,7 +89,49 @@ async def _unregister(request: Request, member: Member | None, what: str) -> Res
         member.worker.url,
         member.worker.in_flight,
     )
-    return JSONResponse(member.detail())
+    return member.detail()
+
+
+def _not_found(what: str) -> JSONResponse:
+    return JSONResponse(
+        error_body(f"no worker {what}; GET /workers lists them", code="worker_not_found"),
+        status_code=404,
+    )
+
+
+def _exists(message: str) -> JSONResponse:
+    return JSONResponse(error_body(message, code="worker_exists"), status_code=409)
+
+
+async def _register(request: Request, url: Any, role: Any, port: Any) -> Response:
+    state = _state(request)
+    clean, role, bootstrap = _validated(url, role, port)
+    headers = worker_headers(state, request)
+    if state.link is not None:  # every process applies it (and probes) before we answer
+        answer = await state.link.change(
+            {"op": "add", "url": clean, "role": role, "bootstrap_port": bootstrap},
+            headers,
+        )
+        if answer["status"] == "exists":
+            return _exists(answer["message"])
+        return JSONResponse(answer["detail"], status_code=201)
+    try:
+        member = await add_member(state, clean, role, bootstrap, headers)
+    except WorkerExists as exc:
+        return _exists(str(exc))
+    return JSONResponse(member.detail(), status_code=201)
+
+
+async def _unregister(request: Request, member: Member | None, what: str) -> Response:
+    state = _state(request)
+    if member is None:
+        return _not_found(what)
+    if state.link is not None:  # every process removes it before we answer
+        answer = await state.link.change({"op": "remove", "id": member.worker.worker_id})
+        if answer["status"] == "not_found":
+            return _not_found(what)
+        return JSONResponse(answer["detail"])
+    return JSONResponse(remove_member(state, member))
 
 
 async def list_workers(request: Request) -> Response:
