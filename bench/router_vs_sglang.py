@@ -4,23 +4,31 @@ Two stub workers -- a prefill and a decode -- answer every request at once with 
 fixed JSON body (a raw asyncio HTTP/1.1 server with keep-alive, uvloop when installed), so
 what is measured is the router: its HTTP parsing, the two legs it sends per request and
 the response it relays. Each router runs with round_robin and no health checks, one after
-the other, on the same stubs; a raw keep-alive client (one connection per concurrent
+the other, on the same stubs -- pdcore once per `--router-processes` count (1 and 2 by
+default), then sglang-router; a raw keep-alive client (one connection per concurrent
 stream) sends non-streaming `/generate` requests for a fixed time at each concurrency, and
 the same straight to the decode stub gives the "direct" baseline.
 
-Reported per target and concurrency: requests/s, p50/p99 latency, and for the routers the
-latency they add over direct. The machine's load average is recorded: on a shared 2-core
-machine client, router and stubs compete for the same cores, so run it when quiet.
+Reported per target and concurrency: requests/s, p50/p99 latency, for the routers the
+latency they add over direct, and the router's CPU per request: utime + stime of all its
+processes (the supervisor and its router processes for pdcore with N > 1; every thread,
+from /proc/<pid>/stat) over the run, divided by the requests answered -- a figure that
+does not depend on how busy the machine is. For pdcore with N > 1 the requests each
+router process answered are recorded too (how evenly SO_REUSEPORT spread the
+connections). The machine's load average is recorded: on a shared 2-core machine client,
+routers and stubs compete for the same cores, so run it when quiet.
 
-    .venv/bin/python bench/router_vs_sglang.py > docs/router_vs_sglang.json   # ~1 minute
+    .venv/bin/python bench/router_vs_sglang.py > docs/router_vs_sglang.json   # ~2 minutes
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -28,6 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _deploy import PDCORE, Proc, free_port  # noqa: E402
@@ -137,12 +147,13 @@ async def load(url: str, concurrency: int, seconds: float) -> dict[str, Any]:
         f"content-length: {len(REQUEST_BODY)}\r\n\r\n"
     ).encode() + REQUEST_BODY
     latencies: list[float] = []
+    answered = 0  # warm-up included: what the router's CPU time is divided by
     errors = 0
     deadline = time.perf_counter() + seconds
     warm = time.perf_counter() + min(1.0, seconds / 5)
 
     async def stream() -> None:
-        nonlocal errors
+        nonlocal errors, answered
         reader, writer = await asyncio.open_connection(host, int(port))
         while (now := time.perf_counter()) < deadline:
             writer.write(request)
@@ -153,6 +164,7 @@ async def load(url: str, concurrency: int, seconds: float) -> dict[str, Any]:
                 writer.close()
                 reader, writer = await asyncio.open_connection(host, int(port))
                 continue
+            answered += 1
             if now >= warm:
                 latencies.append(time.perf_counter() - now)
         writer.close()
@@ -164,6 +176,7 @@ async def load(url: str, concurrency: int, seconds: float) -> dict[str, Any]:
     return {
         "concurrency": concurrency,
         "requests": len(latencies),
+        "answered": answered,
         "errors": errors,
         "req_per_s": round(len(latencies) / measured, 1),
         "p50_ms": round(q[49] * 1000, 3),
@@ -171,14 +184,60 @@ async def load(url: str, concurrency: int, seconds: float) -> dict[str, Any]:
     }
 
 
-def measure(url: str, concurrencies: list[int], seconds: float) -> list[dict[str, Any]]:
+def _process_tree(pid: int) -> list[int]:
+    """`pid` and all its descendants (from /proc/<pid>/task/*/children)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for f in Path(f"/proc/{p}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                todo += [int(c) for c in f.read_text().split()]
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of `pid` and its descendants, every thread (dead ones too: a
+    process's /proc/<pid>/stat sums them), in seconds."""
+    ticks = 0
+    for p in _process_tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def measure(
+    url: str,
+    concurrencies: list[int],
+    seconds: float,
+    pid: int | None = None,
+    processes: bool = False,
+) -> list[dict[str, Any]]:
+    """One load per concurrency; with `pid` (a router), its CPU per request too; with
+    `processes` (pdcore with N > 1), the requests each router process answered."""
     try:
         import uvloop
 
         uvloop.install()
     except ImportError:
         pass
-    return [asyncio.run(load(url, c, seconds)) for c in concurrencies]
+    out = []
+    for c in concurrencies:
+        counts = per_process_requests(url) if processes else {}
+        before = cpu_seconds(pid) if pid else 0.0
+        r = asyncio.run(load(url, c, seconds))
+        if pid:
+            used = cpu_seconds(pid) - before
+            r["router_cpu_s"] = round(used, 2)
+            r["router_cpu_us_per_req"] = round(used / max(1, r["answered"]) * 1e6, 1)
+        if processes:
+            after = per_process_requests(url)
+            r["per_process_answered"] = {k: v - counts.get(k, 0) for k, v in after.items()}
+        out.append(r)
+    return out
 
 
 # --- the deployment ----------------------------------------------------------------------
@@ -197,7 +256,7 @@ def start_stub(name: str, log: Path) -> Proc:
     return proc
 
 
-def start_router(kind: str, log: Path, prefill: Proc, decode: Proc) -> Proc:
+def start_router(kind: str, log: Path, prefill: Proc, decode: Proc, processes: int = 1) -> Proc:
     port = free_port()
     workers = ["--prefill", prefill.url, "none", "--decode", decode.url]
     common = [
@@ -213,16 +272,40 @@ def start_router(kind: str, log: Path, prefill: Proc, decode: Proc) -> Proc:
     ]
     if kind == "pdcore":
         args = [*PDCORE, "router", *common, "--log-level", "warning"]
+        args += ["--router-processes", str(processes)]
+        name = f"pdcore_{processes}p"
     else:
         args = [sys.executable, "-m", "sglang_router.launch_router", *common, "--log-level", "warn"]
+        name = kind
     proc = Proc.__new__(Proc)
-    proc.name, proc.url = kind, f"http://127.0.0.1:{port}"
-    proc.log_path = log / f"router-{kind}.log"
+    proc.name, proc.url = name, f"http://127.0.0.1:{port}"
+    proc.log_path = log / f"router-{name}.log"
     proc._log = open(proc.log_path, "wb")  # noqa: SIM115 - closed in stop()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PDCORE_", "SGLANG_"))}
     proc.proc = subprocess.Popen(args, stdout=proc._log, stderr=subprocess.STDOUT, env=env)
     proc.wait_healthy(60)
+    # Each new connection lands on one router process (SO_REUSEPORT hashes it); one still
+    # starting answers once it serves, so after these every process is up.
+    for _ in range(8 * processes):
+        httpx.get(proc.url + "/health", timeout=60)
     return proc
+
+
+def per_process_requests(url: str) -> dict[str, float]:
+    """pdcore_router_process_requests by pid, from the router's merged /metrics."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    found = re.findall(r'^pdcore_router_process_requests\{pid="(\d+)"\} (\S+)$', text, re.M)
+    return {pid: float(v) for pid, v in found}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
 
 
 def main() -> None:
@@ -231,21 +314,38 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[64, 1])
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--routers", nargs="+", default=["pdcore", "sglang"])
+    ap.add_argument(
+        "--router-processes",
+        type=int,
+        nargs="+",
+        default=[1, 2],
+        help="pdcore router's --router-processes: one run per count (default: 1 2)",
+    )
     args = ap.parse_args()
     if args.stub:
         run_stub(args.stub)
         return
     log = Path(tempfile.mkdtemp(prefix="router-vs-sglang-"))
     prefill, decode = start_stub("prefill-stub", log), start_stub("decode-stub", log)
-    results: dict[str, Any] = {"load_average_before": os.getloadavg()}
+    results: dict[str, Any] = {
+        "load_average_before": os.getloadavg(),
+        "cpus": os.cpu_count(),
+        "cpu_model": _cpu_model(),
+    }
+    targets: list[str] = []
     try:
         results["direct"] = measure(decode.url, args.concurrency, args.seconds)
         for kind in args.routers:
-            router = start_router(kind, log, prefill, decode)
-            try:
-                results[kind] = measure(router.url, args.concurrency, args.seconds)
-            finally:
-                router.stop()
+            for n in args.router_processes if kind == "pdcore" else [1]:
+                router = start_router(kind, log, prefill, decode, n)
+                try:
+                    pid, several = router.proc.pid, kind == "pdcore" and n > 1
+                    results[router.name] = measure(
+                        router.url, args.concurrency, args.seconds, pid, several
+                    )
+                finally:
+                    router.stop()
+                targets.append(router.name)
         results["direct_after"] = measure(decode.url, args.concurrency, args.seconds)
     finally:
         prefill.stop()
@@ -255,23 +355,31 @@ def main() -> None:
     for i, c in enumerate(args.concurrency):
         direct = results["direct"][i]
         row: dict[str, Any] = {}
-        for kind in args.routers:
-            r = results[kind][i]
-            row[kind] = {
+        for name in targets:
+            r = results[name][i]
+            row[name] = {
                 "req_per_s": r["req_per_s"],
                 "added_p50_ms": round(r["p50_ms"] - direct["p50_ms"], 3),
                 "added_p99_ms": round(r["p99_ms"] - direct["p99_ms"], 3),
+                "cpu_us_per_req": r["router_cpu_us_per_req"],
             }
-        if {"pdcore", "sglang"} <= set(args.routers):
-            p, s = row["pdcore"], row["sglang"]
-            row["pdcore_vs_sglang"] = {
-                "req_per_s_ratio": round(p["req_per_s"] / s["req_per_s"], 3),
-                "added_p50_ratio": round(p["added_p50_ms"] / s["added_p50_ms"], 3)
-                if s["added_p50_ms"] > 0
-                else None,
-            }
+            if "per_process_answered" in r:  # how evenly the kernel spread the connections
+                row[name]["per_process_answered"] = sorted(r["per_process_answered"].values())
+        if "sglang" in targets:
+            s = row["sglang"]
+            for name in [t for t in targets if t.startswith("pdcore")]:
+                p = row[name]
+                row[f"{name}_vs_sglang"] = {
+                    "req_per_s_ratio": round(p["req_per_s"] / s["req_per_s"], 3),
+                    "added_p50_ratio": _ratio(p["added_p50_ms"], s["added_p50_ms"]),
+                    "cpu_per_req_ratio": _ratio(p["cpu_us_per_req"], s["cpu_us_per_req"]),
+                }
         summary[f"concurrency_{c}"] = row
     print(json.dumps({"summary": summary, **results, "logs": str(log)}, indent=2))
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return round(a / b, 3) if b > 0 else None
 
 
 if __name__ == "__main__":
