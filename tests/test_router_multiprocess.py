@@ -19,6 +19,7 @@ import contextlib
 import multiprocessing
 import os
 import re
+import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -343,8 +344,15 @@ def test_sigterm_stops_every_process_and_a_dead_one_stops_the_supervisor(fakes, 
 
 def test_a_router_process_stops_when_the_supervisor_is_killed(fakes, tmp_path) -> None:
     r = Routers(tmp_path / "router.log", *TWO, *both(fakes, *QUIET_HEALTH))
+    metrics_dir = None
     try:
         r.wait_all()
+        environ = Path(f"/proc/{r.children[0]}/environ").read_bytes().split(b"\0")
+        metrics_dir = next(
+            e.split(b"=", 1)[1].decode()
+            for e in environ
+            if e.startswith(b"PROMETHEUS_MULTIPROC_DIR=")
+        )
         r.proc.kill()  # no chance to stop them: they notice their link closing
         r.proc.wait(10)
         assert wait_until(lambda: not any(pid_alive(p) for p in r.children), timeout=20), r.log()
@@ -354,3 +362,5 @@ def test_a_router_process_stops_when_the_supervisor_is_killed(fakes, tmp_path) -
         for pid in r.children:
             if pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
+        if metrics_dir is not None:  # a killed supervisor leaves its folder behind
+            shutil.rmtree(metrics_dir, ignore_errors=True)
