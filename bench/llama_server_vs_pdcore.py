@@ -322,12 +322,14 @@ _TASKS = [
 ]
 
 
-def make_prompts(n: int, seed: int = 0) -> list[str]:
-    """`n` distinct deterministic prompts of ~100-200 tokens (a short story to continue)."""
+def make_prompts(n: int, seed: int = 0, short: bool = False) -> list[str]:
+    """`n` distinct deterministic prompts of ~100-200 tokens (a short story to continue),
+    or with `short` of ~20-30 tokens (the same without the story's details: a workload that
+    is nearly all decode)."""
     rng = random.Random(seed)
     prompts: list[str] = []
     for i in range(n):
-        details = rng.sample(_DETAILS, rng.randint(6, 9))
+        details = [] if short else rng.sample(_DETAILS, rng.randint(6, 9))
         text = (
             f"Story {i + 1}. {rng.choice(_SUBJECTS)} {rng.choice(_EVENTS)}. "
             + " ".join(details)
@@ -453,7 +455,9 @@ async def closed_loop(
     t0 = time.perf_counter()
     w0, w1 = t0 + warmup, t0 + warmup + seconds
     timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
-    connector = aiohttp.TCPConnector(limit=streams)
+    # A new connection per request, for both servers: llama-server closes some kept-alive
+    # connections between streamed responses, and a reused dead one fails the next request.
+    connector = aiohttp.TCPConnector(limit=streams, force_close=True)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
 
         async def stream(j: int) -> None:
@@ -646,6 +650,11 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=10.0, help="unmeasured seconds first")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--prompts", type=int, default=2000, help="distinct prompts")
+    ap.add_argument(
+        "--short-prompts",
+        action="store_true",
+        help="~20-30-token prompts instead of ~100-200 (a decode-dominated workload)",
+    )
     ap.add_argument("--servers", nargs="+", default=["llama-server", "pdcore"])
     ap.add_argument("--output-file", type=Path)
     args = ap.parse_args()
@@ -656,7 +665,7 @@ def main() -> None:
         return
     gguf = args.model_path or default_model_path()
     dropped_env = clean_env()
-    prompts = make_prompts(args.prompts)
+    prompts = make_prompts(args.prompts, short=args.short_prompts)
     log_dir = Path(tempfile.mkdtemp(prefix="llama-server-vs-pdcore-"))
     result: dict[str, Any] = {
         "workload": {
@@ -670,6 +679,7 @@ def main() -> None:
             "temperature": 0,
             "ignore_eos": True,
             "distinct_prompts": args.prompts,
+            "short_prompts": args.short_prompts,
             "gguf": str(gguf),
         },
         "cpu": cpu_info(),
