@@ -4,9 +4,11 @@ router's pure helpers; and that the router never imports torch."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -133,6 +135,40 @@ def test_unhealthy_worker_at_start_names_it(processes: str) -> None:
     assert "workers not healthy after 0.5s (--worker-startup-timeout-secs)" in r.stderr
     assert f"prefill {dead}" in r.stderr and f"decode {dead}" in r.stderr
     assert "spawn_main" not in r.stderr  # with 2: the supervisor waited, before any process
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_a_signal_during_the_start_up_wait_is_a_clean_stop(processes: str, sig: int) -> None:
+    """SIGTERM/Ctrl-C while the router still waits for its workers: exit 0 at once (not a
+    traceback, not the wait running to its timeout)."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "pdcore.cli", "router", "--pd-disaggregation"),
+            *("--prefill", dead, "--decode", dead, "--port", str(free_port())),
+            *("--worker-startup-timeout-secs", "60", "--router-processes", processes),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=clean_env(),
+    )
+    try:
+        deadline = time.monotonic() + 30
+        seen = ""
+        while "waiting up to" not in seen and time.monotonic() < deadline:
+            assert proc.stderr is not None
+            seen += proc.stderr.readline()
+        assert "waiting up to" in seen, seen
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "router stopped" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("processes", ["1", "2"])

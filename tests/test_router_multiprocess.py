@@ -88,6 +88,54 @@ def test_a_slot_freed_in_one_process_goes_to_a_waiter_in_the_other() -> None:
     asyncio.run(main())
 
 
+def test_a_slot_freed_in_one_process_reaches_a_waiter_only_the_poller_can_see() -> None:
+    """Process a frees a slot while only process b waits: b's poller must find it (a has
+    no waiter to hand it to directly)."""
+
+    async def main() -> None:
+        a, b = _pair(max_concurrent=1, queue_size=2)
+        held = a.try_admit()
+        assert held is not None
+        waiter = asyncio.ensure_future(b.admit())
+        await asyncio.sleep(0.01)
+        assert not waiter.done() and b.queued == 1
+        t0 = time.monotonic()
+        held.release()  # in a, which has no waiters
+        ticket = await asyncio.wait_for(waiter, 0.5)
+        assert time.monotonic() - t0 < 0.1  # the 1 ms poll, not the queue timeout
+        assert (b.active, b.queued) == (1, 0)
+        ticket.release()
+        assert (a.active, a.queued) == (0, 0)
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["one-process", "shared"])
+def test_a_slot_granted_as_the_client_leaves_is_released(shared: bool) -> None:
+    """The waiter gets its slot in the very turn its client disconnects: on Python <= 3.11
+    asyncio.wait_for then returns the ticket despite the cancel; `until_disconnected` must
+    release it, or the slot stays taken for good."""
+    from pdcore.router.admission import Admission
+    from pdcore.router.pd import until_disconnected
+    from pdcore.web.streaming import ClientDisconnected
+
+    async def main() -> None:
+        adm = _pair(1, 5)[0] if shared else Admission(1, 5, 5.0)
+        held = adm.try_admit()
+        assert held is not None
+        watch: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        request = asyncio.ensure_future(until_disconnected(watch, adm.admit()))
+        await asyncio.sleep(0.01)
+        held.release()  # grants the waiter...
+        watch.set_result(None)  # ...and the client goes away in the same turn
+        with pytest.raises(ClientDisconnected):
+            await request
+        await asyncio.sleep(0.01)
+        assert (adm.active, adm.queued) == (0, 0)
+
+    asyncio.run(main())
+
+
 def test_shared_queue_timeout_and_cancel_leave_no_count_behind() -> None:
     async def main() -> None:
         a, b = _pair(max_concurrent=1, queue_size=5, timeout=0.1)

@@ -13,7 +13,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import httpx
@@ -200,7 +200,7 @@ async def _serve(settings: RouterSettings, spec: ChildSpec | None = None) -> Non
         state = make_state(settings, client, legs, spec)
         if spec is None and not settings.disable_health_check:
             workers = [m.worker for m in state.pool]
-            await wait_for_workers(client, workers, settings, _auth(settings))
+            await stop_on_signals(wait_for_workers(client, workers, settings, _auth(settings)))
         level = "warning" if settings.log_level == "warn" else settings.log_level
         servers = [
             uvicorn.Server(
@@ -275,6 +275,38 @@ class _MetricsServer(uvicorn.Server):
 
     def install_signal_handlers(self) -> None:
         return None
+
+
+async def stop_on_signals(awaitable: Awaitable[None]) -> None:
+    """Await `awaitable` (the start-up wait for the workers, up to
+    --worker-startup-timeout-secs); SIGTERM or SIGINT meanwhile stop it and raise
+    `_Terminate`, the router's clean stop (exit 0). Under uvloop an exception raised by a
+    plain `signal.signal` handler does not reach a coroutine waiting on I/O, so SIGTERM
+    used to be ignored until the wait timed out. The handlers in place before are
+    restored afterwards (uvicorn's shutdown relies on them)."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(awaitable)
+    stopped = False
+
+    def stop() -> None:
+        nonlocal stopped
+        stopped = True
+        task.cancel()
+
+    sigs = (signal.SIGTERM, signal.SIGINT)
+    previous = {sig: signal.getsignal(sig) for sig in sigs}
+    for sig in sigs:
+        loop.add_signal_handler(sig, stop)
+    try:
+        await task
+    except asyncio.CancelledError:
+        if stopped:
+            raise _Terminate() from None
+        raise
+    finally:
+        for sig in sigs:
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, previous[sig])
 
 
 async def wait_for_workers(

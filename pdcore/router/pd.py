@@ -242,8 +242,16 @@ async def until_disconnected(watch: asyncio.Future[None], awaitable: Awaitable[T
     if work.done():
         return work.result()
     work.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await work
+    try:
+        got: Any = await work
+    except (asyncio.CancelledError, Exception):
+        pass
+    else:
+        # Python <= 3.11: a cancel that lands once `work`'s inner wait has its result is
+        # ignored and the result returned (asyncio.wait_for); an admission ticket granted in
+        # that same turn must not be lost, or its slot stays taken for good.
+        if isinstance(got, Ticket):
+            got.release()
     raise ClientDisconnected()
 
 

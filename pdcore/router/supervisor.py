@@ -43,6 +43,7 @@ from pdcore.router.launch import (
     _serve,
     _Terminate,
     setup_logging,
+    stop_on_signals,
     wait_for_workers,
 )
 from pdcore.router.settings import RouterSettings
@@ -324,8 +325,6 @@ class Supervisor:
 def run_supervisor(settings: RouterSettings) -> int:
     """Start settings.router_processes router processes and watch them; the exit status
     (0 after SIGTERM/SIGINT, 1 when a router process died). The ports were checked."""
-    if not settings.disable_health_check:
-        _event_loop_runner()(_wait_for_workers(settings))
     n = settings.router_processes
     ctx = multiprocessing.get_context("spawn")
     metrics_dir = tempfile.mkdtemp(prefix="pdcore-router-metrics-")
@@ -334,6 +333,8 @@ def run_supervisor(settings: RouterSettings) -> int:
     children: list[_Child] = []
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
+        if not settings.disable_health_check:
+            _event_loop_runner()(stop_on_signals(_wait_for_workers(settings)))
         rate = settings.rate_limit_tokens_per_second
         slots = SharedSlots(ctx, max(1.0, rate) if rate else 0.0)
         for i in range(n):
