@@ -94,7 +94,7 @@ class AdmissionControl(Protocol):
 class Ticket:
     """An admitted request's slot; `release()` (idempotent) hands it to the next in line."""
 
-    def __init__(self, admission: AdmissionControl | None) -> None:
+    def __init__(self, admission: Limits | None) -> None:
         self._admission = admission
 
     def release(self) -> None:
@@ -120,6 +120,41 @@ class Limits:
         self.queue_timeout_s = queue_timeout_s
         self.bucket = bucket
         self.on_reject = on_reject
+        self._waiters: deque[asyncio.Future[None]] = deque()  # this process's, in order
+
+    def _release(self) -> None:
+        """A slot is free again: hand it to the line or give it back (the subclass's)."""
+        raise NotImplementedError
+
+    def _joined(self) -> None:
+        """A request just joined this process's line (hook)."""
+
+    def _withdrawn(self) -> None:
+        """A request left the line without a slot (timed out, cancelled) (hook)."""
+
+    def _drop_done(self) -> None:
+        while self._waiters and self._waiters[0].done():
+            self._waiters.popleft()
+
+    async def _wait_in_line(self) -> Ticket:
+        """Wait in this process's line until `_release` hands over a slot; 408 after
+        --queue-timeout-secs. A slot that arrives just as the wait gives up is passed on."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        self._joined()
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), self.queue_timeout_s)
+        except (asyncio.TimeoutError, asyncio.CancelledError) as exc:
+            if waiter.done() and not waiter.cancelled():
+                self._release()  # the slot arrived just as we gave up: pass it on
+            else:
+                waiter.cancel()
+                self._withdrawn()
+            self._drop_done()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise self._timed_out() from None
+        return Ticket(self)
 
     def _reject(self, status: int, code: str, message: str, retry_after: float | None) -> Rejected:
         if self.on_reject is not None:
@@ -172,7 +207,6 @@ class Admission(Limits):
     ) -> None:
         super().__init__(max_concurrent, queue_size, queue_timeout_s, bucket, on_reject)
         self.active = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
 
     @property
     def queued(self) -> int:
@@ -201,24 +235,7 @@ class Admission(Limits):
             return Ticket(self)
         if self.queued >= self.queue_size:
             raise self._full(self.active, self.queued)
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        try:
-            await asyncio.wait_for(asyncio.shield(waiter), self.queue_timeout_s)
-        except (asyncio.TimeoutError, asyncio.CancelledError) as exc:
-            if waiter.done() and not waiter.cancelled():
-                self._release()  # the slot arrived just as we gave up: pass it on
-            else:
-                waiter.cancel()
-            self._drop_done()
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            raise self._timed_out() from None
-        return Ticket(self)
-
-    def _drop_done(self) -> None:
-        while self._waiters and self._waiters[0].done():
-            self._waiters.popleft()
+        return await self._wait_in_line()
 
     def _release(self) -> None:
         """A slot is free: give it to the first live waiter (active stays), else free it."""

@@ -63,6 +63,15 @@ _LATENCY_BUCKETS = (
 )
 
 
+def _family(
+    name: str, doc: str, labels: list[str], samples: list[tuple[tuple[str, str], float]]
+) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, doc, labels=labels)
+    for values, value in samples:
+        family.add_metric(list(values), value)
+    return family
+
+
 class PoolGauges(Collector):
     """The gauges set from the worker pool and flow control just before a scrape (a
     prometheus_client custom collector, so a removed worker's samples disappear, and with
@@ -76,28 +85,24 @@ class PoolGauges(Collector):
         self.queued = 0
 
     def collect(self) -> Iterator[Metric]:
-        cb = GaugeMetricFamily(
+        yield _family(
             "pdcore_router_worker_cb_state",
             "Circuit breaker state of each worker: 0 closed, 1 open, 2 half-open.",
-            labels=["worker", "role"],
+            ["worker", "role"],
+            [((w, r), v) for w, r, v in self.cb_state],
         )
-        for worker, role, value in self.cb_state:
-            cb.add_metric([worker, role], value)
-        health = GaugeMetricFamily(
+        yield _family(
             "pdcore_router_worker_health",
             "1 while a worker passes its health checks, else 0.",
-            labels=["worker", "role"],
+            ["worker", "role"],
+            [((w, r), v) for w, r, v in self.health],
         )
-        for worker, role, value in self.health:
-            health.add_metric([worker, role], value)
-        pool = GaugeMetricFamily(
+        yield _family(
             "pdcore_router_workers",
             "Registered workers per role, and how many of them are available.",
-            labels=["role", "state"],
+            ["role", "state"],
+            list(self.pool_size.items()),
         )
-        for (role, st), n in self.pool_size.items():
-            pool.add_metric([role, st], n)
-        yield from (cb, health, pool)
         yield GaugeMetricFamily(
             "pdcore_router_requests_active",
             "Generation requests admitted and not yet finished.",

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
 from collections.abc import Callable
 from multiprocessing.context import BaseContext
 from typing import Any
@@ -83,7 +82,6 @@ class SharedAdmission(Limits):
     ) -> None:
         super().__init__(max_concurrent, queue_size, queue_timeout_s, bucket, on_reject)
         self.slots = slots
-        self._waiters: deque[asyncio.Future[None]] = deque()  # this process's, in order
         self._poller: asyncio.Task[None] | None = None
 
     @property
@@ -122,28 +120,15 @@ class SharedAdmission(Limits):
                 v[_QUEUED] += 1
         if full:
             raise self._full(active, queued)
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
+        return await self._wait_in_line()
+
+    def _joined(self) -> None:
         if self._poller is None or self._poller.done():
             self._poller = asyncio.create_task(self._poll(), name="admission-poller")
-        try:
-            await asyncio.wait_for(asyncio.shield(waiter), self.queue_timeout_s)
-        except (asyncio.TimeoutError, asyncio.CancelledError) as exc:
-            if waiter.done() and not waiter.cancelled():
-                self._release()  # the slot arrived just as we gave up: pass it on
-            else:
-                waiter.cancel()
-                with self.slots.lock:
-                    v[_QUEUED] -= 1
-            self._drop_done()
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            raise self._timed_out() from None
-        return Ticket(self)
 
-    def _drop_done(self) -> None:
-        while self._waiters and self._waiters[0].done():
-            self._waiters.popleft()
+    def _withdrawn(self) -> None:
+        with self.slots.lock:
+            self.slots.values[_QUEUED] -= 1
 
     def _grant(self) -> None:
         """Give free slots to this process's first waiters (each moves from queued to
