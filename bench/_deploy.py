@@ -1,8 +1,11 @@
-"""Start and stop real pdcore processes for the benches (pinned to cores where asked)."""
+"""Start and stop real pdcore processes for the benches (pinned to cores where asked), and
+what the benches record about the machine (CPU model, a process tree's CPU time)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -83,3 +86,37 @@ def router(log_dir: Path, prefill: Proc, boot_port: int, decode: Proc) -> Proc:
         decode.url,
     ]
     return Proc("router", args, log_dir, f"http://127.0.0.1:{port}")
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), for the JSON of a run."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def _process_tree(pid: int) -> list[int]:
+    """`pid` and all its live descendants (from /proc/<pid>/task/*/children)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for f in Path(f"/proc/{p}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                todo += [int(c) for c in f.read_text().split()]
+    return out
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """utime + stime of `pid` and its live descendants, every thread (ended threads too: a
+    process's /proc/<pid>/stat sums them), in seconds."""
+    ticks = 0
+    for p in _process_tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return ticks / os.sysconf("SC_CLK_TCK")

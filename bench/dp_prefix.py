@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import sys
 import tempfile
@@ -28,7 +27,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _deploy import serve  # noqa: E402
+from _deploy import cpu_model, serve  # noqa: E402
 
 PREFIX_WORDS = 400  # ~512 tokens with the default tokenizer
 TOPICS = ["astronomy", "cooking", "sailing", "chess"]
@@ -82,16 +81,6 @@ def run_method(method: str, prompts: list[list[int]], log_dir: Path, kv_tokens: 
         proc.stop()
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", nargs="+", default=["round_robin", "prefix_aware"])
@@ -102,7 +91,7 @@ def main() -> None:
 
     prompts = workload(load_tokenizer(None))
     result: dict = {
-        "cpu": cpu_name(),
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "requests": len(prompts),
         "prefixes": len(TOPICS),

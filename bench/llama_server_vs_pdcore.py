@@ -63,7 +63,7 @@ import aiohttp
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _deploy import Proc, free_port, serve  # noqa: E402
+from _deploy import Proc, free_port, serve, tree_cpu_seconds  # noqa: E402
 
 from pdcore.model.loader import cache_root, default_model_path  # noqa: E402
 
@@ -218,27 +218,6 @@ def _machine_cpu() -> tuple[float, float]:
     return (user + nice + system + irq + softirq) / _TICK, steal / _TICK
 
 
-def _tree_cpu(root: int) -> float:
-    """CPU seconds used so far by process `root` and its live descendants."""
-    parent: dict[int, int] = {}
-    used: dict[int, float] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        rest = text[text.rfind(")") + 2 :].split()  # after "pid (comm) "
-        pid = int(stat.parent.name)
-        parent[pid] = int(rest[1])
-        used[pid] = (int(rest[11]) + int(rest[12])) / _TICK  # utime + stime
-    tree, todo = set(), [root]
-    while todo:
-        pid = todo.pop()
-        tree.add(pid)
-        todo.extend(child for child, ppid in parent.items() if ppid == pid)
-    return sum(used.get(pid, 0.0) for pid in tree)
-
-
 class CpuMeter:
     """Who used the CPUs while a server was measured: the server's process tree, this
     client, and everything else (other work on the machine: the run is not quiet when
@@ -248,13 +227,13 @@ class CpuMeter:
         self.pid = server_pid
         self.t = time.perf_counter()
         self.machine, self.steal = _machine_cpu()
-        self.server = _tree_cpu(server_pid)
+        self.server = tree_cpu_seconds(server_pid)
         self.client = sum(os.times()[:2])
 
     def result(self) -> dict[str, Any]:
         wall = time.perf_counter() - self.t
         machine, steal = _machine_cpu()
-        server = _tree_cpu(self.pid) - self.server
+        server = tree_cpu_seconds(self.pid) - self.server
         client = sum(os.times()[:2]) - self.client
         others = max(0.0, machine - self.machine - server - client)
         cpus = cpu_count()

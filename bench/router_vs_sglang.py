@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import re
@@ -40,7 +39,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _deploy import PDCORE, Proc, free_port  # noqa: E402
+from _deploy import PDCORE, Proc, cpu_model, free_port, tree_cpu_seconds  # noqa: E402
 
 STUB_BODY = json.dumps(
     {
@@ -184,31 +183,6 @@ async def load(url: str, concurrency: int, seconds: float) -> dict[str, Any]:
     }
 
 
-def _process_tree(pid: int) -> list[int]:
-    """`pid` and all its descendants (from /proc/<pid>/task/*/children)."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        for f in Path(f"/proc/{p}/task").glob("*/children"):
-            with contextlib.suppress(OSError):
-                todo += [int(c) for c in f.read_text().split()]
-    return out
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of `pid` and its descendants, every thread (dead ones too: a
-    process's /proc/<pid>/stat sums them), in seconds."""
-    ticks = 0
-    for p in _process_tree(pid):
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
 def measure(
     url: str,
     concurrencies: list[int],
@@ -227,10 +201,10 @@ def measure(
     out = []
     for c in concurrencies:
         counts = per_process_requests(url) if processes else {}
-        before = cpu_seconds(pid) if pid else 0.0
+        before = tree_cpu_seconds(pid) if pid else 0.0
         r = asyncio.run(load(url, c, seconds))
         if pid:
-            used = cpu_seconds(pid) - before
+            used = tree_cpu_seconds(pid) - before
             r["router_cpu_s"] = round(used, 2)
             r["router_cpu_us_per_req"] = round(used / max(1, r["answered"]) * 1e6, 1)
         if processes:
@@ -298,16 +272,6 @@ def per_process_requests(url: str) -> dict[str, float]:
     return {pid: float(v) for pid, v in found}
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--stub", type=int, help=argparse.SUPPRESS)
@@ -330,7 +294,7 @@ def main() -> None:
     results: dict[str, Any] = {
         "load_average_before": os.getloadavg(),
         "cpus": os.cpu_count(),
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
     }
     targets: list[str] = []
     try:
