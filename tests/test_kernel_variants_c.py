@@ -40,8 +40,8 @@ void pdcore_f32_decode_attention(const float *, int64_t, const float *, int64_t,
                                  const float *, int64_t, float *, float *, const int64_t *,
                                  int64_t, const int64_t *, const int64_t *, int64_t, int64_t,
                                  int64_t, int64_t, float, float *, int);
-void pdcore_quant_gemm(const float *, int64_t, int64_t, const uint8_t *, int, const float *,
-                       int64_t, int64_t, float *, int64_t, int);
+void pdcore_quant_gemm(const float *, int64_t, int64_t, const uint8_t *, int, int,
+                       const float *, int64_t, int64_t, float *, int64_t, int);
 
 static uint64_t seed = 42;
 static float rnd(void) {
@@ -128,60 +128,88 @@ static uint16_t rand_f16(void) { /* normal scales in [2^-8, 2^0), 1 in 8 subnorm
 }
 
 /* Quantized GEMM (fmt 0: Q4 d/m per block, 1: Q8 d per block, 2: int8 per channel) against
- * the weights it encodes, in double. */
-static void quant_case(int fmt, int64_t m, int64_t n, int64_t k) {
-    const int64_t panels = (n + 15) / 16, nb = k / 32;
+ * the weights it encodes, in double. Q4/Q8 quantize x per 32-k block into `parts` int8
+ * parts (kernels/quant_gemm.c); the reference rounds x the same way (the same float ops),
+ * so only fp32 summation differs. */
+static void quant_x(const float *x, int64_t k, int parts, double *xh) {
+    for (int64_t b = 0; b < k / 32; b++) {
+        float amax = 0.0f;
+        for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(x[b * 32 + j]));
+        const float id = amax > 0.0f ? 127.0f / amax : 0.0f, dx = amax / 127.0f;
+        for (int j = 0; j < 32; j++) {
+            const float v = x[b * 32 + j] * id, r = nearbyintf(v);
+            const float r2 = parts == 2 ? nearbyintf((v - r) * 254.0f) : 0.0f;
+            xh[b * 32 + j] = (double)dx * ((double)r + (double)r2 / 254.0);
+        }
+    }
+}
+static void quant_case(int fmt, int parts, int64_t m, int64_t n, int64_t k) {
+    const int64_t panels = (n + 15) / 16, nb = k / 32, gbb = fmt == 0 ? 160 : 272;
     const int64_t pb = fmt == 0 ? nb * 320 : fmt == 1 ? nb * 544 : 64 + 16 * k;
     uint8_t *pk = calloc(panels * pb, 1);
-    float *w = calloc(n * k, sizeof(float)), *x = frand(m * k), *bias = frand(n);
+    /* w = wd + wm: wd meets the quantized x, wm (Q4's m) the exact x */
+    double *wd = calloc(n * k, sizeof(double)), *wm = calloc(n * k, sizeof(double));
+    float *x = frand(m * k), *bias = frand(n);
     for (int64_t r = 0; r < n; r++) {
         uint8_t *pan = pk + (r / 16) * pb;
-        const int lane = (int)(r % 16);
+        const int lane = (int)(r % 16), g = lane / 8, rr = lane % 8;
         if (fmt == 2) {
             float s = rnd() * 0.01f;
             memcpy(pan + lane * 4, &s, 4);
             for (int64_t c = 0; c < k; c++) {
                 int8_t q = (int8_t)(rbits() % 255 - 127);
                 pan[64 + c * 16 + lane] = (uint8_t)q;
-                w[r * k + c] = s * q;
+                wd[r * k + c] = (double)(s * q);
             }
             continue;
         }
         for (int64_t b = 0; b < nb; b++) {
-            uint8_t *blk = pan + b * (fmt == 0 ? 320 : 544);
+            uint8_t *blk = pan + (g * nb + b) * gbb;
             uint16_t d = rand_f16(), mn = rand_f16();
-            memcpy(blk + lane * 2, &d, 2);
-            float *wr = w + r * k + b * 32;
+            memcpy(blk + rr * 2, &d, 2);
+            double *wdr = wd + r * k + b * 32, *wmr = wm + r * k + b * 32;
             if (fmt == 0) {
-                memcpy(blk + 32 + lane * 2, &mn, 2);
+                memcpy(blk + 16 + rr * 2, &mn, 2);
                 for (int j = 0; j < 16; j++) {
                     uint8_t byte = (uint8_t)rbits();
-                    blk[64 + j * 16 + lane] = byte;
-                    wr[j] = (float)((double)h2f(d) * (byte & 15) + h2f(mn));
-                    wr[j + 16] = (float)((double)h2f(d) * (byte >> 4) + h2f(mn));
+                    blk[32 + (j / 4) * 32 + rr * 4 + j % 4] = byte;
+                    wdr[j] = (double)h2f(d) * (byte & 15);
+                    wdr[j + 16] = (double)h2f(d) * (byte >> 4);
+                    wmr[j] = wmr[j + 16] = h2f(mn);
                 }
             } else {
                 for (int j = 0; j < 32; j++) {
                     int8_t q = (int8_t)rbits();
-                    blk[32 + j * 16 + lane] = (uint8_t)q;
-                    wr[j] = h2f(d) * q;
+                    blk[16 + (j / 4) * 32 + rr * 4 + j % 4] = (uint8_t)q;
+                    wdr[j] = (double)h2f(d) * q;
                 }
             }
         }
     }
     float *y = malloc(4 * m * n);
-    pdcore_quant_gemm(x, m, k, pk, fmt, bias, n, k, y, n, 2);
+    double *xh = malloc(sizeof(double) * k);
+    pdcore_quant_gemm(x, m, k, pk, fmt, parts, bias, n, k, y, n, 2);
     double e = 0, sc = 0;
-    for (int64_t i = 0; i < m; i++)
+    for (int64_t i = 0; i < m; i++) {
+        if (fmt == 2)
+            for (int64_t c = 0; c < k; c++) xh[c] = x[i * k + c];
+        else
+            quant_x(x + i * k, k, parts, xh);
         for (int64_t j = 0; j < n; j++) {
-            double ref = bias[j];
-            for (int64_t c = 0; c < k; c++) ref += (double)x[i * k + c] * w[j * k + c];
+            double ref = bias[j], mag = fabs(bias[j]);
+            for (int64_t c = 0; c < k; c++) {
+                ref += xh[c] * wd[j * k + c] + (double)x[i * k + c] * wm[j * k + c];
+                mag += fabs(xh[c] * wd[j * k + c]) + fabs((double)x[i * k + c] * wm[j * k + c]);
+            }
             e = fmax(e, fabs(y[i * n + j] - ref));
-            sc = fmax(sc, fabs(ref));
+            sc = fmax(sc, mag);
         }
+    }
     char name[64];
-    snprintf(name, sizeof name, "quant%d_m%ld_n%ld_k%ld", fmt, (long)m, (long)n, (long)k);
+    snprintf(name, sizeof name, "quant%d_p%d_m%ld_n%ld_k%ld", fmt, parts, (long)m, (long)n,
+             (long)k);
     track(name, e, sc);
+    free(pk), free(wd), free(wm), free(x), free(bias), free(y), free(xh);
 }
 
 static void elementwise(void) {
@@ -278,7 +306,9 @@ int main(void) {
     for (int i = 0; i < 5; i++) gemm_case(shapes[i][0], shapes[i][1], shapes[i][2]);
     int64_t qshapes[][3] = {{1, 17, 64}, {2, 16, 96}, {3, 33, 576}, {5, 40, 128}, {9, 7, 32}, {33, 20, 64}};
     for (int fmt = 0; fmt < 3; fmt++)
-        for (int i = 0; i < 6; i++) quant_case(fmt, qshapes[i][0], qshapes[i][1], qshapes[i][2]);
+        for (int parts = 1; parts <= 2; parts++)
+            for (int i = 0; i < 6; i++)
+                quant_case(fmt, parts, qshapes[i][0], qshapes[i][1], qshapes[i][2]);
     elementwise();
     attention(9, 3, 64);
     attention(8, 8, 128);
@@ -327,17 +357,20 @@ def test_x86_variant_in_c_harness(isa: str, tmp_path: Path) -> None:
     _check(_run_harness(tmp_path, isa, cc, []))
 
 
-@pytest.mark.parametrize("width", [16, 4])
-def test_other_vector_widths_on_avx2(width: int, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "flags", [("-DPDCORE_VW=16",), ("-DPDCORE_VW=4",), ("-DPDCORE_VW=4", "-DPDCORE_GENERIC_DOT")]
+)
+def test_other_vector_widths_on_avx2(flags: tuple[str, ...], tmp_path: Path) -> None:
     """The 16-lane code the AVX512 variants run (and the 4-lane code of NEON/SSE), built with
     AVX2 instructions, so a width bug shows on any AVX2 machine -- only the two per-ISA
-    bf16 intrinsics of the AVX512 builds are left to an AVX512 CPU."""
+    bf16 intrinsics of the AVX512 builds are left to an AVX512 CPU. PDCORE_GENERIC_DOT: the
+    quantized GEMM's int8 dot products in generic C (what NEON and SSE builds run)."""
     if "avx2" not in native_cpu.supported_variants():
         pytest.skip(f"this CPU lacks {native_cpu._missing('avx2')}")
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         pytest.skip("no C compiler")
-    _check(_run_harness(tmp_path, "avx2", cc, [], (f"-DPDCORE_VW={width}",)))
+    _check(_run_harness(tmp_path, "avx2", cc, [], flags))
 
 
 @pytest.mark.skipif(

@@ -4,8 +4,10 @@ Each prompt of the fixed set (tests/hf_reference.PROMPTS) plus transformers' 12 
 tokens after it is run through both models, teacher-forced: pdcore prefills the prompt (all
 rows' logits; <= 32 rows, so the quantized decode kernels' multi-row tiles) then decodes the
 continuation one token at a time (the batch-1 kernel). Reported: top-1 agreement over every
-position and the max |logit error|. `gguf` rebuilds each weight exactly, so only summation
-order differs; `int8` re-quantizes the dequantized weights per channel (a real loss).
+position and the max |logit error|. `gguf` rebuilds each weight exactly; at decode sizes it
+quantizes the activations per 32 values into two int8 parts (~16 bits: a tiny loss), or one
+with `--gguf-activations int8` (llama.cpp's: a visible loss); `int8` re-quantizes the
+dequantized weights per channel (a real loss).
 
     .venv/bin/python -m tests.test_quant_accuracy   # prints the numbers quoted in the docs
 """
@@ -48,7 +50,15 @@ def _pdcore_logits(runner, ids: list[int], n_prompt: int) -> torch.Tensor:
     return torch.cat(rows)
 
 
-def measure(methods: tuple[str, ...] = ("gguf", "int8", "none")) -> dict[str, dict[str, float]]:
+VARIANTS = {
+    "gguf": {"quantization": "gguf"},
+    "gguf, --gguf-activations int8": {"quantization": "gguf", "gguf_activations": "int8"},
+    "int8": {"quantization": "int8"},
+    "none": {"quantization": "none"},
+}
+
+
+def measure(methods: tuple[str, ...] = tuple(VARIANTS)) -> dict[str, dict[str, float]]:
     from pdcore.engine.config import EngineConfig
     from pdcore.engine.tp_worker import load_rank
     from pdcore.model.tokenizer import load_tokenizer
@@ -67,7 +77,7 @@ def measure(methods: tuple[str, ...] = ("gguf", "int8", "none")) -> dict[str, di
             seqs.append((full, len(ids), hf(torch.tensor([full])).logits[0].float()))
     results = {}
     for method in methods:
-        rank = load_rank(EngineConfig(dtype="float32", quantization=method, max_total_tokens=1024))
+        rank = load_rank(EngineConfig(dtype="float32", max_total_tokens=1024, **VARIANTS[method]))
         agree = total = 0
         err = 0.0
         with torch.inference_mode():
@@ -87,13 +97,20 @@ def measure(methods: tuple[str, ...] = ("gguf", "int8", "none")) -> dict[str, di
 
 @pytest.fixture(scope="module")
 def accuracy() -> dict[str, dict[str, float]]:
-    return measure(("gguf", "int8"))
+    return measure(("gguf", "gguf, --gguf-activations int8", "int8"))
 
 
 def test_gguf_weights_match_the_dequantized_reference(accuracy) -> None:
     r = accuracy["gguf"]
     assert r["top1_agreement"] == 1.0, r
-    assert r["max_abs_logit_error"] < 1e-2, r  # summation order only (logits reach ~30)
+    assert r["max_abs_logit_error"] < 0.1, r  # ~16-bit activations (measured 0.02; logits ~40)
+
+
+def test_gguf_int8_activations_lose_some(accuracy) -> None:
+    """llama.cpp's int8 activations: most positions agree, but clearly fewer than int16."""
+    r, exact = accuracy["gguf, --gguf-activations int8"], accuracy["gguf"]
+    assert 0.8 <= r["top1_agreement"] < 1.0, r  # measured 0.92
+    assert r["max_abs_logit_error"] > 10 * exact["max_abs_logit_error"], (r, exact)
 
 
 def test_int8_per_channel_stays_close(accuracy) -> None:

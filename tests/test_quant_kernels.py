@@ -2,7 +2,9 @@
 dequantize-then-matmul: GGUF Q4_0 / Q4_1 / Q8_0 blocks (quantized by the gguf package, the
 reference dequantizer the loader uses) and int8 per channel; edge shapes (K not a multiple
 of 256, odd N, 1..33 rows: the fused decode tiles, the dequantized-panel path and the
-prefill path). Plus the --quantization flag's checks. Variants the CPU lacks are skipped
+prefill path). At decode sizes the GGUF formats quantize the activations per block (one or
+two int8 parts): checked against the bound that rounding allows. Plus the --quantization
+flag's checks. Variants the CPU lacks are skipped
 with the missing features named."""
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import pytest
 import torch
 
 from pdcore.model import native_cpu
-from pdcore.model.quantization_flags import quantization_problem
+from pdcore.model.quantization_flags import gguf_activations_problem, quantization_problem
 from pdcore.model.quantized import (
     GGUFRows,
     QuantLinear,
@@ -53,6 +55,43 @@ def check(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor 
     assert err < 1e-5, err
 
 
+def block_offsets(rows: GGUFRows) -> torch.Tensor:
+    """[N, K]: each weight's block offset m (w = d * q + m; Q4_0: m = -8d; Q8_0: 0)."""
+    n, nb = rows.data.shape[0], rows.k // 32
+    blocks = np.ascontiguousarray(rows.data).reshape(n, nb, -1)
+    d = blocks[:, :, 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    if rows.type_name == "Q4_1":
+        m = blocks[:, :, 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    else:
+        m = -8 * d if rows.type_name == "Q4_0" else np.zeros_like(d)
+    return torch.from_numpy(np.repeat(m, 32, axis=1))
+
+
+def check_act_quant(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    parts: int,
+    offsets: torch.Tensor | None = None,
+) -> None:
+    """The GGUF path at decode sizes quantizes x per 32-k block (kernels/quant_gemm.c): each
+    element is off by at most amax / 127 / 2 (one part) or amax / 127 / 508 (two) and meets
+    the d * q part of each weight (the m part takes the exact sum of x), so y is off by at
+    most sum_k |w - m| * that, plus fp32 rounding. A wrong block, scale, nibble or row is
+    off by about |w| * |x| -- thousands of times the bound with two parts."""
+    m, k = x.shape
+    want = x.double() @ w.double().T + (0 if bias is None else bias.double())
+    wd = w.double() - (0 if offsets is None else offsets.double())
+    amax = x.double().abs().view(m, k // 32, 32).amax(-1, keepdim=True).expand(m, k // 32, 32)
+    step = (amax / 127).reshape(m, k)
+    per_elem = step * (0.5 if parts == 1 else 0.5 / 254 + 1e-5)
+    bound = per_elem @ wd.abs().T + 2e-6 * (x.double().abs() @ (wd.abs() + w.double().abs()).T)
+    assert ((y.double() - want).abs() <= bound * 1.001 + 1e-30).all(), (
+        (y.double() - want).abs() / bound
+    ).max()
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("kind", GGUF_TYPES)
 @pytest.mark.parametrize("n,k", SHAPES)
@@ -66,8 +105,43 @@ def test_gguf_gemm_matches_dequantize_then_matmul(isa: str, kind: str, n: int, k
     lin_b = QuantLinear(qw, bias, kern(isa))
     for m in ROWS:
         x = torch.randn(m, k)
-        check(lin(x), x, w, None)
-        check(lin_b(x), x, w, bias)
+        if m <= native_cpu.MAX_ROWS:  # decode sizes: quantized activations, two parts
+            check_act_quant(lin(x), x, w, None, 2, block_offsets(rows))
+            check_act_quant(lin_b(x), x, w, bias, 2, block_offsets(rows))
+        else:  # prefill sizes: the dequantized weights, fp32 activations
+            check(lin(x), x, w, None)
+            check(lin_b(x), x, w, bias)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("kind", GGUF_TYPES)
+def test_gguf_gemm_one_part_activations(isa: str, kind: str) -> None:
+    """llama.cpp's int8 activations (act_parts=1): within half an int8 step per element."""
+    n, k = 49, 1056
+    rows, w = gguf_weight(kind, n, k, seed=7)
+    qw = pack_gguf(rows)
+    bias = torch.randn(n)
+    for m in (1, 4, 5, 32):
+        x = torch.randn(m, k)
+        x[:, 5] *= 30  # an outlier: its blocks' steps are coarse, the others' fine
+        y = kern(isa).quant_gemm(x, qw.packed, qw.fmt, n, k, bias, act_parts=1)
+        check_act_quant(y, x, w, bias, 1, block_offsets(rows))
+        y2 = kern(isa).quant_gemm(x, qw.packed, qw.fmt, n, k, bias, act_parts=2)
+        check_act_quant(y2, x, w, bias, 2, block_offsets(rows))
+
+
+def test_gguf_zero_and_tiny_activation_blocks() -> None:
+    """A block of zeros (scale 0) contributes its m term only; subnormal-sized x works."""
+    k = native_cpu.kernels(torch.float32)
+    if k is None:
+        pytest.skip(f"no kernels here: {native_cpu.describe()}")
+    rows, w = gguf_weight("Q4_1", 24, 96, seed=5)
+    lin = QuantLinear(pack_gguf(rows), None, k)
+    x = torch.randn(3, 96)
+    x[0, :32] = 0
+    x[1] = 1e-38
+    x[2, 32:64] = 0
+    check_act_quant(lin(x), x, w, None, 2, block_offsets(rows))
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -88,7 +162,7 @@ def test_strided_rows_and_bf16_activations(isa: str) -> None:
     rows, w = gguf_weight("Q4_1", 40, 128, seed=3)
     lin = QuantLinear(pack_gguf(rows), None, kern(isa))
     wide = torch.randn(5, 200)
-    check(lin(wide[:, :128]), wide[:, :128], w, None)
+    check_act_quant(lin(wide[:, :128]), wide[:, :128], w, None, 2, block_offsets(rows))
     xb = torch.randn(3, 128).to(torch.bfloat16)
     y = lin(xb)
     assert y.dtype == torch.bfloat16
@@ -98,9 +172,9 @@ def test_strided_rows_and_bf16_activations(isa: str) -> None:
 
 def test_q4_0_padding_rows_are_zero() -> None:
     rows, _ = gguf_weight("Q4_0", 3, 64, seed=1)
-    packed = pack_gguf(rows).packed.numpy().reshape(2, 320)  # one panel, 2 blocks
-    d = packed[:, :32].view(np.float16).reshape(2, 16)
-    assert (d[:, 3:] == 0).all() and (d[:, :3] != 0).any()
+    packed = pack_gguf(rows).packed.numpy().reshape(2, 2, 160)  # 2 groups of 8 rows x 2 blocks
+    d = packed[:, :, :16].view(np.float16)  # [group, block, row]
+    assert (d[0, :, 3:] == 0).all() and (d[1] == 0).all() and (d[0, :, :3] != 0).any()
 
 
 @pytest.mark.parametrize(
@@ -133,3 +207,36 @@ def test_cli_names_the_flag(capsys: pytest.CaptureFixture[str], tiny_llama_dir) 
         parse_serve_args(["--model", str(tiny_llama_dir), "--quantization", "gguf"])
     err = capsys.readouterr().err
     assert "--quantization" in err and "gguf" in err
+
+
+@pytest.mark.parametrize(
+    ("choice", "method", "model", "needle"),
+    [
+        ("int8", "none", None, "--quantization none"),
+        ("int8", "int8", "m.gguf", "--quantization int8"),
+        ("int8", "auto", "/some/hf-folder", "not one"),
+        ("int4", "auto", None, "unknown value"),
+    ],
+)
+def test_gguf_activations_problems(
+    choice: str, method: str, model: str | None, needle: str
+) -> None:
+    why = gguf_activations_problem(choice, method, model)
+    assert why is not None and needle in why
+
+
+def test_gguf_activations_ok() -> None:
+    assert gguf_activations_problem("int16", "none", "/folder") is None  # the default: anywhere
+    assert gguf_activations_problem("int8", "auto", None) is None  # the default GGUF
+    assert gguf_activations_problem("int8", "gguf", "m.gguf") is None
+
+
+def test_gguf_activations_cli_names_the_flag(
+    capsys: pytest.CaptureFixture[str], tiny_llama_dir
+) -> None:
+    from pdcore.settings import parse_serve_args
+
+    with pytest.raises(SystemExit):
+        parse_serve_args(["--model", str(tiny_llama_dir), "--gguf-activations", "int8"])
+    err = capsys.readouterr().err
+    assert "--gguf-activations" in err and "int8" in err

@@ -28,6 +28,8 @@ class EngineConfig:
     dtype: DType = "auto"
     quantization: str = "auto"
     """auto, none, gguf, int8 or w8a16 (see pdcore.model.quantized)."""
+    gguf_activations: str = "int16"
+    """int16 or int8: how the GGUF kernels quantize activations (kernels/quant_gemm.c)."""
     device: Device = "auto"
     base_gpu_id: int = 0
     page_size: int = 16

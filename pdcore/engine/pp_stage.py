@@ -146,7 +146,10 @@ def load_stage(settings: EngineConfig, grid: PipelineGrid) -> LoadedRank:
     context = min(context, capacity_tokens)
     quant = None
     if family.quantized_linear or settings.quantization not in ("auto", "none"):
-        quant = load_quantized(settings.quantization, resolved.source, config, device, grid.tp.size)
+        quant = load_quantized(
+            settings.quantization, resolved.source, config, device, grid.tp.size,
+            settings.gguf_activations,
+        )  # fmt: skip
     state = load_state_dict(resolved)
     model = LlamaModel(config, state, dtype, device, context + 1, grid.tp, quant, layers)
     if not last:

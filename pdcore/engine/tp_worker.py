@@ -79,7 +79,10 @@ def load_rank(
         context = capacity_tokens
     quant = None
     if family.quantized_linear or settings.quantization not in ("auto", "none"):
-        quant = load_quantized(settings.quantization, resolved.source, config, device, tp.size)
+        quant = load_quantized(
+            settings.quantization, resolved.source, config, device, tp.size,
+            settings.gguf_activations,
+        )  # fmt: skip
     state = load_state_dict(resolved)
     model = registry.build_model(
         config, state, dtype, device, context + 1, tp, quant, settings.ep_size, ep_group

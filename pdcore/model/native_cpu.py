@@ -198,7 +198,7 @@ def _load(isa: str | None) -> ctypes.CDLL | None:
         _declare(getattr(lib, f"pdcore_{kind}_rope"), [p, i64, i64, i64, i64, p, p, p])
         attn = [p, i64, p, i64, p, i64, p, p, p, i64, p, p, i64, i64, i64, i64, f32, p, i32]
         _declare(getattr(lib, f"pdcore_{kind}_decode_attention"), attn)
-    _declare(lib.pdcore_quant_gemm, [p, i64, i64, p, i32, p, i64, i64, p, i64, i32])
+    _declare(lib.pdcore_quant_gemm, [p, i64, i64, p, i32, i32, p, i64, i64, p, i64, i32])
     _declare(lib.pdcore_quant_dequantize, [p, i32, i64, i64, p, i32])
     lib.pdcore_isa = isa  # type: ignore[attr-defined]
     logger.info("native CPU kernels: %s", isa)
@@ -257,25 +257,28 @@ class Kernels:
         n: int,
         k: int,
         bias: torch.Tensor | None = None,
+        act_parts: int = 2,
     ) -> torch.Tensor:
         """fp32 x [M, K] (rows may be strided) @ W.T (+ fp32 bias) -> fp32 [M, N], W held
-        quantized in `packed` (format `fmt`; see pdcore/model/quantized.py)."""
+        quantized in `packed` (format `fmt`; see pdcore/model/quantized.py); GGUF formats
+        quantize x per 32-k block to `act_parts` int8 parts (1: int8, 2: ~int16)."""
         m = x.shape[0]
         if x.stride(1) != 1:
             x = x.contiguous()
         y = torch.empty((m, n), dtype=torch.float32)
         self._quant_gemm(
-            x.data_ptr(), m, x.stride(0), packed.data_ptr(), fmt,
+            x.data_ptr(), m, x.stride(0), packed.data_ptr(), fmt, act_parts,
             0 if bias is None else bias.data_ptr(), n, k, y.data_ptr(), n,
             torch.get_num_threads(),
         )  # fmt: skip
         return y
 
     def quant_dequantize(self, packed: torch.Tensor, fmt: int, n: int, k: int) -> torch.Tensor:
-        """The quantized weights widened to fp32 [N, K]."""
-        w = torch.empty((n, k), dtype=torch.float32)
-        self._quant_dequantize(packed.data_ptr(), fmt, n, k, w.data_ptr(), torch.get_num_threads())
-        return w
+        """The quantized weights widened to fp32 [N, K]: a transposed view of a contiguous
+        [K, N] (the kernel writes whole panels of 16 features with vector stores that way)."""
+        wt = torch.empty((k, n), dtype=torch.float32)
+        self._quant_dequantize(packed.data_ptr(), fmt, n, k, wt.data_ptr(), torch.get_num_threads())
+        return wt.t()
 
     def gemm(
         self, x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None = None

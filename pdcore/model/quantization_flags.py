@@ -7,6 +7,8 @@ flags in the HTTP frontend, which never imports torch.
 from __future__ import annotations
 
 METHODS = ("auto", "none", "gguf", "int8", "w8a16")
+GGUF_ACTIVATION_PARTS = {"int16": 2, "int8": 1}
+"""--gguf-activations: int8 parts per activation in the GGUF kernels (kernels/quant_gemm.c)."""
 
 
 def is_gguf(model_path: str | None) -> bool:
@@ -31,4 +33,21 @@ def quantization_problem(
         return f"{method}: quantized weights run on CPU only (--device {device}); use none"
     if tp_size > 1:
         return f"{method}: not supported with --tp-size > 1 yet; use none"
+    return None
+
+
+def gguf_activations_problem(choice: str, method: str, model_path: str | None) -> str | None:
+    """Why `--gguf-activations choice` would be ignored with these flags, or None: it only
+    acts on GGUF blocks kept as shipped (the default int16 is accepted everywhere)."""
+    if choice not in GGUF_ACTIVATION_PARTS:
+        return f"unknown value {choice!r}; choose one of {', '.join(GGUF_ACTIVATION_PARTS)}"
+    if choice == "int16":
+        return None
+    if method not in ("auto", "gguf") or not is_gguf(model_path):
+        return (
+            f"{choice} applies to GGUF weights kept as shipped; these flags load "
+            f"--quantization {method} from {model_path or 'the default model'}"
+            if method not in ("auto", "gguf")
+            else f"{choice} applies to a .gguf model; {model_path} is not one"
+        )
     return None

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from pdcore.model import native_cpu
-from pdcore.model.quantization_flags import is_gguf
+from pdcore.model.quantization_flags import GGUF_ACTIVATION_PARTS, is_gguf
 
 if TYPE_CHECKING:
     from pdcore.model.config import ModelConfig
@@ -75,6 +75,15 @@ def _panels(a: np.ndarray) -> np.ndarray:
     return a.reshape(-1, 16, *a.shape[1:])
 
 
+def _groups(a: np.ndarray, unit: int) -> np.ndarray:
+    """[N, nb, B] per-block bytes -> [P, 2, nb, B/unit, 8, unit]: per panel, each group of 8
+    rows on its own, block after block, each block's bytes as units of `unit` consecutive
+    bytes of the 8 rows side by side (kernels/quant_gemm.c's layout)."""
+    p = _panels(a)  # [P, 16, nb, B]
+    n_p, _, nb, nbytes = p.shape
+    return p.reshape(n_p, 2, 8, nb, nbytes // unit, unit).transpose(0, 1, 3, 4, 2, 5)
+
+
 def pack_gguf(rows: GGUFRows) -> QuantWeight:
     """Repack GGUF blocks into the kernel's panels (layout: kernels/quant_gemm.c)."""
     bb = _GGUF_BLOCK_BYTES[rows.type_name]
@@ -82,21 +91,14 @@ def pack_gguf(rows: GGUFRows) -> QuantWeight:
     blocks = np.ascontiguousarray(rows.data).reshape(n, nb, bb)
     d = blocks[:, :, 0:2]
     if rows.type_name == "Q8_0":
-        qs = _panels(blocks[:, :, 2:34]).transpose(0, 2, 3, 1)  # [P, nb, k, r]
-        parts = [_panels(d).transpose(0, 2, 1, 3), qs]
-    else:
-        if rows.type_name == "Q4_1":
-            m, qs = blocks[:, :, 2:4], blocks[:, :, 4:20]
-        else:  # Q4_0: w = d * (q - 8) = d * q + m with m = -8d (exact in fp16)
-            m = (d.view(np.float16) * np.float16(-8)).view(np.uint8)
-            qs = blocks[:, :, 2:18]
-        parts = [
-            _panels(d).transpose(0, 2, 1, 3),  # [P, nb, 16 rows, 2 bytes]
-            _panels(m).transpose(0, 2, 1, 3),
-            _panels(qs).transpose(0, 2, 3, 1),  # [P, nb, j, r]: byte j of row r
-        ]
-    p = parts[0].shape[0]
-    packed = np.concatenate([a.reshape(p, nb, -1) for a in parts], axis=2)
+        parts = [d, blocks[:, :, 2:34]]
+    elif rows.type_name == "Q4_1":
+        parts = [d, blocks[:, :, 2:4], blocks[:, :, 4:20]]
+    else:  # Q4_0: w = d * (q - 8) = d * q + m with m = -8d (exact in fp16)
+        parts = [d, (d.view(np.float16) * np.float16(-8)).view(np.uint8), blocks[:, :, 2:18]]
+    grouped = [_groups(a, 2 if a.shape[2] == 2 else 4) for a in parts]
+    p = grouped[0].shape[0]
+    packed = np.concatenate([g.reshape(p, 2, nb, -1) for g in grouped], axis=3)
     fmt = GGUF_KERNEL_TYPES[rows.type_name]
     return QuantWeight(fmt, n, rows.k, torch.from_numpy(packed.reshape(-1).copy()), rows.type_name)
 
@@ -120,14 +122,19 @@ def quantize_int8(weight: torch.Tensor) -> QuantWeight:
 class QuantLinear:
     """y = x @ W.T + b with W quantized; x and y in any float dtype, the math in fp32."""
 
-    __slots__ = ("weight", "bias", "_kern")
+    __slots__ = ("weight", "bias", "_kern", "act_parts")
 
     def __init__(
-        self, weight: QuantWeight, bias: torch.Tensor | None, kern: native_cpu.Kernels
+        self,
+        weight: QuantWeight,
+        bias: torch.Tensor | None,
+        kern: native_cpu.Kernels,
+        act_parts: int = 2,
     ) -> None:
         self.weight = weight
         self.bias = None if bias is None else bias.float().contiguous()
         self._kern = kern
+        self.act_parts = act_parts  # GGUF formats: int8 parts per activation (1 or 2)
 
     @property
     def out_features(self) -> int:
@@ -141,7 +148,7 @@ class QuantLinear:
         x32 = x if x.dtype == torch.float32 else x.float()
         w = self.weight
         if x32.dim() == 2 and x32.shape[0] <= native_cpu.MAX_ROWS:
-            y = self._kern.quant_gemm(x32, w.packed, w.fmt, w.n, w.k, self.bias)
+            y = self._kern.quant_gemm(x32, w.packed, w.fmt, w.n, w.k, self.bias, self.act_parts)
         else:  # prefill: widen once, one library GEMM
             y = F.linear(x32, self.dequantize(), self.bias)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
@@ -152,12 +159,17 @@ class QuantizedWeights:
     int8 made from the dense weights at load (`int8`)."""
 
     def __init__(
-        self, method: str, kern: native_cpu.Kernels, gguf_rows: dict[str, GGUFRows] | None = None
+        self,
+        method: str,
+        kern: native_cpu.Kernels,
+        gguf_rows: dict[str, GGUFRows] | None = None,
+        act_parts: int = 2,
     ) -> None:
         assert method in ("gguf", "int8")
         self.method = method
         self.kern = kern
         self.gguf_rows = gguf_rows or {}
+        self.act_parts = act_parts
         self.dense: list[str] = []  # weights that fell back to dense, for the log
 
     def linear(
@@ -177,7 +189,8 @@ class QuantizedWeights:
             self.dense.extend(names)
             return None
         data = np.concatenate([p.data for p in parts if p is not None])
-        return QuantLinear(pack_gguf(GGUFRows(first.type_name, data, first.k)), bias, self.kern)
+        qw = pack_gguf(GGUFRows(first.type_name, data, first.k))
+        return QuantLinear(qw, bias, self.kern, self.act_parts)
 
 
 def resolve(method: str, model_source: str, device: torch.device, tp_size: int) -> tuple[str, str]:
@@ -204,9 +217,15 @@ def resolve(method: str, model_source: str, device: torch.device, tp_size: int) 
 
 
 def load_quantized(
-    method: str, model_source: str, config: ModelConfig, device: torch.device, tp_size: int
+    method: str,
+    model_source: str,
+    config: ModelConfig,
+    device: torch.device,
+    tp_size: int,
+    gguf_activations: str = "int16",
 ) -> QuantizedWeights | None:
-    """The quantized weights for `method` (after `resolve`), or None to load dense."""
+    """The quantized weights for `method` (after `resolve`), or None to load dense;
+    `gguf_activations` (int16 / int8): how the GGUF kernels quantize activations."""
     chosen, why = resolve(method, model_source, device, tp_size)
     logger.info("quantization: %s (%s)", chosen, why)
     if chosen == "none":
@@ -217,4 +236,6 @@ def load_quantized(
         return QuantizedWeights("int8", kern)
     from pdcore.model.gguf_loader import read_gguf_quantized
 
-    return QuantizedWeights("gguf", kern, read_gguf_quantized(Path(model_source), config))
+    parts = GGUF_ACTIVATION_PARTS[gguf_activations]
+    logger.info("GGUF activations at decode sizes: %s (%d int8 parts)", gguf_activations, parts)
+    return QuantizedWeights("gguf", kern, read_gguf_quantized(Path(model_source), config), parts)

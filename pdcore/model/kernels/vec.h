@@ -238,4 +238,103 @@ INLINE vf reduce_vw_raw(vf *v) { /* overwrites v */
 #endif
     return v[0];
 }
+/* ---- 8-lane int8 dot products (quant_gemm.c's int8-activation path) ----
+ * Fixed 256-bit types whatever VW is: one 32-byte unit of packed weights holds 8 rows x 4
+ * consecutive k, so lane r of a 4-byte dot product is row r's partial sum (no horizontal
+ * reduction). x86 (v3 and v4) uses AVX2's VPMADDUBSW / VPMADDWD; elsewhere GCC lowers the
+ * generic code below (two 128-bit halves on NEON). */
+typedef int8_t i8x32 __attribute__((vector_size(32)));
+typedef uint8_t u8x32 __attribute__((vector_size(32)));
+typedef uint8_t u8x16 __attribute__((vector_size(16)));
+typedef int8_t i8x16 __attribute__((vector_size(16)));
+typedef int16_t i16x16 __attribute__((vector_size(32)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef uint16_t u16x8 __attribute__((vector_size(16)));
+
+INLINE u8x32 load_u8x32(const uint8_t *p) {
+    u8x32 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+/* 4 bytes (an int8 quad of x) repeated in every lane */
+INLINE i8x32 bcast_quad(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return (i8x32)(i32x8){v, v, v, v, v, v, v, v};
+}
+/* lane j: w[2j] * x[2j] + w[2j+1] * x[2j+1], w unsigned, x signed (|sum| < 2^15 here) */
+#if defined(__AVX2__) && !defined(PDCORE_GENERIC_DOT) /* tests: the generic code on x86 */
+#define DOT_AVX2 1
+#else
+#define DOT_AVX2 0
+#endif
+INLINE i16x16 dot2_u8s8(u8x32 w, i8x32 x) {
+#if DOT_AVX2
+    return (i16x16)_mm256_maddubs_epi16((__m256i)w, (__m256i)x);
+#else
+    const u8x16 we = __builtin_shufflevector(w, w, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22,
+                                             24, 26, 28, 30);
+    const u8x16 wo = __builtin_shufflevector(w, w, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23,
+                                             25, 27, 29, 31);
+    const i8x16 xe = __builtin_shufflevector(x, x, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22,
+                                             24, 26, 28, 30);
+    const i8x16 xo = __builtin_shufflevector(x, x, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23,
+                                             25, 27, 29, 31);
+    return __builtin_convertvector(we, i16x16) * __builtin_convertvector(xe, i16x16) +
+           __builtin_convertvector(wo, i16x16) * __builtin_convertvector(xo, i16x16);
+#endif
+}
+/* the same with signed w (|w| <= 128: |sum| <= 2 * 128 * 127 < 2^15) */
+INLINE i16x16 dot2_s8s8(i8x32 w, i8x32 x) {
+#if DOT_AVX2
+    return (i16x16)_mm256_maddubs_epi16(_mm256_sign_epi8((__m256i)w, (__m256i)w),
+                                        _mm256_sign_epi8((__m256i)x, (__m256i)w));
+#else
+    const i8x16 we = __builtin_shufflevector(w, w, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22,
+                                             24, 26, 28, 30);
+    const i8x16 wo = __builtin_shufflevector(w, w, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23,
+                                             25, 27, 29, 31);
+    const i8x16 xe = __builtin_shufflevector(x, x, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22,
+                                             24, 26, 28, 30);
+    const i8x16 xo = __builtin_shufflevector(x, x, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23,
+                                             25, 27, 29, 31);
+    return __builtin_convertvector(we, i16x16) * __builtin_convertvector(xe, i16x16) +
+           __builtin_convertvector(wo, i16x16) * __builtin_convertvector(xo, i16x16);
+#endif
+}
+/* lane j: v[2j] + v[2j+1], widened to int32 */
+INLINE i32x8 pairs_i32(i16x16 v) {
+#if DOT_AVX2
+    return (i32x8)_mm256_madd_epi16((__m256i)v, _mm256_set1_epi16(1));
+#else
+    typedef int16_t i16x8 __attribute__((vector_size(16)));
+    const i16x8 e = __builtin_shufflevector(v, v, 0, 2, 4, 6, 8, 10, 12, 14);
+    const i16x8 o = __builtin_shufflevector(v, v, 1, 3, 5, 7, 9, 11, 13, 15);
+    return __builtin_convertvector(e, i32x8) + __builtin_convertvector(o, i32x8);
+#endif
+}
+/* 8 IEEE fp16 -> fp32 (exact) */
+INLINE f32x8 load_f16x8(const uint16_t *p) {
+#if DOT_AVX2 /* x86-64-v3 and v4 include F16C */
+    return (f32x8)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+#elif defined(__aarch64__)
+    const float32x4_t lo = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p)));
+    const float32x4_t hi = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p + 4)));
+    f32x8 r;
+    memcpy(&r, &lo, 16);
+    memcpy((char *)&r + 16, &hi, 16);
+    return r;
+#else /* exponent rebias by a multiply (subnormals come out right); inf/NaN kept */
+    u16x8 h;
+    memcpy(&h, p, sizeof h);
+    const u32x8 u = __builtin_convertvector(h, u32x8), em = u & 0x7FFFu;
+    const u32x8 f = (u32x8)((f32x8)(em << 13) * 0x1.0p112f);
+    const u32x8 special = (u32x8)(em >= 0x7C00u);
+    return (f32x8)(((f & ~special) | (((em << 13) | 0x7F800000u) & special)) |
+                   ((u & 0x8000u) << 16));
+#endif
+}
+
 #endif
