@@ -76,12 +76,16 @@ class Linear:
     def out_features(self) -> int:
         return self.weight.shape[0]
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ W.T + b. `out` (decode sizes, native kernels): a contiguous [rows, N] of x's
+        dtype the result may be written into -- use the returned tensor either way."""
         if self._kind == "native":
             native, packed = self._native, self._packed
             assert native is not None and packed is not None  # set together with "native"
             if x.dim() == 2 and x.shape[0] <= native_cpu.MAX_ROWS:
-                return native.gemm(x, packed, self.weight.shape[0], self.bias)
+                if out is not None and out.dtype != x.dtype:
+                    out = None
+                return native.gemm(x, packed, self.weight.shape[0], self.bias, out)
             if self._fp32_prefill:  # fp32 GEMM, one rounding to bf16
                 bias = None if self.bias is None else self.bias.float()
                 return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)

@@ -140,6 +140,8 @@ class LlamaModel:
         self.kv_size = self.num_kv_heads * config.head_dim
         self._norm_shape = (config.hidden_size,)
         self._native = None  # our fused CPU kernels (bf16 or fp32), where they apply
+        self._ws: dict[str, torch.Tensor] = {}  # the native decode loop's buffers
+        self._ws_dtype: torch.dtype | None = None
         if (
             device.type == "cpu"
             and dtype in (torch.bfloat16, torch.float32)
@@ -201,25 +203,47 @@ class LlamaModel:
     def _layers_native(self, kern, hidden, batch, pool, attn) -> torch.Tensor:
         """The same layers with our fused CPU kernels (decode sizes): RoPE in place on
         the fused projection, each residual add folded into the RMSNorm that follows it,
-        SiLU-and-mul in one pass."""
+        SiLU-and-mul in one pass; every intermediate in a buffer reused by each layer."""
         cfg, eps, t, tp = self.config, self.config.rms_norm_eps, hidden.shape[0], self.tp
         cos, sin, positions = self.rotary.cos, self.rotary.sin, batch.positions
         if max(batch.seq_lens) > cos.shape[0]:  # the kernel reads cos/sin unchecked
             raise IndexError(f"a sequence of {max(batch.seq_lens)} is past the rotary table")
         heads, qk_size = self.num_heads + self.num_kv_heads, self.q_size + self.kv_size
-        x = kern.rms_norm(hidden, self.layers[0].input_norm, eps)
+        ws = self._workspace(t, hidden.dtype)
+        x = kern.rms_norm(hidden, self.layers[0].input_norm, eps, out=ws["x"])
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            qkv = layer.qkv(x)
+            qkv = layer.qkv(x, out=ws["qkv"])
             kern.rope_(qkv, heads, cfg.head_dim, cos, sin, positions)
             q = qkv[:, : self.q_size].view(t, self.num_heads, cfg.head_dim)
             k = qkv[:, self.q_size : qk_size].view(t, -1, cfg.head_dim)
             v = qkv[:, qk_size:].view(t, -1, cfg.head_dim)
             out = attn.forward(i, q, k, v, batch, pool)
-            x = kern.rms_norm(hidden, layer.post_norm, eps, delta=tp.all_reduce(layer.o_proj(out)))
-            mlp = tp.all_reduce(layer.down(kern.silu_mul(layer.gate_up(x))))
+            o = tp.all_reduce(layer.o_proj(out, out=ws["o"]))
+            x = kern.rms_norm(hidden, layer.post_norm, eps, delta=o, out=ws["x"])
+            act = kern.silu_mul(layer.gate_up(x, out=ws["gate_up"]), out=ws["act"])
+            mlp = tp.all_reduce(layer.down(act, out=ws["down"]))
             if i < last:
-                x = kern.rms_norm(hidden, self.layers[i + 1].input_norm, eps, mlp)
+                x = kern.rms_norm(hidden, self.layers[i + 1].input_norm, eps, mlp, out=ws["x"])
             else:
                 hidden.add_(mlp)
         return hidden
+
+    def _workspace(self, t: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The decode loop's intermediates for `t` rows: views of buffers made once for
+        MAX_ROWS rows (a new tensor per op per layer cost ~0.5 ms per batch-1 token).
+        Each is consumed within its layer, so every layer reuses them."""
+        if self._ws_dtype != dtype:
+            layer = self.layers[0]
+            widths = {
+                "x": self.config.hidden_size,
+                "qkv": layer.qkv.out_features,
+                "o": layer.o_proj.out_features,
+                "gate_up": layer.gate_up.out_features,
+                "act": layer.gate_up.out_features // 2,
+                "down": layer.down.out_features,
+            }
+            rows = native_cpu.MAX_ROWS
+            self._ws = {name: torch.empty((rows, n), dtype=dtype) for name, n in widths.items()}
+            self._ws_dtype = dtype
+        return {name: buf[:t] for name, buf in self._ws.items()}

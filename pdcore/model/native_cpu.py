@@ -258,14 +258,16 @@ class Kernels:
         k: int,
         bias: torch.Tensor | None = None,
         act_parts: int = 2,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """fp32 x [M, K] (rows may be strided) @ W.T (+ fp32 bias) -> fp32 [M, N], W held
         quantized in `packed` (format `fmt`; see pdcore/model/quantized.py); GGUF formats
-        quantize x per 32-k block to `act_parts` int8 parts (1: int8, 2: ~int16)."""
+        quantize x per 32-k block to `act_parts` int8 parts (1: int8, 2: ~int16). `out`: a
+        contiguous fp32 [M, N] to write into (else a new one)."""
         m = x.shape[0]
         if x.stride(1) != 1:
             x = x.contiguous()
-        y = torch.empty((m, n), dtype=torch.float32)
+        y = torch.empty((m, n), dtype=torch.float32) if out is None else out
         self._quant_gemm(
             x.data_ptr(), m, x.stride(0), packed.data_ptr(), fmt, act_parts,
             0 if bias is None else bias.data_ptr(), n, k, y.data_ptr(), n,
@@ -281,15 +283,21 @@ class Kernels:
         return wt.t()
 
     def gemm(
-        self, x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        packed: torch.Tensor,
+        n: int,
+        bias: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x [M, K] (rows may be strided) @ W.T (+ bias, added before the one rounding, as
         F.linear does) -> [M, N]; `packed` comes from `pack(W)`, in x's dtype or, for fp32
-        x, in bf16 (weights widened to fp32 in registers)."""
+        x, in bf16 (weights widened to fp32 in registers). `out`: a contiguous [M, N] of
+        x's dtype to write into (else a new one)."""
         m, k = x.shape
         if x.stride(1) != 1:
             x = x.contiguous()
-        y = torch.empty((m, n), dtype=x.dtype)
+        y = torch.empty((m, n), dtype=x.dtype) if out is None else out
         fn = self._gemm if packed.dtype == x.dtype else self._gemm_bf16w
         fn(
             x.data_ptr(), m, x.stride(0), packed.data_ptr(),
@@ -299,12 +307,19 @@ class Kernels:
         return y
 
     def rms_norm(
-        self, x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        eps: float,
+        delta: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """RMSNorm of x's rows (hidden % 16 == 0). With `delta`, x += delta first, in place:
-        the residual add and the next norm in one pass."""
+        the residual add and the next norm in one pass. `out`: a contiguous tensor like x to
+        write into (else a new one)."""
         rows, h = x.shape
-        out = torch.empty((rows, h), dtype=x.dtype)
+        if out is None:
+            out = torch.empty((rows, h), dtype=x.dtype)
         self._rms_norm(
             x.data_ptr(), 0 if delta is None else delta.data_ptr(), weight.data_ptr(),
             out.data_ptr(), rows, h, x.stride(0), 0 if delta is None else delta.stride(0), h,
@@ -312,11 +327,13 @@ class Kernels:
         )  # fmt: skip
         return out
 
-    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """silu(gate) * up for gate_up = [gate | up] per row (contiguous rows)."""
+    def silu_mul(self, gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """silu(gate) * up for gate_up = [gate | up] per row (contiguous rows); `out`: a
+        contiguous [rows, I] to write into (else a new one)."""
         rows, two_i = gate_up.shape
         i = two_i // 2
-        out = torch.empty((rows, i), dtype=gate_up.dtype)
+        if out is None:
+            out = torch.empty((rows, i), dtype=gate_up.dtype)
         self._silu_mul(gate_up.data_ptr(), out.data_ptr(), rows, i, gate_up.stride(0), i)
         return out
 

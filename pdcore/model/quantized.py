@@ -144,11 +144,17 @@ class QuantLinear:
         w = self.weight
         return self._kern.quant_dequantize(w.packed, w.fmt, w.n, w.k)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ W.T + b. `out` (decode sizes): a contiguous fp32 [rows, N] the result may be
+        written into -- use the returned tensor either way."""
         x32 = x if x.dtype == torch.float32 else x.float()
         w = self.weight
         if x32.dim() == 2 and x32.shape[0] <= native_cpu.MAX_ROWS:
-            y = self._kern.quant_gemm(x32, w.packed, w.fmt, w.n, w.k, self.bias, self.act_parts)
+            if out is not None and out.dtype != torch.float32:
+                out = None
+            y = self._kern.quant_gemm(
+                x32, w.packed, w.fmt, w.n, w.k, self.bias, self.act_parts, out
+            )
         else:  # prefill: widen once, one library GEMM
             y = F.linear(x32, self.dequantize(), self.bias)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
