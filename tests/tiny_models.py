@@ -18,14 +18,15 @@ def _tokenizer():
     return load_tokenizer(None)
 
 
-def build_tiny_llama(folder: Path, seed: int = 1234) -> Path:
+def build_tiny_llama(folder: Path, seed: int = 1234, **overrides: Any) -> Path:
     """LlamaForCausalLM: 2 layers, GQA 4:2, llama3 RoPE scaling -- tests/conftest.py's
-    `tiny_llama_dir`, and the same model for scripts outside pytest (bench/chaos_soak.py)."""
+    `tiny_llama_dir`, and the same model for scripts outside pytest (bench/chaos_soak.py);
+    `overrides`: LlamaConfig fields to change."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = _tokenizer()
-    config = LlamaConfig(
+    fields: dict[str, Any] = dict(
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
@@ -47,6 +48,7 @@ def build_tiny_llama(folder: Path, seed: int = 1234) -> Path:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
+    config = LlamaConfig(**{**fields, **overrides})
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()
     model.save_pretrained(str(folder), safe_serialization=True)

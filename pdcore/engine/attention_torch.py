@@ -44,6 +44,8 @@ class TorchAttentionBackend:
             and native_cpu.decode_attention_applies(num_heads, num_kv_heads, head_dim)
         ):
             self._native = native_cpu.kernels(dtype)
+        # the model may call the same decode kernel for every layer at once (attention.py)
+        self.c_decode_attention = self._native is not None
 
     def prepare(self, batch: ForwardBatch, pool: KVPool) -> None:
         meta = batch.attn_meta

@@ -33,3 +33,12 @@ class AttentionBackend(Protocol):
     ) -> torch.Tensor:
         """Write k/v into the pool at batch.out_slots, attend, return [T, num_heads * head_dim]."""
         ...
+
+
+C_DECODE_ATTENTION = "c_decode_attention"
+"""Optional attribute of a backend (True/False): its decode steps attend with pdcore's C
+kernel (kernels/decode_attention.c) from batch.attn_meta["slots"] and ["lens"] with
+softmax scale `backend.scale`, writing the step's k/v rows at batch.out_slots. Where it is
+True, an fp32 model may run a whole decode step's layers in one C call
+(pdcore/model/decode_layers.py) instead of calling `forward` per layer -- the same kernel
+on the same metadata."""

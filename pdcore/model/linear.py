@@ -76,6 +76,15 @@ class Linear:
     def out_features(self) -> int:
         return self.weight.shape[0]
 
+    def is_native_packed(self) -> bool:
+        """Whether decode sizes run our skinny GEMM on `packed_weights()` (fp32 or bf16)."""
+        return self._kind == "native" and self._packed is not None
+
+    def packed_weights(self) -> torch.Tensor:
+        """The [N/16, K, 16] panels our skinny GEMM reads (only when is_native_packed())."""
+        assert self._kind == "native" and self._packed is not None
+        return self._packed
+
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """x @ W.T + b. `out` (decode sizes, native kernels): a contiguous [rows, N] of x's
         dtype the result may be written into -- use the returned tensor either way."""

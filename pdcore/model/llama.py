@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from pdcore.model import native_cpu
-from pdcore.model.attention import AttentionBackend
+from pdcore.model.attention import C_DECODE_ATTENTION, AttentionBackend
 from pdcore.model.config import ModelConfig
+from pdcore.model.decode_layers import DecodeLayers
 from pdcore.model.forward_batch import ForwardBatch
 from pdcore.model.kv_pool import KVPool
 from pdcore.model.linear import Linear
@@ -142,6 +143,8 @@ class LlamaModel:
         self._native = None  # our fused CPU kernels (bf16 or fp32), where they apply
         self._ws: dict[str, torch.Tensor] = {}  # the native decode loop's buffers
         self._ws_dtype: torch.dtype | None = None
+        self._decode_layers: DecodeLayers | None = None  # the one-call C loop, per pool
+        self._decode_layers_key: tuple[int, int] | None = None
         if (
             device.type == "cpu"
             and dtype in (torch.bfloat16, torch.float32)
@@ -172,6 +175,16 @@ class LlamaModel:
         """This model's layers over `hidden` (the residual stream, [T, hidden_size]);
         `attn.prepare` must have run for `batch`. A pipeline stage calls it directly."""
         if self._native is not None and hidden.shape[0] <= native_cpu.MAX_ROWS:
+            loop = self._c_decode_layers(hidden, batch, pool, attn)
+            if loop is not None:
+                if max(batch.seq_lens) > self.rotary.cos.shape[0]:  # read unchecked in C
+                    raise IndexError(
+                        f"a sequence of {max(batch.seq_lens)} is past the rotary table"
+                    )
+                ws = self._workspace(hidden.shape[0], hidden.dtype)
+                scale: float = attn.scale  # type: ignore[attr-defined]  # C_DECODE_ATTENTION
+                loop.run(self, hidden, batch, scale, ws)
+                return hidden
             hidden = self._layers_native(self._native, hidden, batch, pool, attn)
         else:
             cos, sin = self.rotary.lookup(batch.positions)
@@ -229,6 +242,25 @@ class LlamaModel:
                 hidden.add_(mlp)
         return hidden
 
+    def _c_decode_layers(
+        self, hidden: torch.Tensor, batch: ForwardBatch, pool: KVPool, attn: AttentionBackend
+    ) -> DecodeLayers | None:
+        """The one-call C loop for this decode step (pdcore/model/decode_layers.py), or None
+        where the step runs the Python loop."""
+        if (
+            not batch.is_decode
+            or not getattr(attn, C_DECODE_ATTENTION, False)
+            or hidden.dtype != torch.float32
+            or not hidden.is_contiguous()
+            or self._native is None
+        ):
+            return None
+        key = (id(pool), pool.k.data_ptr())
+        if self._decode_layers_key != key:  # built once per pool
+            self._decode_layers = DecodeLayers.build(self, pool, self._native)
+            self._decode_layers_key = key
+        return self._decode_layers
+
     def _workspace(self, t: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """The decode loop's intermediates for `t` rows: views of buffers made once for
         MAX_ROWS rows (a new tensor per op per layer cost ~0.5 ms per batch-1 token).
@@ -242,6 +274,7 @@ class LlamaModel:
                 "gate_up": layer.gate_up.out_features,
                 "act": layer.gate_up.out_features // 2,
                 "down": layer.down.out_features,
+                "attn": self.num_heads * self.config.head_dim,
             }
             rows = native_cpu.MAX_ROWS
             self._ws = {name: torch.empty((rows, n), dtype=dtype) for name, n in widths.items()}

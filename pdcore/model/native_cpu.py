@@ -200,6 +200,8 @@ def _load(isa: str | None) -> ctypes.CDLL | None:
         _declare(getattr(lib, f"pdcore_{kind}_decode_attention"), attn)
     _declare(lib.pdcore_quant_gemm, [p, i64, i64, p, i32, i32, p, i64, i64, p, i64, i32])
     _declare(lib.pdcore_quant_dequantize, [p, i32, i64, i64, p, i32])
+    layers = [p, i64, i64, p, i64, p, p, p, p, i64, p, p, *[i64] * 3, f32, f32, *[p] * 7, i32]
+    _declare(lib.pdcore_f32_decode_layers, layers)
     lib.pdcore_isa = isa  # type: ignore[attr-defined]
     logger.info("native CPU kernels: %s", isa)
     return lib
@@ -232,6 +234,36 @@ def pack(weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor
     return w.reshape(-1, 16, k).permute(0, 2, 1).contiguous()
 
 
+class CLinear(ctypes.Structure):
+    """kernels/decode_layers.c's pd_linear: one linear layer's packed weights."""
+
+    _fields_ = [
+        ("w", ctypes.c_void_p),
+        ("bias", ctypes.c_void_p),
+        ("n", ctypes.c_int64),
+        ("k", ctypes.c_int64),
+        ("kind", ctypes.c_int32),  # 0 quantized, 1 fp32 packed, 2 bf16 packed
+        ("fmt", ctypes.c_int32),
+        ("act_parts", ctypes.c_int32),
+        ("pad", ctypes.c_int32),
+    ]
+
+
+class CLayer(ctypes.Structure):
+    """kernels/decode_layers.c's pd_layer: one layer's norms, linears and KV cache."""
+
+    _fields_ = [
+        ("input_norm", ctypes.c_void_p),
+        ("post_norm", ctypes.c_void_p),
+        ("k_cache", ctypes.c_void_p),
+        ("v_cache", ctypes.c_void_p),
+        ("qkv", CLinear),
+        ("o", CLinear),
+        ("gate_up", CLinear),
+        ("down", CLinear),
+    ]
+
+
 class Kernels:
     """The kernels for one element type (bf16 or fp32), looked up once: callers keep one of
     these (`kernels(dtype)`) and call it per layer without any per-call dispatch."""
@@ -247,6 +279,7 @@ class Kernels:
         self._rope = getattr(lib, f"pdcore_{kind}_rope")
         self._attention = getattr(lib, f"pdcore_{kind}_decode_attention")
         self._quant_gemm = lib.pdcore_quant_gemm
+        self.decode_layers_fn = lib.pdcore_f32_decode_layers  # fp32 only; see llama.py
         self._quant_dequantize = lib.pdcore_quant_dequantize
 
     def quant_gemm(
