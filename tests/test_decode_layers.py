@@ -93,3 +93,20 @@ def test_c_loop_equals_python_loop_gguf(acts: str, monkeypatch) -> None:
         dtype="float32", quantization="gguf", gguf_activations=acts, max_total_tokens=512
     )
     _compare(config, [[1, 2, 3, 4], [42] * 20, [100, 200, 300]], monkeypatch)
+
+
+def test_c_loop_only_up_to_its_buffers_rows(monkeypatch) -> None:
+    """A decode batch of more than MAX_ROWS sequences runs the Python loop (the C loop's
+    buffers hold MAX_ROWS rows: a server's 33rd concurrent request once overran them)."""
+    from types import SimpleNamespace
+
+    if native_cpu.kernels(torch.float32) is None:
+        pytest.skip(f"no kernels here: {native_cpu.describe()}")
+    rank = load_rank(EngineConfig(dtype="float32", quantization="gguf", max_total_tokens=512))
+    model, pool = rank.runner.model, rank.runner.pool
+    attn = SimpleNamespace(c_decode_attention=True)
+    batch = SimpleNamespace(is_decode=True)
+    h = model.config.hidden_size
+    rows = native_cpu.MAX_ROWS
+    assert model._c_decode_layers(torch.zeros(rows, h), batch, pool, attn) is not None
+    assert model._c_decode_layers(torch.zeros(rows + 1, h), batch, pool, attn) is None
