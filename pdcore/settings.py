@@ -73,8 +73,9 @@ class ServerSettings(DisaggSettings, ProfileSettings):
     )
     quantization: Literal["auto", "none", "gguf", "int8", "w8a16"] = setting(
         "auto",
-        "Weight-only quantized linear layers (CPU; math in fp32). gguf: a GGUF's Q4_0, "
-        "Q4_1 and Q8_0 tensors kept as shipped (others dequantized); int8 / w8a16: any "
+        "Weight-only quantized linear layers (CPU). gguf: a GGUF's Q4_0, Q4_1 and Q8_0 "
+        "tensors kept as shipped (others dequantized), multiplied with integer dot products "
+        "at decode sizes (see --gguf-activations), widened to fp32 for prefill; int8 / w8a16: any "
         "model's linear weights quantized at load to int8 per output channel; none: "
         "dequantized to --dtype at load. auto: gguf for a GGUF on a CPU with pdcore's "
         "kernels, else none. See docs/benchmarks.md for speed and accuracy.",
@@ -86,7 +87,7 @@ class ServerSettings(DisaggSettings, ProfileSettings):
         "products. int16: two int8 parts, ~16 bits, top-1 agreement 1.0 with the dequantized "
         "fp32 model. int8: llama.cpp's one part, ~1.7x less integer work (faster batched "
         "decode) for an accuracy loss (top-1 0.92 on SmolLM2-135M). Only with gguf weights "
-        "(a .gguf model and --quantization auto or gguf). See docs/models.md.",
+        "(a .gguf model and --quantization auto or gguf). See docs/benchmarks.md.",
     )
     device: str = setting(
         "auto",

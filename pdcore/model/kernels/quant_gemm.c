@@ -26,7 +26,7 @@
  * q2 = round(254 * (v - q1)) in -127..127: x ~ dx * (q1 + q2 / 254), off by at most
  * a / 64516 per element -- ~16 bits, where llama.cpp's one part (its Q8_0 / Q8_1
  * activations) is off by up to a / 254. One part measured top-1 agreement 0.92 with the
- * dequantized fp32 model on SmolLM2-135M; two parts 1.0 (docs/models.md), for ~1.6x the
+ * dequantized fp32 model on SmolLM2-135M; two parts 1.0 (docs/benchmarks.md), for ~1.6x the
  * integer work, which batch-1 decode (memory-bound) does not notice. sx = the fp32 sum of
  * the block's x; a block contributes d * dx * (sum(q * q1) + sum(q * q2) / 254) + m * sx.
  * The weights are exact (every q is the file's). Prefill-sized inputs (above MAX_ROWS)
