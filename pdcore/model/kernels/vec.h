@@ -264,26 +264,27 @@ INLINE i8x32 bcast_quad(const int8_t *p) {
     memcpy(&v, p, 4);
     return (i8x32)(i32x8){v, v, v, v, v, v, v, v};
 }
-/* lane j: w[2j] * x[2j] + w[2j+1] * x[2j+1], w unsigned, x signed (|sum| < 2^15 here) */
 #if defined(__AVX2__) && !defined(PDCORE_GENERIC_DOT) /* tests: the generic code on x86 */
 #define DOT_AVX2 1
 #else
 #define DOT_AVX2 0
 #endif
+/* bytes 0, 2, ..., 30 and 1, 3, ..., 31 of a 32-byte vector (the generic dot products) */
+#define EVEN_BYTES(v) \
+    __builtin_shufflevector(v, v, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
+#define ODD_BYTES(v) \
+    __builtin_shufflevector(v, v, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31)
+/* lane j: w[2j] x[2j] + w[2j+1] x[2j+1] in int16, for w and x of any byte signedness */
+#define DOT2_GENERIC(w, x)                                                          \
+    (__builtin_convertvector(EVEN_BYTES(w), i16x16) *                               \
+         __builtin_convertvector(EVEN_BYTES(x), i16x16) +                           \
+     __builtin_convertvector(ODD_BYTES(w), i16x16) * __builtin_convertvector(ODD_BYTES(x), i16x16))
+/* lane j: w[2j] * x[2j] + w[2j+1] * x[2j+1], w unsigned, x signed (|sum| < 2^15 here) */
 INLINE i16x16 dot2_u8s8(u8x32 w, i8x32 x) {
 #if DOT_AVX2
     return (i16x16)_mm256_maddubs_epi16((__m256i)w, (__m256i)x);
 #else
-    const u8x16 we = __builtin_shufflevector(w, w, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22,
-                                             24, 26, 28, 30);
-    const u8x16 wo = __builtin_shufflevector(w, w, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23,
-                                             25, 27, 29, 31);
-    const i8x16 xe = __builtin_shufflevector(x, x, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22,
-                                             24, 26, 28, 30);
-    const i8x16 xo = __builtin_shufflevector(x, x, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23,
-                                             25, 27, 29, 31);
-    return __builtin_convertvector(we, i16x16) * __builtin_convertvector(xe, i16x16) +
-           __builtin_convertvector(wo, i16x16) * __builtin_convertvector(xo, i16x16);
+    return DOT2_GENERIC(w, x);
 #endif
 }
 /* the same with signed w (|w| <= 128: |sum| <= 2 * 128 * 127 < 2^15) */
@@ -292,16 +293,7 @@ INLINE i16x16 dot2_s8s8(i8x32 w, i8x32 x) {
     return (i16x16)_mm256_maddubs_epi16(_mm256_sign_epi8((__m256i)w, (__m256i)w),
                                         _mm256_sign_epi8((__m256i)x, (__m256i)w));
 #else
-    const i8x16 we = __builtin_shufflevector(w, w, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22,
-                                             24, 26, 28, 30);
-    const i8x16 wo = __builtin_shufflevector(w, w, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23,
-                                             25, 27, 29, 31);
-    const i8x16 xe = __builtin_shufflevector(x, x, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22,
-                                             24, 26, 28, 30);
-    const i8x16 xo = __builtin_shufflevector(x, x, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23,
-                                             25, 27, 29, 31);
-    return __builtin_convertvector(we, i16x16) * __builtin_convertvector(xe, i16x16) +
-           __builtin_convertvector(wo, i16x16) * __builtin_convertvector(xo, i16x16);
+    return DOT2_GENERIC(w, x);
 #endif
 }
 /* lane j: v[2j] + v[2j+1], widened to int32 */
