@@ -41,33 +41,31 @@ def _c_linear(lin: Any) -> native_cpu.CLinear | None:
 
 
 class DecodeLayers:
-    """The C loop's description of one model's layers over one KV pool."""
+    """The C loop's description of one model's layers over one KV pool (`build`)."""
 
-    def __init__(self, layers: Any, pool: KVPool, kern: native_cpu.Kernels) -> None:
-        self.pool_key = (id(pool), pool.k.data_ptr())
+    def __init__(self, layers: ctypes.Array[native_cpu.CLayer], kern: native_cpu.Kernels) -> None:
+        self._array = layers
         self._kern = kern
-        self._array = (native_cpu.CLayer * len(layers))()
-        for i, layer in enumerate(layers):
-            linears = [_c_linear(getattr(layer, n)) for n in ("qkv", "o_proj", "gate_up", "down")]
-            assert all(lin is not None for lin in linears)  # build() checked
-            self._array[i] = native_cpu.CLayer(
-                layer.input_norm.data_ptr(), layer.post_norm.data_ptr(),
-                pool.k_flat(i).data_ptr(), pool.v_flat(i).data_ptr(), *linears,
-            )  # fmt: skip
-        self.n_layers = len(layers)
 
     @staticmethod
     def build(model: Any, pool: KVPool, kern: native_cpu.Kernels) -> DecodeLayers | None:
-        """The loop for `model` over `pool`, or None where it does not apply."""
+        """The loop for `model` over `pool`, or None where it does not apply. The structs
+        hold raw pointers: the model's weights and the pool must outlive it (the model
+        keeps it per pool)."""
         if kern.dtype != torch.float32 or pool.dtype != torch.float32 or model.tp.size != 1:
             return None
-        for layer in model.layers:
+        array = (native_cpu.CLayer * len(model.layers))()
+        for i, layer in enumerate(model.layers):
             if layer.input_norm.dtype != torch.float32 or layer.post_norm.dtype != torch.float32:
                 return None
-            names = ("qkv", "o_proj", "gate_up", "down")
-            if any(_c_linear(getattr(layer, n)) is None for n in names):
+            linears = [_c_linear(getattr(layer, n)) for n in ("qkv", "o_proj", "gate_up", "down")]
+            if any(lin is None for lin in linears):
                 return None
-        return DecodeLayers(model.layers, pool, kern)
+            array[i] = native_cpu.CLayer(
+                layer.input_norm.data_ptr(), layer.post_norm.data_ptr(),
+                pool.k_flat(i).data_ptr(), pool.v_flat(i).data_ptr(), *linears,
+            )  # fmt: skip
+        return DecodeLayers(array, kern)
 
     def run(
         self,
@@ -85,7 +83,7 @@ class DecodeLayers:
         if positions.dtype != torch.int64 or not positions.is_contiguous():
             positions = positions.to(torch.int64).contiguous()
         self._kern.decode_layers_fn(
-            hidden.data_ptr(), t, h, ctypes.addressof(self._array), self.n_layers,
+            hidden.data_ptr(), t, h, ctypes.addressof(self._array), len(self._array),
             model.rotary.cos.data_ptr(), model.rotary.sin.data_ptr(), positions.data_ptr(),
             slots.data_ptr(), slots.shape[1], batch.out_slots.data_ptr(), lens.data_ptr(),
             model.num_heads, model.num_kv_heads, cfg.head_dim, scale, cfg.rms_norm_eps,

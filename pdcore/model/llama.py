@@ -175,12 +175,10 @@ class LlamaModel:
         """This model's layers over `hidden` (the residual stream, [T, hidden_size]);
         `attn.prepare` must have run for `batch`. A pipeline stage calls it directly."""
         if self._native is not None:  # prefill too: the fused elementwise kernels
+            if max(batch.seq_lens) > self.rotary.cos.shape[0]:  # the kernels read unchecked
+                raise IndexError(f"a sequence of {max(batch.seq_lens)} is past the rotary table")
             loop = self._c_decode_layers(hidden, batch, pool, attn)
             if loop is not None:
-                if max(batch.seq_lens) > self.rotary.cos.shape[0]:  # read unchecked in C
-                    raise IndexError(
-                        f"a sequence of {max(batch.seq_lens)} is past the rotary table"
-                    )
                 ws = self._workspace(hidden.shape[0], hidden.dtype)
                 scale: float = attn.scale  # type: ignore[attr-defined]  # C_DECODE_ATTENTION
                 loop.run(self, hidden, batch, scale, ws)
@@ -220,9 +218,7 @@ class LlamaModel:
         torch); at decode sizes every intermediate in a buffer reused by each layer. The
         linears pick their own GEMM by row count (pdcore.model.linear / quantized)."""
         cfg, eps, t, tp = self.config, self.config.rms_norm_eps, hidden.shape[0], self.tp
-        cos, sin, positions = self.rotary.cos, self.rotary.sin, batch.positions
-        if max(batch.seq_lens) > cos.shape[0]:  # the kernel reads cos/sin unchecked
-            raise IndexError(f"a sequence of {max(batch.seq_lens)} is past the rotary table")
+        cos, sin, positions = self.rotary.cos, self.rotary.sin, batch.positions  # checked
         heads, qk_size = self.num_heads + self.num_kv_heads, self.q_size + self.kv_size
         ws: dict[str, torch.Tensor | None] = (
             dict(self._workspace(t, hidden.dtype))

@@ -120,7 +120,9 @@ def quantize_int8(weight: torch.Tensor) -> QuantWeight:
 
 
 class QuantLinear:
-    """y = x @ W.T + b with W quantized; x and y in any float dtype, the math in fp32."""
+    """y = x @ W.T + b with W quantized; x and y in any float dtype. GGUF formats at decode
+    sizes quantize x per 32 values into `act_parts` int8 parts (integer dot products);
+    int8 per channel, and every format at prefill sizes, multiply fp32 x."""
 
     __slots__ = ("weight", "bias", "_kern", "act_parts")
 
