@@ -341,7 +341,9 @@ class ServerSettings(DisaggSettings, ProfileSettings):
         why = quantization_problem(self.quantization, self.model_path, self.device, self.tp_size)
         if why is not None:
             return "--quantization", why
-        why = gguf_activations_problem(self.gguf_activations, self.quantization, self.model_path)
+        why = gguf_activations_problem(
+            self.gguf_activations, self.quantization, self.model_path, self.device, self.tp_size
+        )
         return None if why is None else ("--gguf-activations", why)
 
     def tp_problem(self) -> tuple[str, str] | None:

@@ -22,7 +22,9 @@ def _decode_logits(runner, prompts: list[list[int]], steps: int) -> list[torch.T
     next input: each sequence's greedy token); the logits of every decode step."""
     ps = runner.pool.page_size
     pages_per_seq = 8
-    tables = [list(range(1 + i * pages_per_seq, 1 + (i + 1) * pages_per_seq)) for i in range(3)]
+    tables = [
+        list(range(1 + i * pages_per_seq, 1 + (i + 1) * pages_per_seq)) for i in range(len(prompts))
+    ]
     seqs = [list(p) for p in prompts]
 
     def slot(i: int, pos: int) -> int:

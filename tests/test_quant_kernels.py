@@ -221,14 +221,21 @@ def test_cli_names_the_flag(capsys: pytest.CaptureFixture[str], tiny_llama_dir) 
 def test_gguf_activations_problems(
     choice: str, method: str, model: str | None, needle: str
 ) -> None:
-    why = gguf_activations_problem(choice, method, model)
+    why = gguf_activations_problem(choice, method, model, "auto", 1)
     assert why is not None and needle in why
 
 
+def test_gguf_activations_refused_where_auto_dequantizes() -> None:
+    """auto dequantizes on a GPU or with TP, so int8 activations there would be ignored."""
+    for device, tp in (("cuda", 1), ("cpu", 2)):
+        why = gguf_activations_problem("int8", "auto", None, device, tp)
+        assert why is not None and "one rank" in why
+
+
 def test_gguf_activations_ok() -> None:
-    assert gguf_activations_problem("int16", "none", "/folder") is None  # the default: anywhere
-    assert gguf_activations_problem("int8", "auto", None) is None  # the default GGUF
-    assert gguf_activations_problem("int8", "gguf", "m.gguf") is None
+    assert gguf_activations_problem("int16", "none", "/folder", "cuda", 2) is None  # default
+    assert gguf_activations_problem("int8", "auto", None, "auto", 1) is None  # the default GGUF
+    assert gguf_activations_problem("int8", "gguf", "m.gguf", "cpu", 1) is None
 
 
 def test_gguf_activations_cli_names_the_flag(
@@ -240,3 +247,14 @@ def test_gguf_activations_cli_names_the_flag(
         parse_serve_args(["--model", str(tiny_llama_dir), "--gguf-activations", "int8"])
     err = capsys.readouterr().err
     assert "--gguf-activations" in err and "int8" in err
+
+
+def test_gguf_activations_ignored_at_load_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    """What only the load can know (e.g. a CPU without kernels) is said in the log."""
+    import logging
+
+    from pdcore.model.quantized import load_quantized
+
+    with caplog.at_level(logging.WARNING, logger="pdcore.model.quantized"):
+        assert load_quantized("none", "m.gguf", None, torch.device("cpu"), 1, "int8") is None  # type: ignore[arg-type]
+    assert "--gguf-activations int8 has no effect" in caplog.text

@@ -36,18 +36,21 @@ def quantization_problem(
     return None
 
 
-def gguf_activations_problem(choice: str, method: str, model_path: str | None) -> str | None:
+def gguf_activations_problem(
+    choice: str, method: str, model_path: str | None, device: str, tp_size: int
+) -> str | None:
     """Why `--gguf-activations choice` would be ignored with these flags, or None: it only
-    acts on GGUF blocks kept as shipped (the default int16 is accepted everywhere)."""
+    acts on GGUF blocks kept as shipped, i.e. a .gguf model with --quantization auto or gguf
+    on a CPU with one rank (the default int16 is accepted everywhere; a CPU without
+    pdcore's kernels is only known at load, which logs it)."""
     if choice not in GGUF_ACTIVATION_PARTS:
         return f"unknown value {choice!r}; choose one of {', '.join(GGUF_ACTIVATION_PARTS)}"
     if choice == "int16":
         return None
-    if method not in ("auto", "gguf") or not is_gguf(model_path):
-        return (
-            f"{choice} applies to GGUF weights kept as shipped; these flags load "
-            f"--quantization {method} from {model_path or 'the default model'}"
-            if method not in ("auto", "gguf")
-            else f"{choice} applies to a .gguf model; {model_path} is not one"
-        )
+    if method not in ("auto", "gguf"):
+        return f"{choice} applies to GGUF weights kept as shipped, not --quantization {method}"
+    if not is_gguf(model_path):
+        return f"{choice} applies to a .gguf model; {model_path} is not one"
+    if device not in ("auto", "cpu") or tp_size > 1:
+        return f"{choice}: GGUF weights are kept as shipped on a CPU with one rank only"
     return None

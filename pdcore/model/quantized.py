@@ -236,6 +236,8 @@ def load_quantized(
     `gguf_activations` (int16 / int8): how the GGUF kernels quantize activations."""
     chosen, why = resolve(method, model_source, device, tp_size)
     logger.info("quantization: %s (%s)", chosen, why)
+    if chosen != "gguf" and gguf_activations != "int16":
+        logger.warning("--gguf-activations %s has no effect: %s", gguf_activations, why)
     if chosen == "none":
         return None
     kern = native_cpu.kernels(torch.float32)
