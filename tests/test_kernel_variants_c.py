@@ -191,7 +191,7 @@ static void quant_case(int fmt, int parts, int64_t m, int64_t n, int64_t k) {
     pdcore_quant_gemm(x, m, k, pk, fmt, parts, bias, n, k, y, n, 2);
     double e = 0, sc = 0;
     for (int64_t i = 0; i < m; i++) {
-        if (fmt == 2)
+        if (fmt == 2 || m > 32) /* int8, and prefill sizes (panel_gemm.c): fp32 x */
             for (int64_t c = 0; c < k; c++) xh[c] = x[i * k + c];
         else
             quant_x(x + i * k, k, parts, xh);
@@ -304,10 +304,14 @@ static void attention(int64_t h, int64_t kvh, int64_t d) {
 int main(void) {
     int64_t shapes[][3] = {{1, 96, 64}, {5, 17, 33}, {7, 80, 577}, {13, 33, 16}, {32, 200, 96}};
     for (int i = 0; i < 5; i++) gemm_case(shapes[i][0], shapes[i][1], shapes[i][2]);
-    int64_t qshapes[][3] = {{1, 17, 64}, {2, 16, 96}, {3, 33, 576}, {5, 40, 128}, {9, 7, 32}, {33, 20, 64}};
+    /* decode sizes, then prefill sizes (above 32 rows): ragged N (one and two 16-wide
+     * panels per tile), several K chunks and row blocks */
+    int64_t qshapes[][3] = {{1, 17, 64},   {2, 16, 96},   {3, 33, 576},  {5, 40, 128},
+                            {9, 7, 32},    {33, 20, 64},  {40, 40, 576}, {100, 7, 96},
+                            {130, 200, 1056}, {37, 20, 320}};
     for (int fmt = 0; fmt < 3; fmt++)
         for (int parts = 1; parts <= 2; parts++)
-            for (int i = 0; i < 6; i++)
+            for (int i = 0; i < 10; i++)
                 quant_case(fmt, parts, qshapes[i][0], qshapes[i][1], qshapes[i][2]);
     elementwise();
     attention(9, 3, 64);

@@ -26,7 +26,7 @@ from tests.test_native_cpu import ISAS
 
 GGUF_TYPES = ["Q4_0", "Q4_1", "Q8_0"]
 SHAPES = [(1, 32), (17, 96), (33, 576), (49, 1056)]  # (N, K): odd N, K % 256 != 0
-ROWS = [1, 2, 3, 4, 5, 8, 9, 13, 31, 32, 33]
+ROWS = [1, 2, 3, 4, 5, 8, 9, 13, 31, 32, 33, 130]
 
 
 def kern(isa: str) -> native_cpu.Kernels:

@@ -29,12 +29,14 @@
  * dequantized fp32 model on SmolLM2-135M; two parts 1.0 (docs/benchmarks.md), for ~1.6x the
  * integer work, which batch-1 decode (memory-bound) does not notice. sx = the fp32 sum of
  * the block's x; a block contributes d * dx * (sum(q * q1) + sum(q * q2) / 254) + m * sx.
- * The weights are exact (every q is the file's). Prefill-sized inputs (above MAX_ROWS)
- * multiply the dequantized weights in fp32 instead (pdcore_quant_dequantize).
+ * The weights are exact (every q is the file's). Prefill-sized inputs (above PANEL_ROWS)
+ * multiply fp32 x by the weights widened chunk by chunk (panel_gemm.c): there the work is
+ * compute-bound, and two int8 parts cost as many multiply instructions as fp32 FMAs do on
+ * AVX2 (VPMADDUBSW issues once per cycle on Zen 3, FMAs twice) -- no gain for the rounding.
  *
  * I8 keeps fp32 activations: small M (up to QMT rows) widens the weights block by block in
- * registers and FMAs them into all rows at once; larger M widens each panel once into an
- * fp32 [K][16] scratch (L2-resident) and runs skinny_gemm.c's register tiles over it.
+ * registers and FMAs them into all rows at once; up to PANEL_ROWS rows widens each panel once
+ * into an fp32 [K][16] scratch (L2-resident) and runs skinny_gemm.c's register tiles over it.
  */
 #include <omp.h>
 #include <stdint.h>
@@ -120,6 +122,7 @@ static void i8_tile_dispatch(const float *x, int64_t ldx, int mt, int64_t k, con
 /* ---- Q4 / Q8: activations quantized to one or two int8 parts ---- */
 
 #define QDT 4 /* rows per call of dot_group */
+#define PANEL_ROWS 32 /* above: panel_gemm.c (fp32 x, widened weights) */
 #define SERIAL_QUANTIZE 8192 /* elements of x */
 #ifndef PREFETCH_BYTES
 #define PREFETCH_BYTES 1024 /* batch 1: ~1.1x with it (engine decode), 512-2048 alike */
@@ -288,23 +291,25 @@ static void dot_gemm(const float *x, int64_t m, int64_t ldx, const uint8_t *pack
     free(xq);
 }
 
-/* One panel widened to fp32 [k][16] with row stride ldw (16: skinny_gemm.c's packed
- * layout; n: straight into the transposed matrix W^T [k, n]). Q4 and Q8 rebuild each
- * weight as the dequantizing reference does (d * q + m rounds once, d * q is exact). */
-static void dequant_panel(const uint8_t *p, int fmt, int64_t k, float *w, int64_t ldw) {
+/* Panel `p`'s weights for k in [k0, k0 + kc) widened to fp32 [kc][16] with row stride ldw
+ * (16: a packed panel; n: straight into the transposed matrix W^T [k, n]); k is the whole
+ * K, k0 and kc multiples of 32 for Q4/Q8. Q4 and Q8 rebuild each weight as the
+ * dequantizing reference does (d * q + m rounds once, d * q is exact). */
+static void dequant_range(const uint8_t *p, int fmt, int64_t k, int64_t k0, int64_t kc,
+                          float *w, int64_t ldw) {
     if (fmt == FMT_I8) {
         const int8_t *q = (const int8_t *)(p + 64);
-        for (int64_t kk = 0; kk < k; kk++)
+        for (int64_t kk = k0; kk < k0 + kc; kk++)
 #pragma GCC unroll 4
             for (int a = 0; a < QNV; a++)
-                store_f32(w + kk * ldw + a * VW,
+                store_f32(w + (kk - k0) * ldw + a * VW,
                           __builtin_convertvector(load_i8(q + kk * 16 + a * VW), vf) *
                               load_f32((const float *)p + a * VW));
         return;
     }
     const int64_t gbb = fmt == FMT_Q4 ? 160 : 272, nb = k / 32;
-    for (int64_t b = 0; b < nb; b++) {
-        float *wb = w + b * 32 * ldw;
+    for (int64_t b = k0 / 32; b < (k0 + kc) / 32; b++) {
+        float *wb = w + (b * 32 - k0) * ldw;
         for (int g = 0; g < 2; g++) {
             const uint8_t *blk = p + (g * nb + b) * gbb;
             const f32x8 d = load_f16x8((const uint16_t *)blk);
@@ -338,11 +343,38 @@ static void dequant_panel(const uint8_t *p, int fmt, int64_t k, float *w, int64_
     }
 }
 
+static void dequant_panel(const uint8_t *p, int fmt, int64_t k, float *w, int64_t ldw) {
+    dequant_range(p, fmt, k, 0, k, w, ldw);
+}
+
+/* Prefill: panel_gemm.c widens one K chunk of a panel at a time through this. */
+typedef struct {
+    const uint8_t *packed;
+    int fmt;
+    int64_t k, pb;
+} widen_ctx;
+
+static void widen_chunk(const void *ctx, int64_t panel, int64_t k0, int64_t kc, float *dst) {
+    const widen_ctx *c = (const widen_ctx *)ctx;
+    dequant_range(c->packed + panel * c->pb, c->fmt, c->k, k0, kc, dst, 16);
+}
+
+void pdcore_internal_panel_gemm(const float *x, int64_t m, int64_t ldx, int64_t n, int64_t k,
+                                int64_t kalign, const float *bias, float *y, int64_t ldy,
+                                void (*widen)(const void *, int64_t, int64_t, int64_t, float *),
+                                const void *ctx, int threads);
+
 /* x: [m, k] fp32 (row stride ldx); packed: the format's panels; bias: [n] fp32 or NULL;
  * y: [m, n] fp32 (row stride ldy). Q4/Q8 need k % 32 == 0. */
 void pdcore_quant_gemm(const float *x, int64_t m, int64_t ldx, const uint8_t *packed, int fmt,
                        int act_parts, const float *bias, int64_t n, int64_t k, float *y,
                        int64_t ldy, int threads) {
+    if (m > PANEL_ROWS) { /* prefill-sized: blocked fp32 GEMM on widened chunks */
+        const widen_ctx ctx = {packed, fmt, k, panel_bytes(fmt, k)};
+        pdcore_internal_panel_gemm(x, m, ldx, n, k, fmt == FMT_I8 ? 1 : 32, bias, y, ldy,
+                                   widen_chunk, &ctx, threads);
+        return;
+    }
     if (fmt != FMT_I8) {
         dot_gemm(x, m, ldx, packed, fmt, act_parts, bias, n, k, y, ldy, threads);
         return;

@@ -1,0 +1,214 @@
+/* Blocked fp32 GEMM for prefill with quantized weights: Y[M,N] = X[M,K] @ W[N,K]^T (+ bias),
+ * M large (prefill: tens to thousands of rows), W held quantized (quant_gemm.c's formats).
+ *
+ * Why our own: the alternative -- widen the whole matrix to fp32 (W^T, 4 bytes per weight
+ * written to memory) and call the library GEMM, which reads it back and packs it again --
+ * measured at parity with transformers' fp32 prefill, because transformers runs the same
+ * library GEMM on weights it widened once at load. Here each weight is widened exactly
+ * once per call, straight into a cache-sized block, and multiplied there:
+ *
+ *   for each K chunk (kc ~256, a multiple of the format's block):
+ *       widen this thread's panels' chunk into B (kc x 16 fp32 per panel: 16 KB, L1-sized)
+ *       for each block of MC rows of X (mc x kc fp32: L2-resident while its panels pass)
+ *           for each of this thread's panels:   register tiles MT rows x 16 (x TB panels)
+ *               y tile (+)= x rows [kc] @ B panel [kc][16]   (first chunk: bias, not y)
+ *
+ * Threads split the panels (static, contiguous), so every weight is widened by one thread
+ * and every y column written by one thread. X is not packed: a tile broadcasts from MT row
+ * streams that stay in L2 for the MC block. Tiles: skinny_gemm.c's shapes (AVX2 6 x 16,
+ * AVX512 12 x 32, NEON 6 x 16): accumulators + weight vectors + one broadcast fill the
+ * register file. Summation order differs from a library GEMM's (fp32 rounding only).
+ */
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "vec.h"
+
+#define NV (16 / VW)
+#define TB (VW == 16 ? 2 : 1)
+#define ACC (TB * NV)
+#define MT_RAW ((VREGS - ACC - 1) / ACC)
+#define MT (MT_RAW > 12 ? 12 : MT_RAW)
+#define KC_TARGET 256 /* k per chunk: a panel's chunk is 16 KB (L1) */
+#define X_BLOCK_BYTES (128 * 1024) /* the rows of X one chunk works on at a time (L2) */
+#define B_BLOCK_BYTES (256 * 1024) /* the widened chunks of one group of panels (L2) */
+
+/* panels per group: a multiple of TB (groups hold whole items) */
+static int64_t group_panels(int64_t kc_max) {
+    int64_t g = B_BLOCK_BYTES / (kc_max * 16 * 4) / TB * TB;
+    return g < TB ? TB : g;
+}
+
+/* Widens panel `panel`'s weights for k in [k0, k0 + kc) into dst [kc][16] fp32. */
+typedef void (*widen_fn)(const void *ctx, int64_t panel, int64_t k0, int64_t kc, float *dst);
+
+/* mt (1..MT) rows x nb (1..TB) panels of 16 features over one K chunk. `b` points at the
+ * first panel's chunk, the next panel's is `bstride` floats on. accumulate: y += ...;
+ * else y = bias (or 0) + .... Every flag is a compile-time constant in the calls below. */
+INLINE void ktile(const float *x, int64_t ldx, const int mt, int64_t kc, const float *b,
+                  int64_t bstride, const float *bias, float *y, int64_t ldy, const int nb,
+                  const int accumulate) {
+    vf acc[MT][ACC];
+#pragma GCC unroll 16
+    for (int m = 0; m < MT; m++)
+#pragma GCC unroll 16
+        for (int a = 0; a < ACC; a++) {
+            if (m >= mt || a >= nb * NV) continue;
+            acc[m][a] = accumulate ? load_f32(y + m * ldy + a * VW)
+                        : bias     ? load_f32(bias + a * VW)
+                                   : vzero();
+        }
+    for (int64_t kk = 0; kk < kc; kk++) {
+        vf w[ACC];
+#pragma GCC unroll 16
+        for (int a = 0; a < ACC; a++)
+            if (a < nb * NV) w[a] = load_f32(b + (a / NV) * bstride + kk * 16 + (a % NV) * VW);
+#pragma GCC unroll 16
+        for (int m = 0; m < MT; m++)
+            if (m < mt) {
+                const vf xv = splat(x[m * ldx + kk]);
+#pragma GCC unroll 16
+                for (int a = 0; a < ACC; a++)
+                    if (a < nb * NV) acc[m][a] += xv * w[a];
+            }
+    }
+#pragma GCC unroll 16
+    for (int m = 0; m < MT; m++)
+#pragma GCC unroll 16
+        for (int a = 0; a < ACC; a++)
+            if (m < mt && a < nb * NV) store_f32(y + m * ldy + a * VW, acc[m][a]);
+}
+
+#define KT(MTV, NB)                                                                  \
+    if (accumulate)                                                                  \
+        ktile(x, ldx, MTV, kc, b, bstride, bias, y, ldy, NB, 1);                     \
+    else                                                                             \
+        ktile(x, ldx, MTV, kc, b, bstride, bias, y, ldy, NB, 0);
+#if TB == 2
+#define KT_CASE(MTV)      \
+    case MTV:             \
+        if (nb == 2) {    \
+            KT(MTV, 2)    \
+        } else {          \
+            KT(MTV, 1)    \
+        }                 \
+        break;
+#else
+#define KT_CASE(MTV) \
+    case MTV:        \
+        KT(MTV, 1)   \
+        break;
+#endif
+
+static void ktile_dispatch(const float *x, int64_t ldx, int mt, int64_t kc, const float *b,
+                           int64_t bstride, const float *bias, float *y, int64_t ldy, int nb,
+                           int accumulate) {
+    switch (mt) {
+        KT_CASE(1)
+        KT_CASE(2)
+        KT_CASE(3)
+        KT_CASE(4)
+        KT_CASE(5)
+        KT_CASE(6)
+#if MT > 6
+        KT_CASE(7)
+        KT_CASE(8)
+        KT_CASE(9)
+        KT_CASE(10)
+        KT_CASE(11)
+        KT_CASE(12)
+#endif
+    }
+}
+
+/* The tiles of panels [g0, g1) (B: their widened chunk, kc x 16 each) for rows
+ * [r0, r0 + rows) over the K chunk at k0. `ragged`: see share(). */
+static void chunk_block(const float *x, int64_t ldx, int64_t n, int64_t k0, int64_t kc,
+                        const float *bias, float *y, int64_t ldy, int64_t g0, int64_t g1,
+                        const float *bbuf, int64_t r0, int64_t rows, float *ragged) {
+    const int accumulate = k0 > 0;
+    float bias_pad[16 * TB];
+    for (int64_t pi = g0; pi < g1; pi += TB) {
+        const int nb = (int)(g1 - pi < TB ? g1 - pi : TB);
+        const int64_t c0 = pi * 16, cols = n - c0 < 16 * nb ? n - c0 : 16 * nb;
+        const float *bb = bias && !accumulate ? bias + c0 : NULL;
+        float *yt = y + c0;
+        int64_t ly = ldy;
+        if (cols < 16 * nb) { /* the ragged last item: its own padded y and bias */
+            if (bb) {
+                memset(bias_pad, 0, sizeof bias_pad);
+                memcpy(bias_pad, bb, (size_t)cols * 4);
+                bb = bias_pad;
+            }
+            yt = ragged, ly = 16 * TB;
+        }
+        /* rows split evenly over tiles (every tile re-reads the panel chunk) */
+        const int64_t tiles = (rows + MT - 1) / MT;
+        for (int64_t ti = 0, m0 = r0; ti < tiles; ti++) {
+            const int mt = (int)((r0 + rows - m0 + (tiles - ti) - 1) / (tiles - ti));
+            /* the next tile's y lines, so its loads and stores do not wait on memory */
+            for (int64_t r = m0 + mt; r < m0 + 2 * mt && r < r0 + rows; r++)
+                for (int c = 0; c < nb * 16; c += 16) __builtin_prefetch(yt + r * ly + c, 1, 3);
+            ktile_dispatch(x + m0 * ldx + k0, ldx, mt, kc, bbuf + (pi - g0) * kc * 16, kc * 16,
+                           bb, yt + m0 * ly, ly, nb, accumulate);
+            m0 += mt;
+        }
+    }
+}
+
+/* One thread's share: panels [p0, p1) for all m rows, in groups whose widened chunks fit
+ * in B_BLOCK_BYTES (L2). `ragged`: an m x 16 * TB scratch for a last item narrower than
+ * its 16 * nb columns (n % 16 != 0), else NULL. */
+static void share(const float *x, int64_t m, int64_t ldx, int64_t n, int64_t k, int64_t kc_max,
+                  const float *bias, float *y, int64_t ldy, widen_fn widen, const void *ctx,
+                  int64_t p0, int64_t p1, float *bbuf, float *ragged) {
+    int64_t mc = X_BLOCK_BYTES / (4 * kc_max) / MT * MT;
+    mc = mc < MT ? MT : mc;
+    const int64_t group = group_panels(kc_max);
+    for (int64_t g0 = p0; g0 < p1; g0 += group) {
+        const int64_t g1 = p1 - g0 < group ? p1 : g0 + group;
+        for (int64_t k0 = 0; k0 < k; k0 += kc_max) {
+            const int64_t kc = k - k0 < kc_max ? k - k0 : kc_max;
+            for (int64_t pi = g0; pi < g1; pi++) widen(ctx, pi, k0, kc, bbuf + (pi - g0) * kc * 16);
+            for (int64_t r0 = 0; r0 < m; r0 += mc)
+                chunk_block(x, ldx, n, k0, kc, bias, y, ldy, g0, g1, bbuf, r0,
+                            m - r0 < mc ? m - r0 : mc, ragged);
+        }
+    }
+    if (ragged != NULL) { /* copy the ragged item out */
+        const int64_t c0 = (p1 - 1 - (p1 - 1 - p0) % TB) * 16, cols = n - c0;
+        for (int64_t r = 0; r < m; r++) memcpy(y + r * ldy + c0, ragged + r * 16 * TB, cols * 4);
+    }
+}
+
+/* For quant_gemm.c: Y = X @ W^T (+ bias) with W's n features in ceil(n/16) panels that
+ * `widen` turns into fp32 [kc][16] chunks; k0 and kc are multiples of `kalign` (the
+ * format's block; the last chunk may end at k). */
+void pdcore_internal_panel_gemm(const float *x, int64_t m, int64_t ldx, int64_t n, int64_t k,
+                                int64_t kalign, const float *bias, float *y, int64_t ldy,
+                                widen_fn widen, const void *ctx, int threads) {
+    const int64_t panels = (n + 15) / 16, items = (panels + TB - 1) / TB;
+    const int64_t chunks = (k + KC_TARGET - 1) / KC_TARGET;
+    const int64_t kc_max = ((k + chunks - 1) / chunks + kalign - 1) / kalign * kalign;
+    if (threads > items) threads = (int)items;
+#pragma omp parallel num_threads(threads)
+    {
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        /* contiguous items per thread: an item (TB panels) never splits */
+        const int64_t i0 = items * t / nt, i1 = items * (t + 1) / nt;
+        const int64_t p0 = i0 * TB, p1 = i1 * TB < panels ? i1 * TB : panels;
+        if (p1 > p0) {
+            const int64_t gp = group_panels(kc_max) < p1 - p0 ? group_panels(kc_max) : p1 - p0;
+            float *bbuf = (float *)malloc(sizeof(float) * (size_t)(gp * kc_max * 16) + 64);
+            const int ragged_here = (n % 16) != 0 && p1 == panels;
+            float *ragged =
+                ragged_here ? (float *)malloc(sizeof(float) * (size_t)(m * 16 * TB) + 64) : NULL;
+            if (bbuf == NULL || (ragged_here && ragged == NULL)) abort(); /* out of memory */
+            share(x, m, ldx, n, k, kc_max, bias, y, ldy, widen, ctx, p0, p1, bbuf, ragged);
+            free(ragged);
+            free(bbuf);
+        }
+    }
+}
