@@ -42,6 +42,9 @@ void pdcore_f32_decode_attention(const float *, int64_t, const float *, int64_t,
                                  int64_t, int64_t, float, float *, int);
 void pdcore_quant_gemm(const float *, int64_t, int64_t, const uint8_t *, int, int,
                        const float *, int64_t, int64_t, float *, int64_t, int);
+void pdcore_f32_extend_attention(const float *, int64_t, const float *, const float *,
+                                 const int64_t *, const int64_t *, int64_t, int64_t, int64_t,
+                                 int64_t, float, float *, int);
 
 static uint64_t seed = 42;
 static float rnd(void) {
@@ -301,6 +304,51 @@ static void attention(int64_t h, int64_t kvh, int64_t d) {
     track(name, e, 1);
 }
 
+/* Prefill attention: sequences with and without a cached prefix, query blocks and key
+ * chunks ending mid-way, slots scattered over the pool; against a double reference. */
+static void extend_attention(int64_t h, int64_t kvh, int64_t d) {
+    enum { NS = 4 };
+    const int64_t prefix[NS] = {0, 3, 70, 0}, ext[NS] = {1, 40, 65, 130};
+    int64_t seqs[NS * 4], total_q = 0, total_k = 0;
+    for (int s = 0; s < NS; s++) {
+        seqs[s * 4] = total_q, seqs[s * 4 + 1] = ext[s], seqs[s * 4 + 2] = prefix[s] + ext[s];
+        seqs[s * 4 + 3] = total_k;
+        total_q += ext[s], total_k += prefix[s] + ext[s];
+    }
+    const int64_t pool = total_k + 17;
+    float *kc = frand(pool * kvh * d), *vc = frand(pool * kvh * d), *q = frand(total_q * h * d);
+    int64_t *slots = malloc(8 * total_k);
+    for (int64_t i = 0; i < total_k; i++) slots[i] = (i * 37 + 11) % pool; /* 37 coprime */
+    float *out = malloc(4 * total_q * h * d);
+    const float scale = 1.0f / sqrtf((float)d);
+    pdcore_f32_extend_attention(q, h * d, kc, vc, slots, seqs, NS, h, kvh, d, scale, out, 2);
+    double e = 0, *sc = malloc(8 * total_k);
+    for (int s = 0; s < NS; s++)
+        for (int64_t r = 0; r < ext[s]; r++)
+            for (int64_t hh = 0; hh < h; hh++) {
+                const int64_t kh = hh / (h / kvh), keys = prefix[s] + r + 1, row = seqs[s * 4] + r;
+                const int64_t *sl = slots + seqs[s * 4 + 3];
+                double mx = -1e300, sum = 0;
+                for (int64_t t = 0; t < keys; t++) {
+                    double dot = 0;
+                    for (int64_t c = 0; c < d; c++)
+                        dot += (double)q[(row * h + hh) * d + c] * kc[(sl[t] * kvh + kh) * d + c];
+                    sc[t] = dot * scale;
+                    mx = fmax(mx, sc[t]);
+                }
+                for (int64_t t = 0; t < keys; t++) sum += (sc[t] = exp(sc[t] - mx));
+                for (int64_t c = 0; c < d; c++) {
+                    double acc = 0;
+                    for (int64_t t = 0; t < keys; t++) acc += sc[t] * vc[(sl[t] * kvh + kh) * d + c];
+                    e = fmax(e, fabs(out[(row * h + hh) * d + c] - acc / sum));
+                }
+            }
+    char name[64];
+    snprintf(name, sizeof name, "extend_attention_h%ld_kvh%ld_d%ld", (long)h, (long)kvh, (long)d);
+    track(name, e, 1);
+    free(kc), free(vc), free(q), free(slots), free(out), free(sc);
+}
+
 int main(void) {
     int64_t shapes[][3] = {{1, 96, 64}, {5, 17, 33}, {7, 80, 577}, {13, 33, 16}, {32, 200, 96}};
     for (int i = 0; i < 5; i++) gemm_case(shapes[i][0], shapes[i][1], shapes[i][2]);
@@ -317,6 +365,9 @@ int main(void) {
     attention(9, 3, 64);
     attention(8, 8, 128);
     attention(4, 1, 256);
+    extend_attention(9, 3, 64);
+    extend_attention(4, 4, 128);
+    extend_attention(6, 1, 48);
     printf("worst %.3g\n", worst);
     return 0;
 }

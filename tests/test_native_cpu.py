@@ -233,6 +233,88 @@ def test_attention_backend_uses_the_picked_variant(dtype: torch.dtype) -> None:
     _check_attention(got, pool, lens, tables, out_slots, q, k, v, page, dtype)
 
 
+def _extend_case(heads: int, kv_heads: int, dim: int, page: int, dtype: torch.dtype):
+    """A prefill batch: sequences with and without a cached prefix (already in the pool),
+    new tokens not multiples of the kernel's blocks, pages scattered over the pool."""
+    pool = KVPool(
+        num_layers=1, num_pages=600, page_size=page, num_kv_heads=kv_heads, head_dim=dim,
+        dtype=dtype, device=torch.device("cpu"),
+    )  # fmt: skip
+    pool.k.normal_()
+    pool.v.normal_()
+    specs = [(0, 1), (0, 70), (33, 5), (130, 97), (random.randint(1, 90), random.randint(1, 90))]
+    lens = [p + e for p, e in specs]
+    free = random.sample(range(1, 600), 599)
+    tables = [[free.pop() for _ in range(-(-n // page))] for n in lens]
+    new_slots = [
+        t[i // page] * page + i % page for t, (p, e) in zip(tables, specs) for i in range(p, p + e)
+    ]
+    total = sum(e for _, e in specs)
+    qkv = torch.randn(total, heads + 2 * kv_heads, dim).to(dtype)
+    q, k, v = qkv[:, :heads], qkv[:, heads : heads + kv_heads], qkv[:, heads + kv_heads :]
+    batch = ForwardBatch(
+        is_decode=False, input_ids=torch.zeros(total, dtype=torch.long),
+        positions=torch.tensor([i for p, e in specs for i in range(p, p + e)]),
+        out_slots=torch.tensor(new_slots), seq_lens=lens, extend_lens=[e for _, e in specs],
+        page_tables=tables, logits_indices=torch.arange(len(specs)), page_size=page,
+    )  # fmt: skip
+    return pool, specs, tables, batch, q, k, v
+
+
+def _check_extend(got, pool, specs, tables, q, page, dtype) -> None:
+    heads, dim = q.shape[1], q.shape[2]
+    group = heads // pool.k.shape[-2]
+    row = 0
+    for (prefix, ext), table in zip(specs, tables):  # fp32 causal attention over its slots
+        n = prefix + ext
+        slots = torch.tensor([table[t // page] * page + t % page for t in range(n)])
+        keys = pool.k_flat(0)[slots].double().repeat_interleave(group, dim=1)  # [n, H, D]
+        vals = pool.v_flat(0)[slots].double().repeat_interleave(group, dim=1)
+        scores = torch.einsum("rhd,nhd->hrn", q[row : row + ext].double(), keys) * dim**-0.5
+        future = torch.arange(n)[None, :] > torch.arange(prefix, n)[:, None]
+        probs = scores.masked_fill(future, float("-inf")).softmax(-1)
+        want = torch.einsum("hrn,nhd->rhd", probs, vals).reshape(ext, -1)
+        tol_ = TOL if dtype == torch.bfloat16 else 1e-5
+        assert rel_err(got[row : row + ext], want) < tol_, (prefix, ext)
+        row += ext
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "heads,kv_heads,dim,page", [(9, 3, 64, 16), (8, 8, 64, 1), (12, 2, 96, 4), (4, 1, 256, 16)]
+)
+def test_extend_attention_matches_reference(
+    isa: str, dtype: torch.dtype, heads: int, kv_heads: int, dim: int, page: int
+) -> None:
+    """Prefill attention (kernels/extend_attention.c): causal within the new tokens, the
+    whole cached prefix visible, K/V read through the page table."""
+    pool, specs, tables, batch, q, k, v = _extend_case(heads, kv_heads, dim, page, dtype)
+    pool.k_flat(0).index_copy_(0, batch.out_slots, k)
+    pool.v_flat(0).index_copy_(0, batch.out_slots, v)
+    backend = TorchAttentionBackend(heads, kv_heads, dim, "cpu", dtype)
+    backend.prepare(batch, pool)  # the slot table and per-sequence rows the kernel reads
+    meta = batch.attn_meta
+    got = kern(isa, dtype).extend_attention(
+        q, pool.k_flat(0), pool.v_flat(0), meta["slots"], meta["seqs"], dim**-0.5
+    )
+    _check_extend(got, pool, specs, tables, q, page, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_backend_prefills_in_c(dtype: torch.dtype) -> None:
+    """The backend writes the batch's K/V rows into the pool, then attends from it in C."""
+    if native_cpu.kernels(dtype) is None:
+        pytest.skip(f"no kernels here: {native_cpu.describe()}")
+    pool, specs, tables, batch, q, k, v = _extend_case(9, 3, 64, 16, dtype)
+    backend = TorchAttentionBackend(9, 3, 64, "cpu", dtype)
+    backend.prepare(batch, pool)
+    got = backend.forward(0, q, k, v, batch, pool)
+    assert torch.equal(pool.k_flat(0)[batch.out_slots], k)
+    assert torch.equal(pool.v_flat(0)[batch.out_slots], v)
+    _check_extend(got, pool, specs, tables, q, 16, dtype)
+
+
 def test_variant_choice_env(monkeypatch: pytest.MonkeyPatch) -> None:
     supported = native_cpu.supported_variants()
     monkeypatch.setenv("PDCORE_DISABLE_NATIVE_KERNELS", "1")

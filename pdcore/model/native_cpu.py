@@ -198,6 +198,8 @@ def _load(isa: str | None) -> ctypes.CDLL | None:
         _declare(getattr(lib, f"pdcore_{kind}_rope"), [p, i64, i64, i64, i64, p, p, p])
         attn = [p, i64, p, i64, p, i64, p, p, p, i64, p, p, i64, i64, i64, i64, f32, p, i32]
         _declare(getattr(lib, f"pdcore_{kind}_decode_attention"), attn)
+        extend = [p, i64, p, p, p, p, i64, i64, i64, i64, f32, p, i32]
+        _declare(getattr(lib, f"pdcore_{kind}_extend_attention"), extend)
     _declare(lib.pdcore_quant_gemm, [p, i64, i64, p, i32, i32, p, i64, i64, p, i64, i32])
     _declare(lib.pdcore_quant_dequantize, [p, i32, i64, i64, p, i32])
     layers = [p, i64, i64, p, i64, p, p, p, p, i64, p, p, *[i64] * 3, f32, f32, *[p] * 7, i32]
@@ -278,6 +280,7 @@ class Kernels:
         self._silu_mul = getattr(lib, f"pdcore_{kind}_silu_mul")
         self._rope = getattr(lib, f"pdcore_{kind}_rope")
         self._attention = getattr(lib, f"pdcore_{kind}_decode_attention")
+        self._extend_attention = getattr(lib, f"pdcore_{kind}_extend_attention")
         self._quant_gemm = lib.pdcore_quant_gemm
         self.decode_layers_fn = lib.pdcore_f32_decode_layers  # fp32 only; see llama.py
         self._quant_dequantize = lib.pdcore_quant_dequantize
@@ -416,6 +419,34 @@ class Kernels:
             q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
             k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(), slots.shape[1],
             out_slots.data_ptr(), lens.data_ptr(), b, h, kvh, d, scale, out.data_ptr(),
+            torch.get_num_threads(),
+        )  # fmt: skip
+        return out
+
+    def extend_attention(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slots: torch.Tensor,
+        seqs: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        """Causal attention of a prefill (extend) batch, K/V read from the page pool.
+
+        q [T, H, D] (rows may be strided, heads packed): every sequence's new tokens in
+        order; k_cache/v_cache the layer's flat [slots, KVH, D] pool, this batch's rows
+        already written; slots: every sequence's token slots (prefix included),
+        concatenated, int64; seqs [S, 4] int64: first row in q, new tokens, length, offset
+        in `slots`. Returns [T, H * D].
+        """
+        t, h, d = q.shape
+        if q.stride(2) != 1 or q.stride(1) != d:
+            q = q.contiguous()
+        out = torch.empty((t, h * d), dtype=q.dtype)
+        self._extend_attention(
+            q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(),
+            seqs.data_ptr(), seqs.shape[0], h, k_cache.shape[1], d, scale, out.data_ptr(),
             torch.get_num_threads(),
         )  # fmt: skip
         return out

@@ -24,13 +24,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "vec.h"
+#include "panel_tile.h"
 
-#define NV (16 / VW)
-#define TB (VW == 16 ? 2 : 1)
-#define ACC (TB * NV)
-#define MT_RAW ((VREGS - ACC - 1) / ACC)
-#define MT (MT_RAW > 12 ? 12 : MT_RAW)
 #define KC_TARGET 256 /* k per chunk: a panel's chunk is 16 KB (L1) */
 #define X_BLOCK_BYTES (128 * 1024) /* the rows of X one chunk works on at a time (L2) */
 #define B_BLOCK_BYTES (256 * 1024) /* the widened chunks of one group of panels (L2) */
@@ -43,85 +38,6 @@ static int64_t group_panels(int64_t kc_max) {
 
 /* Widens panel `panel`'s weights for k in [k0, k0 + kc) into dst [kc][16] fp32. */
 typedef void (*widen_fn)(const void *ctx, int64_t panel, int64_t k0, int64_t kc, float *dst);
-
-/* mt (1..MT) rows x nb (1..TB) panels of 16 features over one K chunk. `b` points at the
- * first panel's chunk, the next panel's is `bstride` floats on. accumulate: y += ...;
- * else y = bias (or 0) + .... Every flag is a compile-time constant in the calls below. */
-INLINE void ktile(const float *x, int64_t ldx, const int mt, int64_t kc, const float *b,
-                  int64_t bstride, const float *bias, float *y, int64_t ldy, const int nb,
-                  const int accumulate) {
-    vf acc[MT][ACC];
-#pragma GCC unroll 16
-    for (int m = 0; m < MT; m++)
-#pragma GCC unroll 16
-        for (int a = 0; a < ACC; a++) {
-            if (m >= mt || a >= nb * NV) continue;
-            acc[m][a] = accumulate ? load_f32(y + m * ldy + a * VW)
-                        : bias     ? load_f32(bias + a * VW)
-                                   : vzero();
-        }
-    for (int64_t kk = 0; kk < kc; kk++) {
-        vf w[ACC];
-#pragma GCC unroll 16
-        for (int a = 0; a < ACC; a++)
-            if (a < nb * NV) w[a] = load_f32(b + (a / NV) * bstride + kk * 16 + (a % NV) * VW);
-#pragma GCC unroll 16
-        for (int m = 0; m < MT; m++)
-            if (m < mt) {
-                const vf xv = splat(x[m * ldx + kk]);
-#pragma GCC unroll 16
-                for (int a = 0; a < ACC; a++)
-                    if (a < nb * NV) acc[m][a] += xv * w[a];
-            }
-    }
-#pragma GCC unroll 16
-    for (int m = 0; m < MT; m++)
-#pragma GCC unroll 16
-        for (int a = 0; a < ACC; a++)
-            if (m < mt && a < nb * NV) store_f32(y + m * ldy + a * VW, acc[m][a]);
-}
-
-#define KT(MTV, NB)                                                                  \
-    if (accumulate)                                                                  \
-        ktile(x, ldx, MTV, kc, b, bstride, bias, y, ldy, NB, 1);                     \
-    else                                                                             \
-        ktile(x, ldx, MTV, kc, b, bstride, bias, y, ldy, NB, 0);
-#if TB == 2
-#define KT_CASE(MTV)      \
-    case MTV:             \
-        if (nb == 2) {    \
-            KT(MTV, 2)    \
-        } else {          \
-            KT(MTV, 1)    \
-        }                 \
-        break;
-#else
-#define KT_CASE(MTV) \
-    case MTV:        \
-        KT(MTV, 1)   \
-        break;
-#endif
-
-static void ktile_dispatch(const float *x, int64_t ldx, int mt, int64_t kc, const float *b,
-                           int64_t bstride, const float *bias, float *y, int64_t ldy, int nb,
-                           int accumulate) {
-    switch (mt) {
-        KT_CASE(1)
-        KT_CASE(2)
-        KT_CASE(3)
-        KT_CASE(4)
-        KT_CASE(5)
-        KT_CASE(6)
-#if MT > 6
-        KT_CASE(7)
-        KT_CASE(8)
-        KT_CASE(9)
-        KT_CASE(10)
-        KT_CASE(11)
-        KT_CASE(12)
-#endif
-    }
-}
 
 /* The tiles of panels [g0, g1) (B: their widened chunk, kc x 16 each) for rows
  * [r0, r0 + rows) over the K chunk at k0. `ragged`: see share(). */

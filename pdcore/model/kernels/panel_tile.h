@@ -1,0 +1,93 @@
+/* Register tiles over fp32 panels, shared by panel_gemm.c (prefill GEMM) and
+ * extend_attention.c (its two products): y[mt][16 * nb] (+)= x[mt][kc] @ b[kc][16 * nb],
+ * b in panels of 16 columns ([kc][16] each). Shapes: accumulators + weight vectors + one
+ * broadcast fill the register file (AVX2 6 x 16, AVX512 12 x 32, NEON 6 x 16). */
+#ifndef PDCORE_PANEL_TILE_H
+#define PDCORE_PANEL_TILE_H
+#include "vec.h"
+
+#define NV (16 / VW)
+#define TB (VW == 16 ? 2 : 1)
+#define ACC (TB * NV)
+#define MT_RAW ((VREGS - ACC - 1) / ACC)
+#define MT (MT_RAW > 12 ? 12 : MT_RAW)
+/* mt (1..MT) rows x nb (1..TB) panels of 16 features over one K chunk. `b` points at the
+ * first panel's chunk, the next panel's is `bstride` floats on. accumulate: y += ...;
+ * else y = bias (or 0) + .... Every flag is a compile-time constant in the calls below. */
+INLINE void ktile(const float *x, int64_t ldx, const int mt, int64_t kc, const float *b,
+                  int64_t bstride, const float *bias, float *y, int64_t ldy, const int nb,
+                  const int accumulate) {
+    vf acc[MT][ACC];
+#pragma GCC unroll 16
+    for (int m = 0; m < MT; m++)
+#pragma GCC unroll 16
+        for (int a = 0; a < ACC; a++) {
+            if (m >= mt || a >= nb * NV) continue;
+            acc[m][a] = accumulate ? load_f32(y + m * ldy + a * VW)
+                        : bias     ? load_f32(bias + a * VW)
+                                   : vzero();
+        }
+    for (int64_t kk = 0; kk < kc; kk++) {
+        vf w[ACC];
+#pragma GCC unroll 16
+        for (int a = 0; a < ACC; a++)
+            if (a < nb * NV) w[a] = load_f32(b + (a / NV) * bstride + kk * 16 + (a % NV) * VW);
+#pragma GCC unroll 16
+        for (int m = 0; m < MT; m++)
+            if (m < mt) {
+                const vf xv = splat(x[m * ldx + kk]);
+#pragma GCC unroll 16
+                for (int a = 0; a < ACC; a++)
+                    if (a < nb * NV) acc[m][a] += xv * w[a];
+            }
+    }
+#pragma GCC unroll 16
+    for (int m = 0; m < MT; m++)
+#pragma GCC unroll 16
+        for (int a = 0; a < ACC; a++)
+            if (m < mt && a < nb * NV) store_f32(y + m * ldy + a * VW, acc[m][a]);
+}
+
+#define KT(MTV, NB)                                                                  \
+    if (accumulate)                                                                  \
+        ktile(x, ldx, MTV, kc, b, bstride, bias, y, ldy, NB, 1);                     \
+    else                                                                             \
+        ktile(x, ldx, MTV, kc, b, bstride, bias, y, ldy, NB, 0);
+#if TB == 2
+#define KT_CASE(MTV)      \
+    case MTV:             \
+        if (nb == 2) {    \
+            KT(MTV, 2)    \
+        } else {          \
+            KT(MTV, 1)    \
+        }                 \
+        break;
+#else
+#define KT_CASE(MTV) \
+    case MTV:        \
+        KT(MTV, 1)   \
+        break;
+#endif
+
+static void ktile_dispatch(const float *x, int64_t ldx, int mt, int64_t kc, const float *b,
+                           int64_t bstride, const float *bias, float *y, int64_t ldy, int nb,
+                           int accumulate) {
+    switch (mt) {
+        KT_CASE(1)
+        KT_CASE(2)
+        KT_CASE(3)
+        KT_CASE(4)
+        KT_CASE(5)
+        KT_CASE(6)
+#if MT > 6
+        KT_CASE(7)
+        KT_CASE(8)
+        KT_CASE(9)
+        KT_CASE(10)
+        KT_CASE(11)
+        KT_CASE(12)
+#endif
+    }
+}
+
+#endif
