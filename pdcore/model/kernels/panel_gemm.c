@@ -7,15 +7,16 @@
  * library GEMM on weights it widened once at load. Here each weight is widened exactly
  * once per call, straight into a cache-sized block, and multiplied there:
  *
- *   for each K chunk (kc ~256, a multiple of the format's block):
- *       widen this thread's panels' chunk into B (kc x 16 fp32 per panel: 16 KB, L1-sized)
+ *   for each unit of UNIT_PANELS panels (16 features each), taken by threads dynamically:
+ *     for each K chunk (kc <= 576, a multiple of the format's block):
+ *       widen the unit's panels' chunk into B (kc x 16 fp32 per panel)
  *       for each block of MC rows of X (mc x kc fp32: L2-resident while its panels pass)
- *           for each of this thread's panels:   register tiles MT rows x 16 (x TB panels)
+ *           for each panel of the unit:   register tiles MT rows x 16 (x TB panels)
  *               y tile (+)= x rows [kc] @ B panel [kc][16]   (first chunk: bias, not y)
  *
- * Threads split the panels (static, contiguous), so every weight is widened by one thread
- * and every y column written by one thread. X is not packed: a tile broadcasts from MT row
- * streams that stay in L2 for the MC block. Tiles: skinny_gemm.c's shapes (AVX2 6 x 16,
+ * So every weight is widened by one thread, once, and every y column written by one
+ * thread. X is not packed: a tile broadcasts from MT row streams that stay in L2 for the
+ * MC block; the next tile's y lines are prefetched. Tiles: skinny_gemm.c's shapes (AVX2 6 x 16,
  * AVX512 12 x 32, NEON 6 x 16): accumulators + weight vectors + one broadcast fill the
  * register file. Summation order differs from a library GEMM's (fp32 rounding only).
  */
@@ -26,15 +27,15 @@
 
 #include "panel_tile.h"
 
-#define KC_TARGET 256 /* k per chunk: a panel's chunk is 16 KB (L1) */
+/* k per chunk: a panel's chunk is <= 36 KB (L1/L2). Measured against 256 (L1-sized):
+ * ~1.1x, as most of SmolLM2's matrices (K 576) then take one chunk and write y once. */
+#define KC_TARGET 576
 #define X_BLOCK_BYTES (128 * 1024) /* the rows of X one chunk works on at a time (L2) */
-#define B_BLOCK_BYTES (256 * 1024) /* the widened chunks of one group of panels (L2) */
 
-/* panels per group: a multiple of TB (groups hold whole items) */
-static int64_t group_panels(int64_t kc_max) {
-    int64_t g = B_BLOCK_BYTES / (kc_max * 16 * 4) / TB * TB;
-    return g < TB ? TB : g;
-}
+/* Panels per unit of work (a multiple of TB: units hold whole items). Threads take units
+ * dynamically -- on a shared VM one core is often slower, and a static half each left the
+ * other waiting ~8% of a prefill -- and a unit's widened chunks stay in L1/L2. */
+#define UNIT_PANELS 4
 
 /* Widens panel `panel`'s weights for k in [k0, k0 + kc) into dst [kc][16] fp32. */
 typedef void (*widen_fn)(const void *ctx, int64_t panel, int64_t k0, int64_t kc, float *dst);
@@ -74,24 +75,19 @@ static void chunk_block(const float *x, int64_t ldx, int64_t n, int64_t k0, int6
     }
 }
 
-/* One thread's share: panels [p0, p1) for all m rows, in groups whose widened chunks fit
- * in B_BLOCK_BYTES (L2). `ragged`: an m x 16 * TB scratch for a last item narrower than
- * its 16 * nb columns (n % 16 != 0), else NULL. */
-static void share(const float *x, int64_t m, int64_t ldx, int64_t n, int64_t k, int64_t kc_max,
-                  const float *bias, float *y, int64_t ldy, widen_fn widen, const void *ctx,
-                  int64_t p0, int64_t p1, float *bbuf, float *ragged) {
+/* One unit: panels [p0, p1) for all m rows. `ragged`: an m x 16 * TB scratch when the unit
+ * ends with an item narrower than its 16 * nb columns (n % 16 != 0), else NULL. */
+static void unit(const float *x, int64_t m, int64_t ldx, int64_t n, int64_t k, int64_t kc_max,
+                 const float *bias, float *y, int64_t ldy, widen_fn widen, const void *ctx,
+                 int64_t p0, int64_t p1, float *bbuf, float *ragged) {
     int64_t mc = X_BLOCK_BYTES / (4 * kc_max) / MT * MT;
     mc = mc < MT ? MT : mc;
-    const int64_t group = group_panels(kc_max);
-    for (int64_t g0 = p0; g0 < p1; g0 += group) {
-        const int64_t g1 = p1 - g0 < group ? p1 : g0 + group;
-        for (int64_t k0 = 0; k0 < k; k0 += kc_max) {
-            const int64_t kc = k - k0 < kc_max ? k - k0 : kc_max;
-            for (int64_t pi = g0; pi < g1; pi++) widen(ctx, pi, k0, kc, bbuf + (pi - g0) * kc * 16);
-            for (int64_t r0 = 0; r0 < m; r0 += mc)
-                chunk_block(x, ldx, n, k0, kc, bias, y, ldy, g0, g1, bbuf, r0,
-                            m - r0 < mc ? m - r0 : mc, ragged);
-        }
+    for (int64_t k0 = 0; k0 < k; k0 += kc_max) {
+        const int64_t kc = k - k0 < kc_max ? k - k0 : kc_max;
+        for (int64_t pi = p0; pi < p1; pi++) widen(ctx, pi, k0, kc, bbuf + (pi - p0) * kc * 16);
+        for (int64_t r0 = 0; r0 < m; r0 += mc)
+            chunk_block(x, ldx, n, k0, kc, bias, y, ldy, p0, p1, bbuf, r0,
+                        m - r0 < mc ? m - r0 : mc, ragged);
     }
     if (ragged != NULL) { /* copy the ragged item out */
         const int64_t c0 = (p1 - 1 - (p1 - 1 - p0) % TB) * 16, cols = n - c0;
@@ -99,32 +95,32 @@ static void share(const float *x, int64_t m, int64_t ldx, int64_t n, int64_t k, 
     }
 }
 
-/* For quant_gemm.c: Y = X @ W^T (+ bias) with W's n features in ceil(n/16) panels that
- * `widen` turns into fp32 [kc][16] chunks; k0 and kc are multiples of `kalign` (the
- * format's block; the last chunk may end at k). */
 void pdcore_internal_panel_gemm(const float *x, int64_t m, int64_t ldx, int64_t n, int64_t k,
                                 int64_t kalign, const float *bias, float *y, int64_t ldy,
                                 widen_fn widen, const void *ctx, int threads) {
-    const int64_t panels = (n + 15) / 16, items = (panels + TB - 1) / TB;
+    const int64_t panels = (n + 15) / 16;
     const int64_t chunks = (k + KC_TARGET - 1) / KC_TARGET;
     const int64_t kc_max = ((k + chunks - 1) / chunks + kalign - 1) / kalign * kalign;
-    if (threads > items) threads = (int)items;
+    const int64_t units = (panels + UNIT_PANELS - 1) / UNIT_PANELS;
+    if (threads > units) threads = (int)units;
 #pragma omp parallel num_threads(threads)
     {
-        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-        /* contiguous items per thread: an item (TB panels) never splits */
-        const int64_t i0 = items * t / nt, i1 = items * (t + 1) / nt;
-        const int64_t p0 = i0 * TB, p1 = i1 * TB < panels ? i1 * TB : panels;
-        if (p1 > p0) {
-            const int64_t gp = group_panels(kc_max) < p1 - p0 ? group_panels(kc_max) : p1 - p0;
-            float *bbuf = (float *)malloc(sizeof(float) * (size_t)(gp * kc_max * 16) + 64);
+        float *bbuf = (float *)malloc(sizeof(float) * (size_t)(UNIT_PANELS * kc_max * 16) + 64);
+        float *ragged = NULL;
+        if (bbuf == NULL) abort(); /* out of memory: fail loudly */
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t u = 0; u < units; u++) {
+            const int64_t p0 = u * UNIT_PANELS;
+            const int64_t p1 = p0 + UNIT_PANELS < panels ? p0 + UNIT_PANELS : panels;
             const int ragged_here = (n % 16) != 0 && p1 == panels;
-            float *ragged =
-                ragged_here ? (float *)malloc(sizeof(float) * (size_t)(m * 16 * TB) + 64) : NULL;
-            if (bbuf == NULL || (ragged_here && ragged == NULL)) abort(); /* out of memory */
-            share(x, m, ldx, n, k, kc_max, bias, y, ldy, widen, ctx, p0, p1, bbuf, ragged);
-            free(ragged);
-            free(bbuf);
+            if (ragged_here) {
+                ragged = (float *)malloc(sizeof(float) * (size_t)(m * 16 * TB) + 64);
+                if (ragged == NULL) abort();
+            }
+            unit(x, m, ldx, n, k, kc_max, bias, y, ldy, widen, ctx, p0, p1, bbuf,
+                  ragged_here ? ragged : NULL);
         }
+        free(ragged);
+        free(bbuf);
     }
 }
