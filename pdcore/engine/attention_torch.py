@@ -4,7 +4,7 @@ Decode folds the GQA group into the query-length axis, so one SDPA call over
 [batch, kv_heads, group, head_dim] queries serves every sequence without repeating K/V.
 On a CPU with pdcore's kernels, decode and prefill (extend) both run in C straight from
 the page pool (kernels/decode_attention.c, kernels/extend_attention.c): no gathers, no
-masks, and prefill ~1.8x torch's SDPA on SmolLM2's shapes.
+masks; prefill measured 1.7-2x torch's SDPA on SmolLM2's shapes (512 tokens).
 """
 
 from __future__ import annotations

@@ -44,8 +44,8 @@ static void scores(const float *qb, int64_t m, int64_t d, const float *kt, float
         const int nb = (int)(BK / 16 - p < TB ? BK / 16 - p : TB);
         for (int64_t ti = 0, m0 = 0; ti < tiles; ti++) {
             const int mt = (int)((m - m0 + (tiles - ti) - 1) / (tiles - ti));
-            ktile_dispatch(qb + m0 * d, d, mt, d, kt + p * d * 16, d * 16, NULL, s + m0 * BK + p * 16,
-                          BK, nb, 0);
+            ktile_dispatch(qb + m0 * d, d, mt, d, kt + p * d * 16, d * 16, NULL,
+                           s + m0 * BK + p * 16, BK, nb, 0);
             m0 += mt;
         }
     }
@@ -59,7 +59,7 @@ static void weighted_values(const float *pr, int64_t m, int64_t d, const float *
         for (int64_t ti = 0, m0 = 0; ti < tiles; ti++) {
             const int mt = (int)((m - m0 + (tiles - ti) - 1) / (tiles - ti));
             ktile_dispatch(pr + m0 * BK, BK, mt, BK, vp + p * BK * 16, BK * 16, NULL,
-                          o + m0 * d + p * 16, d, nb, 1);
+                           o + m0 * d + p * 16, d, nb, 1);
             m0 += mt;
         }
     }

@@ -41,7 +41,7 @@
 typedef void (*widen_fn)(const void *ctx, int64_t panel, int64_t k0, int64_t kc, float *dst);
 
 /* The tiles of panels [g0, g1) (B: their widened chunk, kc x 16 each) for rows
- * [r0, r0 + rows) over the K chunk at k0. `ragged`: see share(). */
+ * [r0, r0 + rows) over the K chunk at k0. `ragged`: see unit(). */
 static void chunk_block(const float *x, int64_t ldx, int64_t n, int64_t k0, int64_t kc,
                         const float *bias, float *y, int64_t ldy, int64_t g0, int64_t g1,
                         const float *bbuf, int64_t r0, int64_t rows, float *ragged) {
@@ -118,7 +118,7 @@ void pdcore_internal_panel_gemm(const float *x, int64_t m, int64_t ldx, int64_t 
                 if (ragged == NULL) abort();
             }
             unit(x, m, ldx, n, k, kc_max, bias, y, ldy, widen, ctx, p0, p1, bbuf,
-                  ragged_here ? ragged : NULL);
+                 ragged_here ? ragged : NULL);
         }
         free(ragged);
         free(bbuf);
