@@ -17,6 +17,14 @@ tok/s over that bound.
 
 --quantizations runs pdcore once per value (auto keeps the GGUF's Q4_1/Q8_0 blocks, none
 dequantizes them); the roofline's bytes per token are then the quantized blocks' bytes.
+
+Interleaved: every engine is loaded first, then each measurement (decode at one batch
+size, prefill) runs on every engine back to back before the next -- this machine kind's
+speed drifts by up to 1.5x within minutes, and measuring pdcore's column minutes before
+transformers' once put a single run's ratios off by that much. Prefill takes
+--prefill-rounds alternating rounds (best of each engine, and the median of the per-round
+ratios); the read bandwidth for the roofline is measured right before and after pdcore's
+batch-1 decode (the higher one counts: the stricter bound).
 """
 
 from __future__ import annotations
@@ -65,18 +73,47 @@ def _time_hf(model, prompts: list[list[int]], new_tokens: int) -> float:
     return time.perf_counter() - start
 
 
-def _measure(run, prompts_for, new_tokens: int, batches: tuple[int, ...]) -> dict:
-    decode = {}
+class Runner:
+    """One engine under test: `run(prompts, new_tokens) -> seconds`, its prompts, and (for
+    pdcore) the engine, for the roofline's bytes per token."""
+
+    def __init__(self, side: str, key: str, run, prompts_for, engine=None) -> None:
+        self.side, self.key, self.run, self.prompts_for, self.engine = (
+            side, key, run, prompts_for, engine,
+        )  # fmt: skip
+        self.result: dict = {"decode_tok_s": {}}
+
+
+def _decode_tok_s(runner: Runner, batch: int, new_tokens: int) -> float:
+    prompts = runner.prompts_for(batch, PROMPT_LEN)
+    runner.run(prompts, 2)  # warm-up
+    t1 = min(runner.run(prompts, 1) for _ in range(2))
+    tn = runner.run(prompts, new_tokens)
+    return round(batch * (new_tokens - 1) / max(tn - t1, 1e-9), 2)
+
+
+def _measure_interleaved(
+    runners: list[Runner], new_tokens: int, batches: tuple[int, ...], prefill_rounds: int
+) -> dict:
+    """Each measurement on every runner back to back (see the module docstring). Returns
+    the bandwidth measured before pdcore's batch-1 decode and the prefill rounds."""
+    bandwidth = {}
     for batch in batches:
-        prompts = prompts_for(batch, PROMPT_LEN)
-        run(prompts, 2)  # warm-up
-        t1 = min(run(prompts, 1) for _ in range(2))
-        tn = run(prompts, new_tokens)
-        decode[str(batch)] = round(batch * (new_tokens - 1) / max(tn - t1, 1e-9), 2)
-    prompt = prompts_for(1, PREFILL_LEN)
-    run(prompt, 1)
-    prefill_time = min(run(prompt, 1) for _ in range(2))
-    return {"decode_tok_s": decode, "prefill_tok_s_512": round(PREFILL_LEN / prefill_time, 1)}
+        for r in runners:
+            measure_bw = batch == 1 and r.side == "pdcore"
+            before = read_bandwidth_gb_s() if measure_bw else 0.0
+            r.result["decode_tok_s"][str(batch)] = _decode_tok_s(r, batch, new_tokens)
+            if measure_bw:  # the higher of before and after: the stricter roofline
+                bandwidth[r.key] = max(before, read_bandwidth_gb_s())
+    prompts = {r.key: r.prompts_for(1, PREFILL_LEN) for r in runners}
+    for r in runners:
+        r.run(prompts[r.key], 1)  # warm-up
+    rounds: list[dict[str, float]] = []
+    for _ in range(prefill_rounds):
+        rounds.append({r.key: r.run(prompts[r.key], 1) for r in runners})
+    for r in runners:
+        r.result["prefill_tok_s_512"] = round(PREFILL_LEN / min(t[r.key] for t in rounds), 1)
+    return {"bandwidth": bandwidth, "prefill_rounds": rounds}
 
 
 _ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_bf16")
@@ -154,6 +191,9 @@ def main() -> None:
         "--threads", type=int, default=None, help="torch threads (default: torch's)"
     )
     parser.add_argument("--batches", default="1,8,32")
+    parser.add_argument(
+        "--prefill-rounds", type=int, default=5, help="alternating prefill rounds per engine"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -173,13 +213,14 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
         "cpu": _cpu_info(),
-        "read_bandwidth_gb_s": read_bandwidth_gb_s(),
+        "read_bandwidth_gb_s_at_start": read_bandwidth_gb_s(),
         "new_tokens": args.new_tokens,
         "pdcore": {},
         "transformers": {},
         "ratios_pdcore_over_best_hf": {},
         "batch1_roofline": {},
     }
+    runners: list[Runner] = []
     tokenizer = None
     runs = [(d, q) for q in args.quantizations.split(",") for d in args.dtypes.split(",")]
     for dtype_name, quant in runs:
@@ -195,20 +236,9 @@ def main() -> None:
         def prompts_for(batch: int, length: int, tok=engine.tokenizer) -> list[list[int]]:
             return _prompts(tok, batch, length)
 
-        ours = _measure(
-            functools.partial(_time_pdcore, engine), prompts_for, args.new_tokens, batches
+        runners.append(
+            Runner("pdcore", key, functools.partial(_time_pdcore, engine), prompts_for, engine)
         )
-        report["pdcore"][key] = ours
-        if "1" in ours["decode_tok_s"]:
-            per_token = _bytes_per_decode_token(engine, PROMPT_LEN + args.new_tokens / 2)
-            bound = report["read_bandwidth_gb_s"] * 1e9 / per_token["total"]
-            report["batch1_roofline"][key] = {
-                "bytes_per_token": per_token,
-                "roofline_tok_s": round(bound, 2),
-                "measured_tok_s": ours["decode_tok_s"]["1"],
-                "fraction": round(ours["decode_tok_s"]["1"] / bound, 3),
-            }
-        del engine
 
     def hf_prompts(batch: int, length: int) -> list[list[int]]:
         return _prompts(tokenizer, batch, length)
@@ -222,10 +252,32 @@ def main() -> None:
         hf_model = AutoModelForCausalLM.from_pretrained(
             str(gguf.parent), gguf_file=gguf.name, dtype=dtype
         ).eval()
-        report["transformers"][str(dtype).removeprefix("torch.")] = _measure(
-            functools.partial(_time_hf, hf_model), hf_prompts, args.new_tokens, batches
+        key = str(dtype).removeprefix("torch.")
+        runners.append(
+            Runner("transformers", key, functools.partial(_time_hf, hf_model), hf_prompts)
         )
-        del hf_model
+
+    measured = _measure_interleaved(runners, args.new_tokens, batches, args.prefill_rounds)
+    hf_keys = [r.key for r in runners if r.side == "transformers"]
+    for r in runners:
+        report[r.side][r.key] = r.result
+        if r.side != "pdcore" or "1" not in r.result["decode_tok_s"]:
+            continue
+        per_token = _bytes_per_decode_token(r.engine, PROMPT_LEN + args.new_tokens / 2)
+        bw = measured["bandwidth"][r.key]
+        bound = bw * 1e9 / per_token["total"]
+        report["batch1_roofline"][r.key] = {
+            "read_bandwidth_gb_s": bw,
+            "bytes_per_token": per_token,
+            "roofline_tok_s": round(bound, 2),
+            "measured_tok_s": r.result["decode_tok_s"]["1"],
+            "fraction": round(r.result["decode_tok_s"]["1"] / bound, 3),
+        }
+        pair_ratios = sorted(
+            min(t[k] for k in hf_keys) / t[r.key] for t in measured["prefill_rounds"]
+        )
+        r.result["prefill_round_ratios"] = [round(x, 3) for x in pair_ratios]
+        r.result["prefill_median_round_ratio"] = round(pair_ratios[len(pair_ratios) // 2], 3)
 
     hf = report["transformers"].values()
     for key, ours in report["pdcore"].items():
