@@ -17,7 +17,8 @@
 Decode-sized inputs (up to native_cpu.MAX_ROWS rows) go to the quantized GEMM's integer dot
 products; prefill-sized ones to a blocked fp32 GEMM that widens each weight once per call
 into a cache-sized chunk (kernels/panel_gemm.c) -- widening the whole matrix into memory
-for the library GEMM measured at parity with transformers' fp32 prefill, this ~1.1x ahead.
+for the library GEMM measured at parity with transformers' fp32 prefill; this 1.2-1.5x
+per matrix at 512 rows (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -152,9 +153,10 @@ class QuantLinear:
         written into -- use the returned tensor either way."""
         x32 = x if x.dtype == torch.float32 else x.float()
         w = self.weight
-        if out is not None and (out.dtype != torch.float32 or x32.shape[0] > native_cpu.MAX_ROWS):
-            out = None
         shape = x32.shape
+        rows = x32.numel() // w.k
+        if out is not None and (out.dtype != torch.float32 or rows > native_cpu.MAX_ROWS):
+            out = None
         y = self._kern.quant_gemm(
             x32.reshape(-1, w.k), w.packed, w.fmt, w.n, w.k, self.bias, self.act_parts, out
         ).view(*shape[:-1], w.n)
