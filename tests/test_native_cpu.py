@@ -161,13 +161,18 @@ def test_fp32_rope_matches_torch(isa: str) -> None:
     assert rel_err(qkv[:, : 4 * 128].view(3, 4, 128), want) < 1e-6
 
 
-def _paged_case(heads: int, kv_heads: int, dim: int, page: int, dtype: torch.dtype):
+def _random_pool(kv_heads: int, dim: int, page: int, dtype: torch.dtype, pages: int) -> KVPool:
     pool = KVPool(
-        num_layers=1, num_pages=400, page_size=page, num_kv_heads=kv_heads, head_dim=dim,
+        num_layers=1, num_pages=pages, page_size=page, num_kv_heads=kv_heads, head_dim=dim,
         dtype=dtype, device=torch.device("cpu"),
     )  # fmt: skip
     pool.k.normal_()
     pool.v.normal_()
+    return pool
+
+
+def _paged_case(heads: int, kv_heads: int, dim: int, page: int, dtype: torch.dtype):
+    pool = _random_pool(kv_heads, dim, page, dtype, 400)
     lens = [1, 2, 15, 16, 17, *(random.randint(1, 70) for _ in range(4))]
     free = random.sample(range(1, 400), 399)
     tables = [[free.pop() for _ in range(-(-n // page))] for n in lens]
@@ -236,12 +241,7 @@ def test_attention_backend_uses_the_picked_variant(dtype: torch.dtype) -> None:
 def _extend_case(heads: int, kv_heads: int, dim: int, page: int, dtype: torch.dtype):
     """A prefill batch: sequences with and without a cached prefix (already in the pool),
     new tokens not multiples of the kernel's blocks, pages scattered over the pool."""
-    pool = KVPool(
-        num_layers=1, num_pages=600, page_size=page, num_kv_heads=kv_heads, head_dim=dim,
-        dtype=dtype, device=torch.device("cpu"),
-    )  # fmt: skip
-    pool.k.normal_()
-    pool.v.normal_()
+    pool = _random_pool(kv_heads, dim, page, dtype, 600)
     specs = [(0, 1), (0, 70), (33, 5), (130, 97), (random.randint(1, 90), random.randint(1, 90))]
     lens = [p + e for p, e in specs]
     free = random.sample(range(1, 600), 599)

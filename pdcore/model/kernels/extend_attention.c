@@ -37,29 +37,18 @@ INLINE void widen_row(const char *src, int64_t d, float mul, float *dst, int f32
     for (int64_t c = 0; c < d; c += VW) store_f32(dst + c, load_w(src, c, f32) * splat(mul));
 }
 
-/* S[m][0..BK) (row stride BK) = Q[m] . keys; K chunk as d x BK (16-key panels). */
-static void scores(const float *qb, int64_t m, int64_t d, const float *kt, float *s) {
+/* y[m][16 * panels] (+)= x[m][kdim] @ b, b as `panels` panels of [kdim][16]: both
+ * products of a chunk -- S = Q K^T (x = Q, b = K transposed, kdim = d) and O += P V (x = P,
+ * b = V, kdim = BK). */
+static void product(const float *x, int64_t ldx, int64_t m, int64_t kdim, const float *b,
+                    int64_t panels, float *y, int64_t ldy, int accumulate) {
     const int64_t tiles = (m + MT - 1) / MT;
-    for (int64_t p = 0; p < BK / 16; p += TB) {
-        const int nb = (int)(BK / 16 - p < TB ? BK / 16 - p : TB);
+    for (int64_t p = 0; p < panels; p += TB) {
+        const int nb = (int)(panels - p < TB ? panels - p : TB);
         for (int64_t ti = 0, m0 = 0; ti < tiles; ti++) {
             const int mt = (int)((m - m0 + (tiles - ti) - 1) / (tiles - ti));
-            ktile_dispatch(qb + m0 * d, d, mt, d, kt + p * d * 16, d * 16, NULL,
-                           s + m0 * BK + p * 16, BK, nb, 0);
-            m0 += mt;
-        }
-    }
-}
-
-/* O[m][0..d) += P[m][0..BK) @ V chunk (d / 16 panels of BK x 16). */
-static void weighted_values(const float *pr, int64_t m, int64_t d, const float *vp, float *o) {
-    const int64_t tiles = (m + MT - 1) / MT;
-    for (int64_t p = 0; p < d / 16; p += TB) {
-        const int nb = (int)(d / 16 - p < TB ? d / 16 - p : TB);
-        for (int64_t ti = 0, m0 = 0; ti < tiles; ti++) {
-            const int mt = (int)((m - m0 + (tiles - ti) - 1) / (tiles - ti));
-            ktile_dispatch(pr + m0 * BK, BK, mt, BK, vp + p * BK * 16, BK * 16, NULL,
-                           o + m0 * d + p * 16, d, nb, 1);
+            ktile_dispatch(x + m0 * ldx, ldx, mt, kdim, b + p * kdim * 16, kdim * 16, NULL,
+                           y + m0 * ldy + p * 16, ldy, nb, accumulate);
             m0 += mt;
         }
     }
@@ -98,7 +87,7 @@ static void attend_block(const char *q, int64_t ldq, const char *kc, const char 
             }
             for (int64_t p = 0; p < d / 16; p++) memcpy(vp + p * BK * 16 + j * 16, vr + p * 16, 64);
         }
-        scores(qb, m, d, kt, s);
+        product(qb, d, m, d, kt, BK / 16, s, BK, 0); /* S = Q K^T */
         const int masked = j0 + BK - 1 > first_pos; /* some key of the chunk is in the future */
         for (int64_t i = 0; i < m; i++) {
             float *si = s + i * BK;
@@ -128,7 +117,7 @@ static void attend_block(const char *q, int64_t ldq, const char *kc, const char 
                 for (int64_t c = 0; c < d; c += VW)
                     store_f32(o + i * d + c, load_f32(o + i * d + c) * splat(corr));
         }
-        weighted_values(s, m, d, vp, o);
+        product(s, BK, m, BK, vp, d / 16, o, d, 1); /* O += P V */
     }
     for (int64_t i = 0; i < m; i++) {
         const int64_t r = r0 + i / group, h = kh * group + i % group;
