@@ -68,8 +68,9 @@ class ServerSettings(DisaggSettings, ProfileSettings):
         "Compute dtype. auto: the fastest correct one for the device -- bfloat16 on GPUs "
         "and CPUs that compute it natively (AVX512-BF16/AMX), else float16 on GPUs and "
         "float32 on CPUs (where bf16 is emulated, ~3x slower); weights a bf16 checkpoint "
-        "holds exactly then stay bf16 in memory, widened to fp32 in registers. Logged at "
-        "start-up; see 'Choosing --dtype'.",
+        "holds exactly then stay bf16 in memory, widened to fp32 in registers. float32 on "
+        "every CPU where the linear weights stay quantized (--quantization), whose kernels "
+        "compute fp32. Logged at start-up; see 'Choosing --dtype'.",
     )
     quantization: Literal["auto", "none", "gguf", "int8", "w8a16"] = setting(
         "auto",

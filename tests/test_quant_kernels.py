@@ -258,3 +258,26 @@ def test_gguf_activations_ignored_at_load_is_logged(caplog: pytest.LogCaptureFix
     with caplog.at_level(logging.WARNING, logger="pdcore.model.quantized"):
         assert load_quantized("none", "m.gguf", None, torch.device("cpu"), 1, "int8") is None  # type: ignore[arg-type]
     assert "--gguf-activations int8 has no effect" in caplog.text
+
+
+def test_auto_dtype_is_fp32_where_weights_stay_quantized(
+    monkeypatch: pytest.MonkeyPatch, tiny_llama_dir
+) -> None:
+    """On a CPU that computes bf16, --dtype auto is still fp32 when the linear weights stay
+    quantized (the quantized kernels compute fp32); bf16 for a dense model there."""
+    from pdcore.engine import setup
+    from pdcore.model.loader import default_model_path
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(setup, "cpu_supports_bf16", lambda: True)
+    assert setup.pick_dtype("auto", cpu, keeps_quantized=True) == torch.float32
+    assert setup.pick_dtype("auto", cpu) == torch.bfloat16
+    assert setup.pick_dtype("bfloat16", cpu, keeps_quantized=True) == torch.bfloat16
+    gguf_file = str(default_model_path())
+    has_kernels = native_cpu.kernels(torch.float32) is not None
+    assert setup.weights_stay_quantized("auto", "auto", gguf_file, cpu, 1) == has_kernels
+    assert setup.weights_stay_quantized("auto", "int8", str(tiny_llama_dir), cpu, 1) == has_kernels
+    assert not setup.weights_stay_quantized("auto", "auto", str(tiny_llama_dir), cpu, 1)
+    assert not setup.weights_stay_quantized("auto", "none", gguf_file, cpu, 1)
+    assert not setup.weights_stay_quantized("float32", "auto", gguf_file, cpu, 1)
+    assert not setup.weights_stay_quantized("auto", "auto", gguf_file, cpu, 2)

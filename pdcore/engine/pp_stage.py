@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from pdcore.engine.config import EngineConfig
 from pdcore.engine.kv_memory import kv_pool_allocation
 from pdcore.engine.model_runner import ModelRunner
-from pdcore.engine.setup import pick_device, pick_dtype, pool_pages
+from pdcore.engine.setup import pick_device, pick_dtype, pool_pages, weights_stay_quantized
 from pdcore.engine.tp_sync import BATCH, STOP, BatchBroadcaster, BatchReceiver
 from pdcore.engine.tp_worker import LoadedRank
 from pdcore.model import registry
@@ -128,7 +128,10 @@ def load_stage(settings: EngineConfig, grid: PipelineGrid) -> LoadedRank:
     local = stage_config(config, layers)
     world = grid.world
     device = world.device if world.enabled else pick_device(settings.device, settings.base_gpu_id)
-    dtype = pick_dtype(settings.dtype, device)
+    keeps = family.quantized_linear and weights_stay_quantized(
+        settings.dtype, settings.quantization, resolved.source, device, grid.tp.size
+    )
+    dtype = pick_dtype(settings.dtype, device, keeps)
     num_pages = pool_pages(
         local,
         dtype,

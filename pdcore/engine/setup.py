@@ -10,6 +10,7 @@ import torch
 
 from pdcore.model.config import ModelConfig
 from pdcore.model.parallel import local_kv_heads
+from pdcore.model.quantized import resolve
 from pdcore.model.registry import kv_bytes_per_token
 
 logger = logging.getLogger(__name__)
@@ -74,11 +75,14 @@ def cpu_supports_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+def pick_dtype(name: str, device: torch.device, keeps_quantized: bool = False) -> torch.dtype:
     """auto: the fastest correct compute type -- bf16 where the hardware computes it
     natively, else fp32 on CPU (bf16 there is emulated, ~3x slower than fp32; weights a
     bf16 checkpoint holds stay bf16 in memory and are widened in registers by the GEMM
-    kernel, see pdcore.model.linear), fp16 on GPUs without bf16. The choice is logged."""
+    kernel, see pdcore.model.linear), fp16 on GPUs without bf16. `keeps_quantized` (the
+    linear weights stay quantized on this CPU, see weights_stay_quantized): fp32 on every
+    CPU -- the quantized kernels compute in fp32, so bf16 activations would only add
+    conversions and rounding, and the one-call decode loop is fp32. The choice is logged."""
     if name != "auto":
         dtype = _DTYPES[name]
         if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_supports_bf16():
@@ -90,6 +94,8 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         why = "GPU computes bf16" if dtype == torch.bfloat16 else "GPU lacks bf16"
+    elif keeps_quantized:
+        dtype, why = torch.float32, "linear weights stay quantized; their kernels compute fp32"
     elif cpu_supports_bf16():
         dtype, why = torch.bfloat16, "CPU computes bf16 (AVX512-BF16/AMX)"
     else:
@@ -97,6 +103,18 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
         why = "CPU has no bf16 arithmetic; bf16-exact weights stay bf16 in memory"
     logger.info("dtype auto -> %s (%s)", str(dtype).removeprefix("torch."), why)
     return dtype
+
+
+def weights_stay_quantized(
+    dtype_name: str, method: str, model_source: str, device: torch.device, tp_size: int
+) -> bool:
+    """Whether --dtype auto meets linear weights kept quantized (--quantization resolving to
+    gguf or int8 on this CPU, one rank) -- pick_dtype's `keeps_quantized`. Only asked for
+    auto on a CPU with one rank (elsewhere the weights are dequantized or refused later,
+    with the error where it always was)."""
+    if dtype_name != "auto" or device.type != "cpu" or tp_size > 1 or method == "none":
+        return False
+    return resolve(method, model_source, device, tp_size)[0] != "none"
 
 
 def _available_bytes(device: torch.device) -> int:

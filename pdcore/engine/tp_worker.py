@@ -19,7 +19,7 @@ import torch
 from pdcore.engine.config import EngineConfig
 from pdcore.engine.kv_memory import kv_pool_allocation
 from pdcore.engine.model_runner import ModelRunner
-from pdcore.engine.setup import pick_device, pick_dtype, pool_pages
+from pdcore.engine.setup import pick_device, pick_dtype, pool_pages, weights_stay_quantized
 from pdcore.engine.tp_sync import BATCH, STOP, BatchReceiver
 from pdcore.model import registry
 from pdcore.model.loader import ResolvedModel, load_state_dict, resolve_model
@@ -52,7 +52,10 @@ def load_rank(
     registry.check_parallel(config, tp.size)
     check_tp_size(config, tp.size)
     device = tp.device if tp.enabled else pick_device(settings.device, settings.base_gpu_id)
-    dtype = pick_dtype(settings.dtype, device)
+    keeps = family.quantized_linear and weights_stay_quantized(
+        settings.dtype, settings.quantization, resolved.source, device, tp.size
+    )
+    dtype = pick_dtype(settings.dtype, device, keeps)
     num_pages = pool_pages(
         config,
         dtype,
