@@ -61,8 +61,8 @@ VARIANTS: dict[str, Variant] = {
     v.name: v
     for v in (  # in order of preference
         Variant(
-            "avx512bf16", "x86_64", ("-march=x86-64-v4", "-mavx512bf16"),
-            _X86_V4 | {"avx512_bf16"}, True,
+            "avx512bf16", "x86_64", ("-march=x86-64-v4", "-mavx512bf16", "-mavx512vnni"),
+            _X86_V4 | {"avx512_bf16", "avx512_vnni"}, True,
         ),
         Variant("avx512", "x86_64", ("-march=x86-64-v4",), _X86_V4, False),
         Variant("avx2", "x86_64", ("-march=x86-64-v3",), _X86_V3, False),

@@ -122,7 +122,9 @@ static void i8_tile_dispatch(const float *x, int64_t ldx, int mt, int64_t k, con
 /* ---- Q4 / Q8: activations quantized to one or two int8 parts ---- */
 
 #define QDT 4 /* rows per call of dot_group */
+#ifndef PANEL_ROWS /* benches may move it */
 #define PANEL_ROWS 32 /* above: panel_gemm.c (fp32 x, widened weights) */
+#endif
 #define SERIAL_QUANTIZE 8192 /* elements of x */
 #ifndef PREFETCH_BYTES
 #define PREFETCH_BYTES 1024 /* batch 1: ~1.1x with it (engine decode), 512-2048 alike */
@@ -168,7 +170,25 @@ INLINE void dot_group(const uint8_t *p, const int fmt, const int parts, int g, i
             __builtin_prefetch(blk + PREFETCH_BYTES + off);
         const f32x8 d = load_f16x8((const uint16_t *)blk);
         i32x8 s[2][QDT];
-        if (fmt == FMT_Q4) {
+        if (fmt == FMT_Q4 && DOT_VNNI) { /* one VPDPBUSD per quad and part */
+            const uint8_t *qs = blk + 32;
+#pragma GCC unroll 4
+            for (int i = 0; i < QDT; i++)
+                for (int h = 0; h < parts; h++) s[h][i] = (i32x8){0};
+#pragma GCC unroll 1
+            for (int t = 0; t < 4; t++) {
+                const u8x32 w = load_u8x32(qs + 32 * t), lo = w & 15, hi = w >> 4;
+#pragma GCC unroll 4
+                for (int i = 0; i < QDT; i++)
+                    if (i < mt)
+#pragma GCC unroll 2
+                        for (int h = 0; h < parts; h++) {
+                            const int8_t *xb = xq + i * ldq + h * k + b * 32 + 4 * t;
+                            s[h][i] = dot4_u8s8(dot4_u8s8(s[h][i], lo, bcast_quad(xb)), hi,
+                                                bcast_quad(xb + 16));
+                        }
+            }
+        } else if (fmt == FMT_Q4) {
             const uint8_t *qs = blk + 32;
             i16x16 s16[2][QDT];
 #pragma GCC unroll 4
@@ -204,8 +224,8 @@ INLINE void dot_group(const uint8_t *p, const int fmt, const int parts, int g, i
                     if (i < mt)
 #pragma GCC unroll 2
                         for (int h = 0; h < parts; h++)
-                            s[h][i] += pairs_i32(
-                                dot2_s8s8(w, bcast_quad(xq + i * ldq + h * k + b * 32 + 4 * t)));
+                            s[h][i] = dot4_s8s8(
+                                s[h][i], w, bcast_quad(xq + i * ldq + h * k + b * 32 + 4 * t));
             }
         }
         /* two accumulators per row (the scale and the m term): independent FMA chains */
