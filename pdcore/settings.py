@@ -70,25 +70,35 @@ class ServerSettings(DisaggSettings, ProfileSettings):
         "float32 on CPUs (where bf16 is emulated, ~3x slower); weights a bf16 checkpoint "
         "holds exactly then stay bf16 in memory, widened to fp32 in registers. float32 on "
         "every CPU where the linear weights stay quantized (--quantization), whose kernels "
-        "compute fp32. Logged at start-up; see 'Choosing --dtype'.",
+        "take fp32 activations (their prefill GEMMs: --quantized-prefill-dtype). Logged at start-up; see 'Choosing --dtype'.",
     )
     quantization: Literal["auto", "none", "gguf", "int8", "w8a16"] = setting(
         "auto",
         "Weight-only quantized linear layers (CPU). gguf: a GGUF's Q4_0, Q4_1 and Q8_0 "
         "tensors kept as shipped (others dequantized), multiplied with integer dot products "
-        "at decode sizes (see --gguf-activations), widened to fp32 for prefill; int8 / w8a16: any "
+        "at decode sizes (see --gguf-activations), widened for prefill (see "
+        "--quantized-prefill-dtype); int8 / w8a16: any "
         "model's linear weights quantized at load to int8 per output channel; none: "
         "dequantized to --dtype at load. auto: gguf for a GGUF on a CPU with pdcore's "
         "kernels, else none. See docs/benchmarks.md for speed and accuracy.",
     )
     gguf_activations: Literal["int16", "int8"] = setting(
         "int16",
-        "How --quantization gguf multiplies at decode sizes (up to 32 rows; prefill widens "
-        "the weights to fp32): the activations are quantized per 32 values for integer dot "
+        "How --quantization gguf multiplies at decode sizes (up to 32 rows; prefill: "
+        "--quantized-prefill-dtype): the activations are quantized per 32 values for integer dot "
         "products. int16: two int8 parts, ~16 bits, top-1 agreement 1.0 with the dequantized "
         "fp32 model. int8: llama.cpp's one part, ~1.7x less integer work (faster batched "
         "decode) for an accuracy loss (top-1 0.92 on SmolLM2-135M). Only with gguf weights "
         "(a .gguf model and --quantization auto or gguf). See docs/benchmarks.md.",
+    )
+    quantized_prefill_dtype: Literal["auto", "float32", "bfloat16"] = setting(
+        "auto",
+        "What the quantized linear layers (--quantization) multiply in at prefill sizes (over "
+        "32 rows; decode keeps its integer dot products). float32: the weights widened "
+        "exactly, fp32 inputs and sums. bfloat16: inputs and widened weights rounded to bf16, "
+        "fp32 sums, on CPUs with bf16 dot products (AVX512-BF16) only -- ~1.9x the float32 "
+        "GEMM there, at bf16's rounding (as transformers' bfloat16). auto: bfloat16 where "
+        "the CPU has AVX512-BF16, else float32. See docs/benchmarks.md.",
     )
     device: str = setting(
         "auto",
@@ -337,7 +347,11 @@ class ServerSettings(DisaggSettings, ProfileSettings):
     def quantization_problem(self) -> tuple[str, str] | None:
         """(flag, reason) when --quantization cannot work with the model and device flags;
         reads only the flags, never the model."""
-        from pdcore.model.quantization_flags import gguf_activations_problem, quantization_problem
+        from pdcore.model.quantization_flags import (
+            gguf_activations_problem,
+            quantization_problem,
+            quantized_prefill_dtype_problem,
+        )
 
         why = quantization_problem(self.quantization, self.model_path, self.device, self.tp_size)
         if why is not None:
@@ -345,7 +359,16 @@ class ServerSettings(DisaggSettings, ProfileSettings):
         why = gguf_activations_problem(
             self.gguf_activations, self.quantization, self.model_path, self.device, self.tp_size
         )
-        return None if why is None else ("--gguf-activations", why)
+        if why is not None:
+            return "--gguf-activations", why
+        why = quantized_prefill_dtype_problem(
+            self.quantized_prefill_dtype,
+            self.quantization,
+            self.model_path,
+            self.device,
+            self.tp_size,
+        )
+        return None if why is None else ("--quantized-prefill-dtype", why)
 
     def tp_problem(self) -> tuple[str, str] | None:
         """(flag, reason) when the parallelism flags do not fit together or with the

@@ -40,7 +40,7 @@ void pdcore_f32_decode_attention(const float *, int64_t, const float *, int64_t,
                                  const float *, int64_t, float *, float *, const int64_t *,
                                  int64_t, const int64_t *, const int64_t *, int64_t, int64_t,
                                  int64_t, int64_t, float, float *, int);
-void pdcore_quant_gemm(const float *, int64_t, int64_t, const uint8_t *, int, int,
+void pdcore_quant_gemm(const float *, int64_t, int64_t, const uint8_t *, int, int, int,
                        const float *, int64_t, int64_t, float *, int64_t, int);
 void pdcore_f32_extend_attention(const float *, int64_t, const float *, const float *,
                                  const int64_t *, const int64_t *, int64_t, int64_t, int64_t,
@@ -191,7 +191,7 @@ static void quant_case(int fmt, int parts, int64_t m, int64_t n, int64_t k) {
     }
     float *y = malloc(4 * m * n);
     double *xh = malloc(sizeof(double) * k);
-    pdcore_quant_gemm(x, m, k, pk, fmt, parts, bias, n, k, y, n, 2);
+    pdcore_quant_gemm(x, m, k, pk, fmt, parts, 0, bias, n, k, y, n, 2);
     double e = 0, sc = 0;
     for (int64_t i = 0; i < m; i++) {
         if (fmt == 2 || m > 32) /* int8, and prefill sizes (panel_gemm.c): fp32 x */

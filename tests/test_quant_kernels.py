@@ -15,7 +15,11 @@ import pytest
 import torch
 
 from pdcore.model import native_cpu
-from pdcore.model.quantization_flags import gguf_activations_problem, quantization_problem
+from pdcore.model.quantization_flags import (
+    gguf_activations_problem,
+    quantization_problem,
+    quantized_prefill_dtype_problem,
+)
 from pdcore.model.quantized import (
     GGUFRows,
     QuantLinear,
@@ -170,6 +174,52 @@ def test_strided_rows_and_bf16_activations(isa: str) -> None:
     assert torch.allclose(y.float(), want.float(), rtol=1e-2, atol=1e-2)
 
 
+def check_bf16(
+    y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None
+) -> None:
+    """The bf16 prefill GEMM: x and w rounded to bf16 (nearest even), products summed in
+    fp32 -- within fp32 rounding of that reference. A wrong pair order, panel or rounding
+    mode is off by >= 1e-4 of the |products|."""
+    xb, wb = x.bfloat16().double(), w.bfloat16().double()
+    want = xb @ wb.T + (0 if bias is None else bias.double())
+    scale = (xb.abs() @ wb.abs().T).max()
+    err = ((y.double() - want).abs().max() / scale).item()
+    assert err < 1e-5, err
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize(
+    ("kind", "n", "k"),
+    [(t, n, k) for t in GGUF_TYPES for n, k in ((17, 96), (49, 1056))]
+    + [("int8", 33, 578), ("int8", 40, 577), ("int8", 49, 1056)],
+)
+def test_prefill_bf16_matches_bf16_rounded_reference(isa: str, kind: str, n: int, k: int) -> None:
+    """--quantized-prefill-dtype bfloat16 (kernels with `bf16_prefill`: AVX512-BF16) over
+    prefill sizes: ragged N, K over one chunk (1056), and for int8 an odd K, which keeps
+    fp32 (no whole k pairs). Kernels without bf16 dot products ignore the request: their
+    result is the fp32 one, bit for bit."""
+    if kind == "int8":
+        w = torch.randn(n, k) * torch.rand(n, 1)
+        lin = QuantLinear(quantize_int8(w), torch.randn(n), kern(isa))
+    else:
+        rows, _ = gguf_weight(kind, n, k, seed=n + k)
+        lin = QuantLinear(pack_gguf(rows), torch.randn(n), kern(isa))
+    wq = lin.dequantize()
+    fast = QuantLinear(lin.weight, lin.bias, kern(isa), prefill_bf16=True)
+    for m in (33, 130):
+        x = torch.randn(m, k)
+        x[:, 3] *= 50  # a large feature: bf16 rounds relative to each value
+        y = fast(x)
+        if kern(isa).bf16_prefill and k % 2 == 0:
+            check_bf16(y, x, wq, lin.bias)
+            with pytest.raises(AssertionError):  # the bf16 rounding is visible
+                check(y, x, wq, lin.bias)
+        else:
+            assert torch.equal(y, lin(x))
+    x = torch.randn(32, k)  # decode sizes never take the bf16 path
+    assert torch.equal(fast(x), lin(x))
+
+
 def test_q4_0_padding_rows_are_zero() -> None:
     rows, _ = gguf_weight("Q4_0", 3, 64, seed=1)
     packed = pack_gguf(rows).packed.numpy().reshape(2, 2, 160)  # 2 groups of 8 rows x 2 blocks
@@ -281,3 +331,60 @@ def test_auto_dtype_is_fp32_where_weights_stay_quantized(
     assert not setup.weights_stay_quantized("auto", "none", gguf_file, cpu, 1)
     assert not setup.weights_stay_quantized("float32", "auto", gguf_file, cpu, 1)
     assert not setup.weights_stay_quantized("auto", "auto", gguf_file, cpu, 2)
+
+
+@pytest.mark.parametrize(
+    ("choice", "method", "model", "device", "needle"),
+    [
+        ("float32", "none", None, "auto", "--quantization none"),
+        ("bfloat16", "auto", "/some/hf-folder", "auto", "--quantization auto"),
+        ("float32", "auto", None, "cuda", "one rank"),
+        ("float16", "auto", None, "auto", "unknown value"),
+    ],
+)
+def test_quantized_prefill_dtype_problems(
+    choice: str, method: str, model: str | None, device: str, needle: str
+) -> None:
+    why = quantized_prefill_dtype_problem(choice, method, model, device, 1)
+    assert why is not None and needle in why
+
+
+def test_quantized_prefill_bf16_needs_bf16_dot_products(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bfloat16 is refused where the CPU would emulate it, accepted where it has AVX512-BF16;
+    auto and float32 everywhere weights stay quantized."""
+    from pdcore.model import quantization_flags
+
+    monkeypatch.setattr(quantization_flags, "cpu_features", lambda: frozenset({"avx2", "fma"}))
+    why = quantized_prefill_dtype_problem("bfloat16", "auto", None, "auto", 1)
+    assert why is not None and "avx512_bf16" in why
+    assert quantized_prefill_dtype_problem("float32", "int8", "/folder", "cpu", 1) is None
+    assert quantized_prefill_dtype_problem("auto", "none", "/folder", "cuda", 2) is None
+    monkeypatch.setattr(quantization_flags, "cpu_features", lambda: frozenset({"avx512_bf16"}))
+    assert quantized_prefill_dtype_problem("bfloat16", "gguf", "m.gguf", "cpu", 1) is None
+
+
+def test_quantized_prefill_dtype_cli_names_the_flag(
+    capsys: pytest.CaptureFixture[str], tiny_llama_dir
+) -> None:
+    from pdcore.settings import parse_serve_args
+
+    with pytest.raises(SystemExit):
+        parse_serve_args(["--model", str(tiny_llama_dir), "--quantized-prefill-dtype", "float32"])
+    err = capsys.readouterr().err
+    assert "--quantized-prefill-dtype" in err and "float32" in err
+
+
+def test_quantized_prefill_dtype_resolved_for_the_kernels() -> None:
+    """auto follows the kernels (bf16 only with bf16 dot products); an explicit bfloat16 on
+    kernels without them raises rather than run emulated."""
+    from pdcore.model.quantized import prefill_bf16
+
+    for isa in native_cpu.supported_variants():
+        k = kern(isa)
+        assert prefill_bf16("auto", k) == k.bf16_prefill
+        assert prefill_bf16("float32", k) is False
+        if k.bf16_prefill:
+            assert prefill_bf16("bfloat16", k) is True
+        else:
+            with pytest.raises(ValueError, match="AVX512-BF16"):
+                prefill_bf16("bfloat16", k)

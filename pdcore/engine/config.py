@@ -30,6 +30,8 @@ class EngineConfig:
     """auto, none, gguf, int8 or w8a16 (see pdcore.model.quantized)."""
     gguf_activations: str = "int16"
     """int16 or int8: how the GGUF kernels quantize activations (kernels/quant_gemm.c)."""
+    quantized_prefill_dtype: str = "auto"
+    """auto, float32 or bfloat16: what the quantized layers' prefill GEMMs multiply in."""
     device: Device = "auto"
     base_gpu_id: int = 0
     page_size: int = 16

@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from pdcore.model.cpu_flags import cpu_features
+
 logger = logging.getLogger(__name__)
 
 KERNEL_DIR = Path(__file__).with_name("kernels")
@@ -72,20 +74,6 @@ VARIANTS: dict[str, Variant] = {
 _COMMON_FLAGS = ("-O3", "-fPIC", "-fopenmp", "-Wall")
 # a*b+c contracted to one FMA in the GEMM and attention; elementwise ops round as torch does
 _FILE_FLAGS = {"elementwise.c": ("-ffp-contract=off",)}
-
-
-@cache
-def cpu_features() -> frozenset[str]:
-    """This CPU's feature flags as /proc/cpuinfo spells them (empty where unreadable)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return frozenset(value.split())
-    return frozenset()
 
 
 def supported_variants() -> list[str]:
@@ -200,7 +188,7 @@ def _load(isa: str | None) -> ctypes.CDLL | None:
         _declare(getattr(lib, f"pdcore_{kind}_decode_attention"), attn)
         extend = [p, i64, p, p, p, p, i64, i64, i64, i64, f32, p, i32]
         _declare(getattr(lib, f"pdcore_{kind}_extend_attention"), extend)
-    _declare(lib.pdcore_quant_gemm, [p, i64, i64, p, i32, i32, p, i64, i64, p, i64, i32])
+    _declare(lib.pdcore_quant_gemm, [p, i64, i64, p, i32, i32, i32, p, i64, i64, p, i64, i32])
     _declare(lib.pdcore_quant_dequantize, [p, i32, i64, i64, p, i32])
     layers = [p, i64, i64, p, i64, p, p, p, p, i64, p, p, *[i64] * 3, f32, f32, *[p] * 7, i32]
     _declare(lib.pdcore_f32_decode_layers, layers)
@@ -284,6 +272,8 @@ class Kernels:
         self._quant_gemm = lib.pdcore_quant_gemm
         self.decode_layers_fn = lib.pdcore_f32_decode_layers  # fp32 only; see llama.py
         self._quant_dequantize = lib.pdcore_quant_dequantize
+        # the variant whose prefill GEMM can multiply in bf16 (VDPBF16PS): AVX512-BF16
+        self.bf16_prefill: bool = self.isa == "avx512bf16"
 
     def quant_gemm(
         self,
@@ -295,17 +285,20 @@ class Kernels:
         bias: torch.Tensor | None = None,
         act_parts: int = 2,
         out: torch.Tensor | None = None,
+        prefill_bf16: bool = False,
     ) -> torch.Tensor:
         """fp32 x [M, K] (rows may be strided) @ W.T (+ fp32 bias) -> fp32 [M, N], W held
         quantized in `packed` (format `fmt`; see pdcore/model/quantized.py); GGUF formats
         quantize x per 32-k block to `act_parts` int8 parts (1: int8, 2: ~int16). `out`: a
-        contiguous fp32 [M, N] to write into (else a new one)."""
+        contiguous fp32 [M, N] to write into (else a new one). `prefill_bf16`: above 32
+        rows, x and the weights rounded to bf16 with fp32 sums (only where
+        `bf16_prefill` is true; elsewhere fp32 regardless)."""
         m = x.shape[0]
         if x.stride(1) != 1:
             x = x.contiguous()
         y = torch.empty((m, n), dtype=torch.float32) if out is None else out
         self._quant_gemm(
-            x.data_ptr(), m, x.stride(0), packed.data_ptr(), fmt, act_parts,
+            x.data_ptr(), m, x.stride(0), packed.data_ptr(), fmt, act_parts, int(prefill_bf16),
             0 if bias is None else bias.data_ptr(), n, k, y.data_ptr(), n,
             torch.get_num_threads(),
         )  # fmt: skip

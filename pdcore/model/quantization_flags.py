@@ -6,8 +6,12 @@ flags in the HTTP frontend, which never imports torch.
 
 from __future__ import annotations
 
+from pdcore.model.cpu_flags import cpu_features
+
 METHODS = ("auto", "none", "gguf", "int8", "w8a16")
 GGUF_ACTIVATION_PARTS = {"int16": 2, "int8": 1}
+PREFILL_DTYPES = ("auto", "float32", "bfloat16")
+"""--quantized-prefill-dtype: what the quantized layers' prefill GEMMs multiply in."""
 """--gguf-activations: int8 parts per activation in the GGUF kernels (kernels/quant_gemm.c)."""
 
 
@@ -53,4 +57,27 @@ def gguf_activations_problem(
         return f"{choice} applies to a .gguf model; {model_path} is not one"
     if device not in ("auto", "cpu") or tp_size > 1:
         return f"{choice}: GGUF weights are kept as shipped on a CPU with one rank only"
+    return None
+
+
+def quantized_prefill_dtype_problem(
+    choice: str, method: str, model_path: str | None, device: str, tp_size: int
+) -> str | None:
+    """Why `--quantized-prefill-dtype choice` would be ignored or emulated with these flags,
+    or None. It acts only on weights kept quantized (a CPU, one rank; a GGUF or --quantization
+    int8), and bfloat16 only where the CPU has bf16 dot products (AVX512-BF16): pdcore never
+    runs emulated bf16 GEMMs."""
+    if choice not in PREFILL_DTYPES:
+        return f"unknown value {choice!r}; choose one of {', '.join(PREFILL_DTYPES)}"
+    if choice == "auto":
+        return None
+    if method == "none" or (method == "auto" and not is_gguf(model_path)):
+        return f"{choice} applies to quantized weights; with --quantization {method} none are"
+    if device not in ("auto", "cpu") or tp_size > 1:
+        return f"{choice}: quantized weights are kept on a CPU with one rank only"
+    if choice == "bfloat16" and "avx512_bf16" not in cpu_features():
+        return (
+            "bfloat16 needs bf16 dot products (AVX512-BF16); this CPU lacks avx512_bf16 "
+            "and would emulate them (auto picks float32 here)"
+        )
     return None

@@ -126,7 +126,7 @@ class QuantLinear:
     int8 per channel, and every format at prefill sizes, multiply fp32 x (the C kernel
     picks by row count)."""
 
-    __slots__ = ("weight", "bias", "_kern", "act_parts")
+    __slots__ = ("weight", "bias", "_kern", "act_parts", "prefill_bf16")
 
     def __init__(
         self,
@@ -134,11 +134,13 @@ class QuantLinear:
         bias: torch.Tensor | None,
         kern: native_cpu.Kernels,
         act_parts: int = 2,
+        prefill_bf16: bool = False,
     ) -> None:
         self.weight = weight
         self.bias = None if bias is None else bias.float().contiguous()
         self._kern = kern
         self.act_parts = act_parts  # GGUF formats: int8 parts per activation (1 or 2)
+        self.prefill_bf16 = prefill_bf16  # --quantized-prefill-dtype bfloat16 (resolved)
 
     @property
     def out_features(self) -> int:
@@ -158,7 +160,15 @@ class QuantLinear:
         if out is not None and (out.dtype != torch.float32 or rows > native_cpu.MAX_ROWS):
             out = None
         y = self._kern.quant_gemm(
-            x32.reshape(-1, w.k), w.packed, w.fmt, w.n, w.k, self.bias, self.act_parts, out
+            x32.reshape(-1, w.k),
+            w.packed,
+            w.fmt,
+            w.n,
+            w.k,
+            self.bias,
+            self.act_parts,
+            out,
+            self.prefill_bf16,
         ).view(*shape[:-1], w.n)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
@@ -173,12 +183,14 @@ class QuantizedWeights:
         kern: native_cpu.Kernels,
         gguf_rows: dict[str, GGUFRows] | None = None,
         act_parts: int = 2,
+        prefill_bf16: bool = False,
     ) -> None:
         assert method in ("gguf", "int8")
         self.method = method
         self.kern = kern
         self.gguf_rows = gguf_rows or {}
         self.act_parts = act_parts
+        self.prefill_bf16 = prefill_bf16
         self.dense: list[str] = []  # weights that fell back to dense, for the log
 
     def linear(
@@ -191,7 +203,7 @@ class QuantizedWeights:
         when they cannot be (a type the kernel lacks, mixed types): the caller goes dense."""
         if self.method == "int8":
             w = torch.cat([state[n] for n in names]) if len(names) > 1 else state[names[0]]
-            return QuantLinear(quantize_int8(w), bias, self.kern)
+            return QuantLinear(quantize_int8(w), bias, self.kern, prefill_bf16=self.prefill_bf16)
         parts = [self.gguf_rows.get(n) for n in names]
         first = parts[0]
         if first is None or any(p is None or p.type_name != first.type_name for p in parts):
@@ -199,7 +211,7 @@ class QuantizedWeights:
             return None
         data = np.concatenate([p.data for p in parts if p is not None])
         qw = pack_gguf(GGUFRows(first.type_name, data, first.k))
-        return QuantLinear(qw, bias, self.kern, self.act_parts)
+        return QuantLinear(qw, bias, self.kern, self.act_parts, self.prefill_bf16)
 
 
 def resolve(method: str, model_source: str, device: torch.device, tp_size: int) -> tuple[str, str]:
@@ -232,21 +244,45 @@ def load_quantized(
     device: torch.device,
     tp_size: int,
     gguf_activations: str = "int16",
+    prefill_dtype: str = "auto",
 ) -> QuantizedWeights | None:
     """The quantized weights for `method` (after `resolve`), or None to load dense;
-    `gguf_activations` (int16 / int8): how the GGUF kernels quantize activations."""
+    `gguf_activations` (int16 / int8): how the GGUF kernels quantize activations;
+    `prefill_dtype` (auto / float32 / bfloat16): what their prefill GEMMs multiply in."""
     chosen, why = resolve(method, model_source, device, tp_size)
     logger.info("quantization: %s (%s)", chosen, why)
     if chosen != "gguf" and gguf_activations != "int16":
         logger.warning("--gguf-activations %s has no effect: %s", gguf_activations, why)
     if chosen == "none":
+        if prefill_dtype != "auto":
+            logger.warning("--quantized-prefill-dtype %s has no effect: %s", prefill_dtype, why)
         return None
     kern = native_cpu.kernels(torch.float32)
     assert kern is not None  # resolve() checked
+    bf16 = prefill_bf16(prefill_dtype, kern)
     if chosen == "int8":
-        return QuantizedWeights("int8", kern)
+        return QuantizedWeights("int8", kern, prefill_bf16=bf16)
     from pdcore.model.gguf_loader import read_gguf_quantized
 
     parts = GGUF_ACTIVATION_PARTS[gguf_activations]
     logger.info("GGUF activations at decode sizes: %s (%d int8 parts)", gguf_activations, parts)
-    return QuantizedWeights("gguf", kern, read_gguf_quantized(Path(model_source), config), parts)
+    rows = read_gguf_quantized(Path(model_source), config)
+    return QuantizedWeights("gguf", kern, rows, parts, bf16)
+
+
+def prefill_bf16(choice: str, kern: native_cpu.Kernels) -> bool:
+    """--quantized-prefill-dtype resolved for these kernels (logged): bfloat16 -- x and the
+    widened weights rounded to bf16, fp32 sums, VDPBF16PS -- where the CPU has bf16 dot
+    products (the avx512bf16 variant; ~1.9x its fp32 prefill GEMM), fp32 elsewhere. An
+    explicit bfloat16 without them raises (the CLI refuses it earlier from the CPU flags)."""
+    if choice == "bfloat16" and not kern.bf16_prefill:
+        raise ValueError(
+            f"--quantized-prefill-dtype bfloat16 needs AVX512-BF16 kernels; these are {kern.isa}"
+        )
+    bf16 = choice == "bfloat16" or (choice == "auto" and kern.bf16_prefill)
+    why = "bf16 dot products" if kern.bf16_prefill else "no bf16 dot products"
+    logger.info(
+        "quantized prefill GEMMs: %s (--quantized-prefill-dtype %s; %s kernels, %s)",
+        "bfloat16" if bf16 else "float32", choice, kern.isa, why,
+    )  # fmt: skip
+    return bf16

@@ -33,8 +33,8 @@ typedef struct {
 } pd_layer;
 
 void pdcore_quant_gemm(const float *x, int64_t m, int64_t ldx, const uint8_t *packed, int fmt,
-                       int act_parts, const float *bias, int64_t n, int64_t k, float *y,
-                       int64_t ldy, int threads);
+                       int act_parts, int prefill_bf16, const float *bias, int64_t n, int64_t k,
+                       float *y, int64_t ldy, int threads);
 void pdcore_f32_skinny_gemm(const float *x, int64_t m, int64_t ldx, const float *packed,
                             const float *bias, int64_t n, int64_t k, float *y, int64_t ldy,
                             int threads);
@@ -56,8 +56,8 @@ void pdcore_f32_decode_attention(const float *q, int64_t ldq, const float *k_new
 /* y [t, n] = x [t, k] W^T (+ bias), both contiguous. */
 static void linear(const pd_linear *l, const float *x, int64_t t, float *y, int threads) {
     if (l->kind == 0)
-        pdcore_quant_gemm(x, t, l->k, (const uint8_t *)l->w, l->fmt, l->act_parts, l->bias,
-                          l->n, l->k, y, l->n, threads);
+        pdcore_quant_gemm(x, t, l->k, (const uint8_t *)l->w, l->fmt, l->act_parts, 0, l->bias,
+                          l->n, l->k, y, l->n, threads); /* decode rows: never the bf16 path */
     else if (l->kind == 1)
         pdcore_f32_skinny_gemm(x, t, l->k, (const float *)l->w, l->bias, l->n, l->k, y, l->n,
                                threads);

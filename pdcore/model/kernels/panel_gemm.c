@@ -27,6 +27,113 @@
 
 #include "panel_tile.h"
 
+#if defined(__AVX512BF16__) && VW == 16
+#define PANEL_BF16 1
+/* The bf16 tiles (AVX512-BF16): y (+)= x_bf16[mt][kc] @ b_bf16, b in panels stored as k
+ * pairs ([kc / 2][16][2] bf16: one zmm per pair of k), x rows bf16 with k pairs adjacent.
+ * VDPBF16PS multiplies two k per lane and accumulates in fp32: twice the multiplies of an
+ * fp32 FMA per instruction. Same tile shapes as ktile (12 rows x 2 panels). */
+INLINE void ktile_bf16(const uint16_t *x, int64_t ldx, const int mt, int64_t kc,
+                       const uint16_t *b, int64_t bstride, const float *bias, float *y,
+                       int64_t ldy, const int nb, const int accumulate) {
+    __m512 acc[MT][TB];
+#pragma GCC unroll 16
+    for (int m = 0; m < MT; m++)
+#pragma GCC unroll 2
+        for (int a = 0; a < TB; a++) {
+            if (m >= mt || a >= nb) continue;
+            acc[m][a] = accumulate ? _mm512_loadu_ps(y + m * ldy + a * 16)
+                        : bias     ? _mm512_loadu_ps(bias + a * 16)
+                                   : _mm512_setzero_ps();
+        }
+    for (int64_t kp = 0; kp < kc / 2; kp++) {
+        __m512bh w[TB];
+#pragma GCC unroll 2
+        for (int a = 0; a < TB; a++)
+            if (a < nb) w[a] = (__m512bh)_mm512_loadu_si512(b + a * bstride + kp * 32);
+#pragma GCC unroll 16
+        for (int m = 0; m < MT; m++)
+            if (m < mt) {
+                int32_t pair;
+                memcpy(&pair, x + m * ldx + 2 * kp, 4);
+                const __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
+#pragma GCC unroll 2
+                for (int a = 0; a < TB; a++)
+                    if (a < nb) acc[m][a] = _mm512_dpbf16_ps(acc[m][a], xv, w[a]);
+            }
+    }
+#pragma GCC unroll 16
+    for (int m = 0; m < MT; m++)
+#pragma GCC unroll 2
+        for (int a = 0; a < TB; a++)
+            if (m < mt && a < nb) _mm512_storeu_ps(y + m * ldy + a * 16, acc[m][a]);
+}
+
+#define KTB(MTV, NB)                                                                   \
+    if (accumulate)                                                                    \
+        ktile_bf16(x, ldx, MTV, kc, b, bstride, bias, y, ldy, NB, 1);                  \
+    else                                                                               \
+        ktile_bf16(x, ldx, MTV, kc, b, bstride, bias, y, ldy, NB, 0);
+#define KTB_CASE(MTV) \
+    case MTV:         \
+        if (nb == 2) {  \
+            KTB(MTV, 2) \
+        } else {        \
+            KTB(MTV, 1) \
+        }               \
+        break;
+
+static void ktile_bf16_dispatch(const uint16_t *x, int64_t ldx, int mt, int64_t kc,
+                                const uint16_t *b, int64_t bstride, const float *bias, float *y,
+                                int64_t ldy, int nb, int accumulate) {
+    switch (mt) {
+        KTB_CASE(1)
+        KTB_CASE(2)
+        KTB_CASE(3)
+        KTB_CASE(4)
+        KTB_CASE(5)
+        KTB_CASE(6)
+        KTB_CASE(7)
+        KTB_CASE(8)
+        KTB_CASE(9)
+        KTB_CASE(10)
+        KTB_CASE(11)
+        KTB_CASE(12)
+    }
+}
+
+/* fp32 [kc][16] -> bf16 k pairs [kc / 2][16][2] (round to nearest even), kc even */
+static void pack_pairs_bf16(const float *src, int64_t kc, uint16_t *dst) {
+    const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9,
+                                         24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
+                                         16, 0);
+    for (int64_t kp = 0; kp < kc / 2; kp++) {
+        const __m512bh both = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + (2 * kp + 1) * 16),
+                                                  _mm512_loadu_ps(src + 2 * kp * 16));
+        _mm512_storeu_si512(dst + kp * 32, _mm512_permutexvar_epi16(idx, (__m512i)both));
+    }
+}
+
+/* x rows [r0, r1) -> bf16 (k each, row stride k) */
+static void rows_to_bf16(const float *x, int64_t ldx, int64_t k, int64_t r0, int64_t r1,
+                         uint16_t *xb) {
+    for (int64_t r = r0; r < r1; r++) {
+        int64_t c = 0;
+        for (; c + 16 <= k; c += 16)
+            _mm256_storeu_si256((__m256i *)(xb + r * k + c),
+                                (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + r * ldx + c)));
+        for (; c < k; c++) {
+            const __m256bh v = _mm512_cvtneps_pbh(_mm512_set1_ps(x[r * ldx + c]));
+            uint16_t h[16];
+            memcpy(h, &v, 32);
+            xb[r * k + c] = h[0];
+        }
+    }
+}
+#else
+#define PANEL_BF16 0
+#endif
+
 /* k per chunk: a panel's chunk is <= 36 KB (L1/L2). Measured against 256 (L1-sized):
  * ~1.1x, as most of SmolLM2's matrices (K 576) then take one chunk and write y once. */
 #define KC_TARGET 576
@@ -44,7 +151,8 @@ typedef void (*widen_fn)(const void *ctx, int64_t panel, int64_t k0, int64_t kc,
  * [r0, r0 + rows) over the K chunk at k0. `ragged`: see unit(). */
 static void chunk_block(const float *x, int64_t ldx, int64_t n, int64_t k0, int64_t kc,
                         const float *bias, float *y, int64_t ldy, int64_t g0, int64_t g1,
-                        const float *bbuf, int64_t r0, int64_t rows, float *ragged) {
+                        const float *bbuf, int64_t r0, int64_t rows, float *ragged,
+                        const uint16_t *xb, int64_t ldxb, const uint16_t *bbuf16) {
     const int accumulate = k0 > 0;
     float bias_pad[16 * TB];
     for (int64_t pi = g0; pi < g1; pi += TB) {
@@ -68,8 +176,15 @@ static void chunk_block(const float *x, int64_t ldx, int64_t n, int64_t k0, int6
             /* the next tile's y lines, so its loads and stores do not wait on memory */
             for (int64_t r = m0 + mt; r < m0 + 2 * mt && r < r0 + rows; r++)
                 for (int c = 0; c < nb * 16; c += 16) __builtin_prefetch(yt + r * ly + c, 1, 3);
-            ktile_dispatch(x + m0 * ldx + k0, ldx, mt, kc, bbuf + (pi - g0) * kc * 16, kc * 16,
-                           bb, yt + m0 * ly, ly, nb, accumulate);
+#if PANEL_BF16
+            if (xb != NULL)
+                ktile_bf16_dispatch(xb + m0 * ldxb + k0, ldxb, mt, kc,
+                                    bbuf16 + (pi - g0) * kc * 16, kc * 16, bb, yt + m0 * ly, ly,
+                                    nb, accumulate);
+            else
+#endif
+                ktile_dispatch(x + m0 * ldx + k0, ldx, mt, kc, bbuf + (pi - g0) * kc * 16,
+                               kc * 16, bb, yt + m0 * ly, ly, nb, accumulate);
             m0 += mt;
         }
     }
@@ -79,15 +194,22 @@ static void chunk_block(const float *x, int64_t ldx, int64_t n, int64_t k0, int6
  * ends with an item narrower than its 16 * nb columns (n % 16 != 0), else NULL. */
 static void unit(const float *x, int64_t m, int64_t ldx, int64_t n, int64_t k, int64_t kc_max,
                  const float *bias, float *y, int64_t ldy, widen_fn widen, const void *ctx,
-                 int64_t p0, int64_t p1, float *bbuf, float *ragged) {
+                 int64_t p0, int64_t p1, float *bbuf, float *ragged, const uint16_t *xb,
+                 uint16_t *bbuf16) {
     int64_t mc = X_BLOCK_BYTES / (4 * kc_max) / MT * MT;
     mc = mc < MT ? MT : mc;
     for (int64_t k0 = 0; k0 < k; k0 += kc_max) {
         const int64_t kc = k - k0 < kc_max ? k - k0 : kc_max;
-        for (int64_t pi = p0; pi < p1; pi++) widen(ctx, pi, k0, kc, bbuf + (pi - p0) * kc * 16);
+        for (int64_t pi = p0; pi < p1; pi++) {
+            widen(ctx, pi, k0, kc, bbuf + (pi - p0) * kc * 16);
+#if PANEL_BF16
+            if (xb != NULL)
+                pack_pairs_bf16(bbuf + (pi - p0) * kc * 16, kc, bbuf16 + (pi - p0) * kc * 16);
+#endif
+        }
         for (int64_t r0 = 0; r0 < m; r0 += mc)
             chunk_block(x, ldx, n, k0, kc, bias, y, ldy, p0, p1, bbuf, r0,
-                        m - r0 < mc ? m - r0 : mc, ragged);
+                        m - r0 < mc ? m - r0 : mc, ragged, xb, k, bbuf16);
     }
     if (ragged != NULL) { /* copy the ragged item out */
         const int64_t c0 = (p1 - 1 - (p1 - 1 - p0) % TB) * 16, cols = n - c0;
@@ -97,17 +219,33 @@ static void unit(const float *x, int64_t m, int64_t ldx, int64_t n, int64_t k, i
 
 void pdcore_internal_panel_gemm(const float *x, int64_t m, int64_t ldx, int64_t n, int64_t k,
                                 int64_t kalign, const float *bias, float *y, int64_t ldy,
-                                widen_fn widen, const void *ctx, int threads) {
+                                widen_fn widen, const void *ctx, int bf16, int threads) {
+    bf16 = bf16 && PANEL_BF16 && k % 2 == 0;
+    if (bf16 && kalign % 2) kalign *= 2; /* whole k pairs per chunk */
     const int64_t panels = (n + 15) / 16;
     const int64_t chunks = (k + KC_TARGET - 1) / KC_TARGET;
     const int64_t kc_max = ((k + chunks - 1) / chunks + kalign - 1) / kalign * kalign;
     const int64_t units = (panels + UNIT_PANELS - 1) / UNIT_PANELS;
     if (threads > units) threads = (int)units;
+    uint16_t *xb = NULL;
+    if (bf16) {
+        xb = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)(m * k) + 64);
+        if (xb == NULL) abort(); /* out of memory: fail loudly */
+    }
 #pragma omp parallel num_threads(threads)
     {
         float *bbuf = (float *)malloc(sizeof(float) * (size_t)(UNIT_PANELS * kc_max * 16) + 64);
+        uint16_t *bbuf16 = NULL;
         float *ragged = NULL;
         if (bbuf == NULL) abort(); /* out of memory: fail loudly */
+#if PANEL_BF16
+        if (bf16) {
+            bbuf16 = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)(UNIT_PANELS * kc_max * 16) + 64);
+            if (bbuf16 == NULL) abort();
+#pragma omp for schedule(static)
+            for (int64_t r = 0; r < m; r++) rows_to_bf16(x, ldx, k, r, r + 1, xb);
+        }
+#endif
 #pragma omp for schedule(dynamic, 1)
         for (int64_t u = 0; u < units; u++) {
             const int64_t p0 = u * UNIT_PANELS;
@@ -118,9 +256,11 @@ void pdcore_internal_panel_gemm(const float *x, int64_t m, int64_t ldx, int64_t 
                 if (ragged == NULL) abort();
             }
             unit(x, m, ldx, n, k, kc_max, bias, y, ldy, widen, ctx, p0, p1, bbuf,
-                 ragged_here ? ragged : NULL);
+                 ragged_here ? ragged : NULL, xb, bbuf16);
         }
         free(ragged);
+        free(bbuf16);
         free(bbuf);
     }
+    free(xb);
 }

@@ -382,17 +382,19 @@ static void widen_chunk(const void *ctx, int64_t panel, int64_t k0, int64_t kc, 
 void pdcore_internal_panel_gemm(const float *x, int64_t m, int64_t ldx, int64_t n, int64_t k,
                                 int64_t kalign, const float *bias, float *y, int64_t ldy,
                                 void (*widen)(const void *, int64_t, int64_t, int64_t, float *),
-                                const void *ctx, int threads);
+                                const void *ctx, int bf16, int threads);
 
 /* x: [m, k] fp32 (row stride ldx); packed: the format's panels; bias: [n] fp32 or NULL;
- * y: [m, n] fp32 (row stride ldy). Q4/Q8 need k % 32 == 0. */
+ * y: [m, n] fp32 (row stride ldy). Q4/Q8 need k % 32 == 0. prefill_bf16: above PANEL_ROWS
+ * rows, multiply x and the widened weights rounded to bf16 (VDPBF16PS, fp32 sums) where
+ * this build has AVX512-BF16 and k is even; else (and by default) fp32. */
 void pdcore_quant_gemm(const float *x, int64_t m, int64_t ldx, const uint8_t *packed, int fmt,
-                       int act_parts, const float *bias, int64_t n, int64_t k, float *y,
-                       int64_t ldy, int threads) {
-    if (m > PANEL_ROWS) { /* prefill-sized: blocked fp32 GEMM on widened chunks */
+                       int act_parts, int prefill_bf16, const float *bias, int64_t n, int64_t k,
+                       float *y, int64_t ldy, int threads) {
+    if (m > PANEL_ROWS) { /* prefill-sized: blocked GEMM on widened chunks */
         const widen_ctx ctx = {packed, fmt, k, panel_bytes(fmt, k)};
         pdcore_internal_panel_gemm(x, m, ldx, n, k, fmt == FMT_I8 ? 1 : 32, bias, y, ldy,
-                                   widen_chunk, &ctx, threads);
+                                   widen_chunk, &ctx, prefill_bf16, threads);
         return;
     }
     if (fmt != FMT_I8) {
