@@ -1,5 +1,8 @@
-/* Blocked fp32 GEMM for prefill with quantized weights: Y[M,N] = X[M,K] @ W[N,K]^T (+ bias),
- * M large (prefill: tens to thousands of rows), W held quantized (quant_gemm.c's formats).
+/* Blocked GEMM for prefill with quantized weights: Y[M,N] = X[M,K] @ W[N,K]^T (+ bias),
+ * M large (prefill: tens to thousands of rows), W held quantized (quant_gemm.c's formats),
+ * in fp32 -- or, asked for (--quantized-prefill-dtype) on a build with AVX512-BF16, with x
+ * and each widened chunk rounded to bf16 and VDPBF16PS tiles summing in fp32 (ktile_bf16
+ * below: two k per instruction, ~1.9x the fp32 tiles per matrix on a Zen 4 EPYC).
  *
  * Why our own: the alternative -- widen the whole matrix to fp32 (W^T, 4 bytes per weight
  * written to memory) and call the library GEMM, which reads it back and packs it again --
