@@ -15,10 +15,12 @@
   summation order only (see tests/test_quant_accuracy.py and docs/benchmarks.md).
 
 Decode-sized inputs (up to native_cpu.MAX_ROWS rows) go to the quantized GEMM's integer dot
-products; prefill-sized ones to a blocked fp32 GEMM that widens each weight once per call
+products; prefill-sized ones to a blocked GEMM that widens each weight once per call
 into a cache-sized chunk (kernels/panel_gemm.c) -- widening the whole matrix into memory
 for the library GEMM measured at parity with transformers' fp32 prefill; this 1.2-1.5x
-per matrix at 512 rows (docs/benchmarks.md).
+per matrix at 512 rows (docs/benchmarks.md). It multiplies in fp32, or where the CPU has
+bf16 dot products and --quantized-prefill-dtype resolves to bfloat16 (see prefill_bf16),
+in bf16 with fp32 sums: ~1.9x, at bf16's rounding of the prompt's activations.
 """
 
 from __future__ import annotations
