@@ -97,8 +97,11 @@ class ServerSettings(DisaggSettings, ProfileSettings):
         "32 rows; decode keeps its integer dot products). float32: the weights widened "
         "exactly, fp32 inputs and sums. bfloat16: inputs and widened weights rounded to bf16, "
         "fp32 sums, on CPUs with bf16 dot products (AVX512-BF16) only -- ~1.9x the float32 "
-        "GEMM there, at bf16's rounding (as transformers' bfloat16). auto: bfloat16 where "
-        "the CPU has AVX512-BF16, else float32. See docs/benchmarks.md.",
+        "GEMM there, at bf16's rounding (as transformers' bfloat16; int8 weights with an odd K "
+        "stay float32), so a prompt's logits then depend on whether it is prefilled with "
+        "others (> 32 rows) or alone. auto: bfloat16 where the CPU has AVX512-BF16 and "
+        "--dtype is auto, else float32 (an explicit --dtype float32 keeps prefill exact). "
+        "See docs/benchmarks.md.",
     )
     device: str = setting(
         "auto",

@@ -361,6 +361,13 @@ def test_quantized_prefill_bf16_needs_bf16_dot_products(monkeypatch: pytest.Monk
     assert quantized_prefill_dtype_problem("auto", "none", "/folder", "cuda", 2) is None
     monkeypatch.setattr(quantization_flags, "cpu_features", lambda: frozenset({"avx512_bf16"}))
     assert quantized_prefill_dtype_problem("bfloat16", "gguf", "m.gguf", "cpu", 1) is None
+    monkeypatch.setenv("PDCORE_CPU_ISA", "avx2")  # kernels without bf16 dot products forced
+    why = quantized_prefill_dtype_problem("bfloat16", "gguf", "m.gguf", "cpu", 1)
+    assert why is not None and "PDCORE_CPU_ISA=avx2" in why
+    monkeypatch.delenv("PDCORE_CPU_ISA")
+    monkeypatch.setenv("PDCORE_DISABLE_NATIVE_KERNELS", "1")
+    why = quantized_prefill_dtype_problem("bfloat16", "gguf", "m.gguf", "cpu", 1)
+    assert why is not None and "PDCORE_DISABLE_NATIVE_KERNELS" in why
 
 
 def test_quantized_prefill_dtype_cli_names_the_flag(
@@ -382,6 +389,7 @@ def test_quantized_prefill_dtype_resolved_for_the_kernels() -> None:
     for isa in native_cpu.supported_variants():
         k = kern(isa)
         assert prefill_bf16("auto", k) == k.bf16_prefill
+        assert prefill_bf16("auto", k, "float32") is False  # --dtype float32: exact prefill
         assert prefill_bf16("float32", k) is False
         if k.bf16_prefill:
             assert prefill_bf16("bfloat16", k) is True

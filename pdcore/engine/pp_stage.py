@@ -151,7 +151,7 @@ def load_stage(settings: EngineConfig, grid: PipelineGrid) -> LoadedRank:
     if family.quantized_linear or settings.quantization not in ("auto", "none"):
         quant = load_quantized(
             settings.quantization, resolved.source, config, device, grid.tp.size,
-            settings.gguf_activations, settings.quantized_prefill_dtype,
+            settings.gguf_activations, settings.quantized_prefill_dtype, settings.dtype,
         )  # fmt: skip
     state = load_state_dict(resolved)
     model = LlamaModel(config, state, dtype, device, context + 1, grid.tp, quant, layers)

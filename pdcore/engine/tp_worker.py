@@ -84,7 +84,7 @@ def load_rank(
     if family.quantized_linear or settings.quantization not in ("auto", "none"):
         quant = load_quantized(
             settings.quantization, resolved.source, config, device, tp.size,
-            settings.gguf_activations, settings.quantized_prefill_dtype,
+            settings.gguf_activations, settings.quantized_prefill_dtype, settings.dtype,
         )  # fmt: skip
     state = load_state_dict(resolved)
     model = registry.build_model(

@@ -247,10 +247,12 @@ def load_quantized(
     tp_size: int,
     gguf_activations: str = "int16",
     prefill_dtype: str = "auto",
+    dtype_flag: str = "auto",
 ) -> QuantizedWeights | None:
     """The quantized weights for `method` (after `resolve`), or None to load dense;
     `gguf_activations` (int16 / int8): how the GGUF kernels quantize activations;
-    `prefill_dtype` (auto / float32 / bfloat16): what their prefill GEMMs multiply in."""
+    `prefill_dtype` (auto / float32 / bfloat16): what their prefill GEMMs multiply in;
+    `dtype_flag`: --dtype as given (an explicit float32 keeps auto's prefill fp32)."""
     chosen, why = resolve(method, model_source, device, tp_size)
     logger.info("quantization: %s (%s)", chosen, why)
     if chosen != "gguf" and gguf_activations != "int16":
@@ -261,7 +263,7 @@ def load_quantized(
         return None
     kern = native_cpu.kernels(torch.float32)
     assert kern is not None  # resolve() checked
-    bf16 = prefill_bf16(prefill_dtype, kern)
+    bf16 = prefill_bf16(prefill_dtype, kern, dtype_flag)
     if chosen == "int8":
         return QuantizedWeights("int8", kern, prefill_bf16=bf16)
     from pdcore.model.gguf_loader import read_gguf_quantized
@@ -272,19 +274,21 @@ def load_quantized(
     return QuantizedWeights("gguf", kern, rows, parts, bf16)
 
 
-def prefill_bf16(choice: str, kern: native_cpu.Kernels) -> bool:
-    """--quantized-prefill-dtype resolved for these kernels (logged): bfloat16 -- x and the
-    widened weights rounded to bf16, fp32 sums, VDPBF16PS -- where the CPU has bf16 dot
-    products (the avx512bf16 variant; ~1.9x its fp32 prefill GEMM), fp32 elsewhere. An
-    explicit bfloat16 without them raises (the CLI refuses it earlier from the CPU flags)."""
+def prefill_bf16(choice: str, kern: native_cpu.Kernels, dtype_flag: str = "auto") -> bool:
+    """--quantized-prefill-dtype resolved for these kernels (logged). auto: bfloat16 -- x
+    and the widened weights rounded to bf16, fp32 sums, VDPBF16PS -- where the CPU has bf16
+    dot products (the avx512bf16 variant; ~1.9x its fp32 prefill GEMM) and --dtype is auto;
+    fp32 elsewhere, and under an explicit --dtype float32 (asked for fp32 math, e.g. for
+    token parity with an fp32 reference). An explicit bfloat16 without bf16 dot products
+    raises (the CLI refuses it earlier from the CPU flags)."""
     if choice == "bfloat16" and not kern.bf16_prefill:
         raise ValueError(
             f"--quantized-prefill-dtype bfloat16 needs AVX512-BF16 kernels; these are {kern.isa}"
         )
-    bf16 = choice == "bfloat16" or (choice == "auto" and kern.bf16_prefill)
+    bf16 = choice == "bfloat16" or (choice == "auto" and kern.bf16_prefill and dtype_flag == "auto")
     why = "bf16 dot products" if kern.bf16_prefill else "no bf16 dot products"
     logger.info(
-        "quantized prefill GEMMs: %s (--quantized-prefill-dtype %s; %s kernels, %s)",
-        "bfloat16" if bf16 else "float32", choice, kern.isa, why,
+        "quantized prefill GEMMs: %s (--quantized-prefill-dtype %s, --dtype %s; %s kernels, %s)",
+        "bfloat16" if bf16 else "float32", choice, dtype_flag, kern.isa, why,
     )  # fmt: skip
     return bf16
