@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
+
+from pdcore.model.dist_addr import free_port as free_port  # tests and benches import it here
 
 # Real backends, fastest on one machine first; "fake" moves no KV and is never picked.
 PREFERRED_BACKENDS = ("nixl", "mooncake")
@@ -77,14 +78,6 @@ def pick_backend(requested: str) -> str:
         "pdcore launch: error: no transfer backend is available; install pd-nixl or pd-mooncake "
         "(or pass --backend fake to debug the pipelines with meaningless tokens)"
     )
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port free on `host` right now (for the processes we start; also used by tests
-    and benches)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 @dataclass

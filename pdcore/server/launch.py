@@ -26,7 +26,6 @@ import multiprocessing.connection
 import os
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -37,7 +36,7 @@ import uvicorn
 
 from pdcore.disagg.auth import ControlAuth
 from pdcore.disagg.bootstrap import BootstrapError, BootstrapServer, replica_routes
-from pdcore.model.dist_addr import bind_address
+from pdcore.model.dist_addr import bind_address, free_port
 from pdcore.model.generation_defaults import GenerationDefaults
 from pdcore.server.app import build_app
 from pdcore.server.dp_client import (
@@ -125,12 +124,6 @@ def _dp_prefill(settings: ServerSettings) -> bool:
     return settings.disaggregation_mode == "prefill" and settings.dp_size > 1
 
 
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
 def _init_addr(settings: ServerSettings) -> str | None:
     """The TP (or pipeline) rendezvous: --dist-init-addr, or (one node) a free port on
     --host."""
@@ -139,7 +132,7 @@ def _init_addr(settings: ServerSettings) -> str | None:
     if settings.dist_init_addr:
         return settings.dist_init_addr
     host = bind_address(settings.host)
-    port = _free_port(host)
+    port = free_port(host)
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
@@ -196,7 +189,7 @@ async def _serve(
     bootstrap: BootstrapServer | None = None
     # PD prefill with --dp-size: each replica's own bootstrap server, on a private port.
     ports = (
-        [_free_port(bind_address(settings.host)) for _ in range(settings.dp_size)]
+        [free_port(bind_address(settings.host)) for _ in range(settings.dp_size)]
         if _dp_prefill(settings)
         else []
     )
