@@ -319,7 +319,7 @@ def test_auto_dtype_is_fp32_where_weights_stay_quantized(
     from pdcore.model.loader import default_model_path
 
     cpu = torch.device("cpu")
-    monkeypatch.setattr(setup, "cpu_supports_bf16", lambda: True)
+    monkeypatch.setattr(setup, "cpu_computes_bf16", lambda: True)
     assert setup.pick_dtype("auto", cpu, keeps_quantized=True) == torch.float32
     assert setup.pick_dtype("auto", cpu) == torch.bfloat16
     assert setup.pick_dtype("bfloat16", cpu, keeps_quantized=True) == torch.bfloat16

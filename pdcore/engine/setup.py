@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from pdcore.model.config import ModelConfig
+from pdcore.model.cpu_flags import cpu_computes_bf16
 from pdcore.model.parallel import local_kv_heads
 from pdcore.model.quantized import resolve
 from pdcore.model.registry import kv_bytes_per_token
@@ -66,15 +67,6 @@ def _pick_npu(name: str, base_gpu_id: int) -> torch.device:
     return device
 
 
-def cpu_supports_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def pick_dtype(name: str, device: torch.device, keeps_quantized: bool = False) -> torch.dtype:
     """auto: the fastest correct compute type -- bf16 where the hardware computes it
     natively, else fp32 on CPU (bf16 there is emulated, ~3x slower than fp32; weights a
@@ -85,7 +77,7 @@ def pick_dtype(name: str, device: torch.device, keeps_quantized: bool = False) -
     conversions and rounding, and the one-call decode loop is fp32. The choice is logged."""
     if name != "auto":
         dtype = _DTYPES[name]
-        if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_supports_bf16():
+        if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_computes_bf16():
             logger.warning(
                 "--dtype bfloat16 on a CPU without bf16 arithmetic (no AVX512-BF16/AMX): "
                 "torch runs its bf16 ops emulated; --dtype auto (float32) is faster"
@@ -96,7 +88,7 @@ def pick_dtype(name: str, device: torch.device, keeps_quantized: bool = False) -
         why = "GPU computes bf16" if dtype == torch.bfloat16 else "GPU lacks bf16"
     elif keeps_quantized:
         dtype, why = torch.float32, "linear weights stay quantized; their kernels compute fp32"
-    elif cpu_supports_bf16():
+    elif cpu_computes_bf16():
         dtype, why = torch.bfloat16, "CPU computes bf16 (AVX512-BF16/AMX)"
     else:
         dtype = torch.float32

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from pdcore.model import native_cpu
+from pdcore.model.cpu_flags import cpu_computes_bf16
 
 
 def _packing_enabled(device: torch.device) -> bool:
@@ -55,9 +56,7 @@ class Linear:
             if weight.dtype == torch.float32 and bf16_exact(weight):
                 self.weight = weight.to(torch.bfloat16)  # nothing lost, half the bytes
             self._packed, self._kind = native_cpu.pack(self.weight), "native"
-            self._fp32_prefill = (
-                weight.dtype == torch.bfloat16 and not native_cpu.cpu_has_native_bf16()
-            )
+            self._fp32_prefill = weight.dtype == torch.bfloat16 and not cpu_computes_bf16()
             return
         try:
             if weight.dtype == torch.float32 and torch._C.has_mkl:

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from pdcore.model.cpu_flags import cpu_features
+from pdcore.model.cpu_flags import cpu_features, forced_variant, kernels_disabled
 
 logger = logging.getLogger(__name__)
 
@@ -85,11 +85,11 @@ def supported_variants() -> list[str]:
 
 def pick_variant() -> tuple[str | None, str]:
     """The variant to load and why (or None and why not)."""
-    if os.environ.get("PDCORE_DISABLE_NATIVE_KERNELS", "") not in ("", "0"):
+    if kernels_disabled():
         return None, "disabled by PDCORE_DISABLE_NATIVE_KERNELS"
     supported = supported_variants()
-    forced = os.environ.get("PDCORE_CPU_ISA", "").strip().lower()
-    if forced and forced != "auto":
+    forced = forced_variant()
+    if forced:
         if forced not in VARIANTS:
             return None, f"PDCORE_CPU_ISA={forced!r} is none of {', '.join(VARIANTS)}"
         if forced not in supported:
@@ -453,13 +453,6 @@ def kernels(dtype: torch.dtype, isa: str | None = None) -> Kernels | None:
         return None
     lib = load(isa)
     return None if lib is None else Kernels(lib, dtype)
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 itself (AVX512-BF16/AMX); elsewhere torch emulates
-    bf16 GEMMs in fp32, ~3x slower than fp32 itself."""
-    feats = cpu_features()
-    return "avx512_bf16" in feats or "amx_bf16" in feats
 
 
 def decode_attention_applies(num_heads: int, num_kv_heads: int, head_dim: int) -> bool:

@@ -6,9 +6,7 @@ flags in the HTTP frontend, which never imports torch.
 
 from __future__ import annotations
 
-import os
-
-from pdcore.model.cpu_flags import cpu_features
+from pdcore.model.cpu_flags import cpu_features, forced_variant, kernels_disabled
 
 METHODS = ("auto", "none", "gguf", "int8", "w8a16")
 GGUF_ACTIVATION_PARTS = {"int16": 2, "int8": 1}
@@ -82,12 +80,9 @@ def quantized_prefill_dtype_problem(
             "bfloat16 needs bf16 dot products (AVX512-BF16); this CPU lacks avx512_bf16 "
             "and would emulate them (auto picks float32 here)"
         )
-    if choice == "bfloat16" and os.environ.get("PDCORE_DISABLE_NATIVE_KERNELS", "") not in (
-        "",
-        "0",
-    ):
+    if choice == "bfloat16" and kernels_disabled():
         return "bfloat16 needs pdcore's CPU kernels; PDCORE_DISABLE_NATIVE_KERNELS turns them off"
-    forced = os.environ.get("PDCORE_CPU_ISA", "").strip().lower()
-    if choice == "bfloat16" and forced not in ("", "auto", "avx512bf16"):
+    forced = forced_variant()
+    if choice == "bfloat16" and forced not in ("", "avx512bf16"):
         return f"bfloat16 needs the avx512bf16 kernels; PDCORE_CPU_ISA={forced} forces others"
     return None

@@ -439,9 +439,9 @@ void pdcore_quant_gemm(const float *x, int64_t m, int64_t ldx, const uint8_t *pa
     }
 }
 
-/* The whole matrix widened to fp32 and transposed, W^T [k, n] row-major: prefill-sized
- * inputs multiply it with the library GEMM (x @ W^T; BLAS reads either layout as fast).
- * Full panels are written in place with vector stores; only a last partial panel goes
+/* The whole matrix widened to fp32 and transposed, W^T [k, n] row-major: the dense
+ * weights for callers that need them (QuantLinear.dequantize; the tests check the packing
+ * round trip with it -- prefill no longer widens whole matrices, see panel_gemm.c). Full panels are written in place with vector stores; only a last partial panel goes
  * through a scratch panel. */
 void pdcore_quant_dequantize(const uint8_t *packed, int fmt, int64_t n, int64_t k, float *wt,
                              int threads) {
