@@ -72,37 +72,10 @@ INLINE void ktile_bf16(const uint16_t *x, int64_t ldx, const int mt, int64_t kc,
             if (m < mt && a < nb) _mm512_storeu_ps(y + m * ldy + a * 16, acc[m][a]);
 }
 
-#define KTB(MTV, NB)                                                                   \
-    if (accumulate)                                                                    \
-        ktile_bf16(x, ldx, MTV, kc, b, bstride, bias, y, ldy, NB, 1);                  \
-    else                                                                               \
-        ktile_bf16(x, ldx, MTV, kc, b, bstride, bias, y, ldy, NB, 0);
-#define KTB_CASE(MTV) \
-    case MTV:         \
-        if (nb == 2) {  \
-            KTB(MTV, 2) \
-        } else {        \
-            KTB(MTV, 1) \
-        }               \
-        break;
-
 static void ktile_bf16_dispatch(const uint16_t *x, int64_t ldx, int mt, int64_t kc,
                                 const uint16_t *b, int64_t bstride, const float *bias, float *y,
                                 int64_t ldy, int nb, int accumulate) {
-    switch (mt) {
-        KTB_CASE(1)
-        KTB_CASE(2)
-        KTB_CASE(3)
-        KTB_CASE(4)
-        KTB_CASE(5)
-        KTB_CASE(6)
-        KTB_CASE(7)
-        KTB_CASE(8)
-        KTB_CASE(9)
-        KTB_CASE(10)
-        KTB_CASE(11)
-        KTB_CASE(12)
-    }
+    switch (mt) { KT_CASES(ktile_bf16) }
 }
 
 /* fp32 [kc][16] -> bf16 k pairs [kc / 2][16][2] (round to nearest even), kc even */

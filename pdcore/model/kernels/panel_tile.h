@@ -48,46 +48,43 @@ INLINE void ktile(const float *x, int64_t ldx, const int mt, int64_t kc, const f
             if (m < mt && a < nb * NV) store_f32(y + m * ldy + a * VW, acc[m][a]);
 }
 
-#define KT(MTV, NB)                                                                  \
-    if (accumulate)                                                                  \
-        ktile(x, ldx, MTV, kc, b, bstride, bias, y, ldy, NB, 1);                     \
-    else                                                                             \
-        ktile(x, ldx, MTV, kc, b, bstride, bias, y, ldy, NB, 0);
+/* One call of FN (ktile, or panel_gemm.c's ktile_bf16: the same parameters) with its
+ * shape and accumulate flag as compile-time constants; KT_CASES(FN) is a switch body over
+ * mt = 1..MT. */
+#define KT_CALL(FN, MTV, NB)                                      \
+    if (accumulate)                                               \
+        FN(x, ldx, MTV, kc, b, bstride, bias, y, ldy, NB, 1);     \
+    else                                                          \
+        FN(x, ldx, MTV, kc, b, bstride, bias, y, ldy, NB, 0);
 #if TB == 2
-#define KT_CASE(MTV)      \
-    case MTV:             \
-        if (nb == 2) {    \
-            KT(MTV, 2)    \
-        } else {          \
-            KT(MTV, 1)    \
-        }                 \
+#define KT_CASE(FN, MTV)        \
+    case MTV:                   \
+        if (nb == 2) {          \
+            KT_CALL(FN, MTV, 2) \
+        } else {                \
+            KT_CALL(FN, MTV, 1) \
+        }                       \
         break;
 #else
-#define KT_CASE(MTV) \
-    case MTV:        \
-        KT(MTV, 1)   \
+#define KT_CASE(FN, MTV)    \
+    case MTV:               \
+        KT_CALL(FN, MTV, 1) \
         break;
+#endif
+#define KT_CASES_6(FN) \
+    KT_CASE(FN, 1) KT_CASE(FN, 2) KT_CASE(FN, 3) KT_CASE(FN, 4) KT_CASE(FN, 5) KT_CASE(FN, 6)
+#if MT > 6
+#define KT_CASES(FN) \
+    KT_CASES_6(FN)   \
+    KT_CASE(FN, 7) KT_CASE(FN, 8) KT_CASE(FN, 9) KT_CASE(FN, 10) KT_CASE(FN, 11) KT_CASE(FN, 12)
+#else
+#define KT_CASES(FN) KT_CASES_6(FN)
 #endif
 
 static void ktile_dispatch(const float *x, int64_t ldx, int mt, int64_t kc, const float *b,
                            int64_t bstride, const float *bias, float *y, int64_t ldy, int nb,
                            int accumulate) {
-    switch (mt) {
-        KT_CASE(1)
-        KT_CASE(2)
-        KT_CASE(3)
-        KT_CASE(4)
-        KT_CASE(5)
-        KT_CASE(6)
-#if MT > 6
-        KT_CASE(7)
-        KT_CASE(8)
-        KT_CASE(9)
-        KT_CASE(10)
-        KT_CASE(11)
-        KT_CASE(12)
-#endif
-    }
+    switch (mt) { KT_CASES(ktile) }
 }
 
 #endif
