@@ -4,13 +4,9 @@
  * broadcast fill the register file (AVX2 6 x 16, AVX512 12 x 32, NEON 6 x 16). */
 #ifndef PDCORE_PANEL_TILE_H
 #define PDCORE_PANEL_TILE_H
-#include "vec.h"
+#include "tile_shape.h"
 
-#define NV (16 / VW)
-#define TB (VW == 16 ? 2 : 1)
-#define ACC (TB * NV)
-#define MT_RAW ((VREGS - ACC - 1) / ACC)
-#define MT (MT_RAW > 12 ? 12 : MT_RAW)
+#define MT MT_MAX
 /* mt (1..MT) rows x nb (1..TB) panels of 16 features over one K chunk. `b` points at the
  * first panel's chunk, the next panel's is `bstride` floats on. accumulate: y += ...;
  * else y = bias (or 0) + .... Every flag is a compile-time constant in the calls below. */

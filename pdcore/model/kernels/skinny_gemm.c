@@ -24,13 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "vec.h"
-
-#define NV (16 / VW)
-#define TB (VW == 16 ? 2 : 1)
-#define ACC (TB * NV)
-#define MT_RAW ((VREGS - ACC - 1) / ACC)
-#define MT_MAX (MT_RAW > 12 ? 12 : MT_RAW)
+#include "tile_shape.h"
 
 /* nb (1..TB) blocks of 16 features, mt (1..MT_MAX) rows; every flag is a constant in the
  * specialised calls below, so the loops unroll into registers. With one or two rows, two
