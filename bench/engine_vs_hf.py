@@ -24,7 +24,11 @@ speed drifts by up to 1.5x within minutes, and measuring pdcore's column minutes
 transformers' once put a single run's ratios off by that much. Prefill takes
 --prefill-rounds alternating rounds (best of each engine, and the median of the per-round
 ratios); the read bandwidth for the roofline is measured right before and after pdcore's
-batch-1 decode (the higher one counts: the stricter bound).
+batch-1 decode (the higher one counts: the stricter bound). Because a single bandwidth
+sample can catch a moment the machine is 1.5x faster or slower than the decode that
+follows it, --roofline-rounds more pairs of (bandwidth, batch-1 decode) follow, each pair
+back to back; `rounds` lists each pair's fraction and `median_round_fraction` their median
+(the first pair is the measurement above with its after-bandwidth).
 """
 
 from __future__ import annotations
@@ -93,18 +97,30 @@ def _decode_tok_s(runner: Runner, batch: int, new_tokens: int) -> float:
 
 
 def _measure_interleaved(
-    runners: list[Runner], new_tokens: int, batches: tuple[int, ...], prefill_rounds: int
+    runners: list[Runner],
+    new_tokens: int,
+    batches: tuple[int, ...],
+    prefill_rounds: int,
+    roofline_rounds_n: int = 1,
 ) -> dict:
     """Each measurement on every runner back to back (see the module docstring). Returns
     the bandwidth measured before pdcore's batch-1 decode and the prefill rounds."""
-    bandwidth = {}
+    bandwidth: dict[str, float] = {}
+    roofline_rounds: dict[str, list[tuple[float, float]]] = {}
     for batch in batches:
         for r in runners:
             measure_bw = batch == 1 and r.side == "pdcore"
             before = read_bandwidth_gb_s() if measure_bw else 0.0
             r.result["decode_tok_s"][str(batch)] = _decode_tok_s(r, batch, new_tokens)
             if measure_bw:  # the higher of before and after: the stricter roofline
-                bandwidth[r.key] = max(before, read_bandwidth_gb_s())
+                after = read_bandwidth_gb_s()
+                bandwidth[r.key] = max(before, after)
+                roofline_rounds[r.key] = [(after, r.result["decode_tok_s"][str(batch)])]
+    for _ in range(roofline_rounds_n - 1):  # more (bandwidth, batch-1 decode) pairs
+        for r in runners:
+            if r.key in roofline_rounds:
+                bw = read_bandwidth_gb_s()
+                roofline_rounds[r.key].append((bw, _decode_tok_s(r, 1, new_tokens)))
     prompts = {r.key: r.prompts_for(1, PREFILL_LEN) for r in runners}
     for r in runners:
         r.run(prompts[r.key], 1)  # warm-up
@@ -113,7 +129,7 @@ def _measure_interleaved(
         rounds.append({r.key: r.run(prompts[r.key], 1) for r in runners})
     for r in runners:
         r.result["prefill_tok_s_512"] = round(PREFILL_LEN / min(t[r.key] for t in rounds), 1)
-    return {"bandwidth": bandwidth, "prefill_rounds": rounds}
+    return {"bandwidth": bandwidth, "prefill_rounds": rounds, "roofline_rounds": roofline_rounds}
 
 
 _ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_bf16")
@@ -194,6 +210,12 @@ def main() -> None:
     parser.add_argument(
         "--prefill-rounds", type=int, default=5, help="alternating prefill rounds per engine"
     )
+    parser.add_argument(
+        "--roofline-rounds",
+        type=int,
+        default=5,
+        help="(bandwidth, batch-1 decode) pairs for the per-round roofline fractions",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -257,7 +279,9 @@ def main() -> None:
             Runner("transformers", key, functools.partial(_time_hf, hf_model), hf_prompts)
         )
 
-    measured = _measure_interleaved(runners, args.new_tokens, batches, args.prefill_rounds)
+    measured = _measure_interleaved(
+        runners, args.new_tokens, batches, args.prefill_rounds, args.roofline_rounds
+    )
     hf_keys = [r.key for r in runners if r.side == "transformers"]
     for r in runners:
         report[r.side][r.key] = r.result
@@ -273,6 +297,17 @@ def main() -> None:
             "measured_tok_s": r.result["decode_tok_s"]["1"],
             "fraction": round(r.result["decode_tok_s"]["1"] / bound, 3),
         }
+        per_round = [
+            {
+                "read_bandwidth_gb_s": rbw,
+                "measured_tok_s": tok_s,
+                "fraction": round(tok_s * per_token["total"] / (rbw * 1e9), 3),
+            }
+            for rbw, tok_s in measured["roofline_rounds"][r.key]
+        ]
+        fractions = sorted(x["fraction"] for x in per_round)
+        report["batch1_roofline"][r.key]["rounds"] = per_round
+        report["batch1_roofline"][r.key]["median_round_fraction"] = fractions[len(fractions) // 2]
         pair_ratios = sorted(
             min(t[k] for k in hf_keys) / t[r.key] for t in measured["prefill_rounds"]
         )

@@ -84,6 +84,12 @@ class Linear:
         assert self._kind == "native" and self._packed is not None
         return self._packed
 
+    def replace_packed_weights(self, packed: torch.Tensor) -> None:
+        """Swap in an equal copy of `packed_weights()` held elsewhere (huge_pages.py)."""
+        assert self._packed is not None and packed.shape == self._packed.shape
+        assert packed.dtype == self._packed.dtype
+        self._packed = packed
+
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """x @ W.T + b. `out` (decode sizes, native kernels): a contiguous [rows, N] of x's
         dtype the result may be written into -- use the returned tensor either way."""

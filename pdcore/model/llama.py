@@ -16,6 +16,7 @@ from pdcore.model.attention import C_DECODE_ATTENTION, AttentionBackend
 from pdcore.model.config import ModelConfig
 from pdcore.model.decode_layers import DecodeLayers
 from pdcore.model.forward_batch import ForwardBatch
+from pdcore.model.huge_pages import linears_to_huge_pages, thp_unavailable
 from pdcore.model.kv_pool import KVPool
 from pdcore.model.linear import Linear
 from pdcore.model.parallel import HeadShard, TPGroup
@@ -154,6 +155,24 @@ class LlamaModel:
         ):
             self._native = native_cpu.kernels(dtype)
             logger.info("CPU kernels: %s", native_cpu.describe())
+        if device.type == "cpu":
+            self._weights_to_huge_pages()
+
+    def _weights_to_huge_pages(self) -> None:
+        """The weights every decode step streams, in 2 MiB pages (huge_pages.py)."""
+        linears = [
+            lin
+            for layer in self.layers
+            for lin in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)
+        ]
+        if self.lm_head is not None:
+            linears.append(self.lm_head)
+        why_not = thp_unavailable()
+        moved = 0 if why_not else linears_to_huge_pages(linears)
+        if moved:
+            logger.info("streamed weights: %.1f MiB in transparent huge pages", moved / 2**20)
+        elif why_not:
+            logger.info("streamed weights stay in 4 KiB pages: %s", why_not)
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # One fused op; in fp32 it equals transformers' step-by-step version bit for bit.
