@@ -74,8 +74,11 @@ class DecodeLayers:
         batch: ForwardBatch,
         scale: float,
         ws: dict[str, torch.Tensor],
+        final_norm: torch.Tensor | None = None,
     ) -> None:
-        """One decode step over every layer; `hidden` [t, h] fp32 contiguous, in place."""
+        """One decode step over every layer; `hidden` [t, h] fp32 contiguous, in place.
+        With `final_norm` (the model's last RMSNorm weight, fp32) ws["x"][:t] ends as
+        RMSNorm(hidden): the LM head's input."""
         cfg, meta = model.config, batch.attn_meta
         t, h = hidden.shape
         slots, lens = meta["slots"], meta["lens"]
@@ -87,7 +90,7 @@ class DecodeLayers:
             model.rotary.cos.data_ptr(), model.rotary.sin.data_ptr(), positions.data_ptr(),
             slots.data_ptr(), slots.shape[1], batch.out_slots.data_ptr(), lens.data_ptr(),
             model.num_heads, model.num_kv_heads, cfg.head_dim, scale, cfg.rms_norm_eps,
-            ws["x"].data_ptr(), ws["qkv"].data_ptr(), ws["attn"].data_ptr(), ws["o"].data_ptr(),
+            None if final_norm is None else final_norm.data_ptr(), ws["x"].data_ptr(), ws["qkv"].data_ptr(), ws["attn"].data_ptr(), ws["o"].data_ptr(),
             ws["gate_up"].data_ptr(), ws["act"].data_ptr(), ws["down"].data_ptr(),
             torch.get_num_threads(),
         )  # fmt: skip

@@ -183,9 +183,13 @@ class LlamaModel:
         """Return fp32 logits for the rows in batch.logits_indices: [S, vocab] (a TP
         follower returns an empty tensor: only the driver samples)."""
         attn.prepare(batch, pool)
-        hidden = self.run_layers(F.embedding(batch.input_ids, self.embed), batch, pool, attn)
+        hidden = F.embedding(batch.input_ids, self.embed)
+        every_row = self.lm_head is not None and len(batch.logits_indices) == hidden.shape[0]
+        hidden, normed = self._run_layers(hidden, batch, pool, attn, final_norm=every_row)
         if self.lm_head is None:
             return hidden.new_empty((0,))
+        if normed is not None:  # the C loop ended with the final norm (decode: every row)
+            return self.lm_head(normed).float()
         return self.logits(hidden, batch)
 
     def run_layers(
@@ -193,6 +197,18 @@ class LlamaModel:
     ) -> torch.Tensor:
         """This model's layers over `hidden` (the residual stream, [T, hidden_size]);
         `attn.prepare` must have run for `batch`. A pipeline stage calls it directly."""
+        return self._run_layers(hidden, batch, pool, attn, final_norm=False)[0]
+
+    def _run_layers(
+        self,
+        hidden: torch.Tensor,
+        batch: ForwardBatch,
+        pool: KVPool,
+        attn: AttentionBackend,
+        final_norm: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """run_layers, and with `final_norm`, where the one-call C decode loop ran, every
+        row's final RMSNorm (what `logits` computes, the same kernel) -- else None."""
         if self._native is not None:  # prefill too: the fused elementwise kernels
             if max(batch.seq_lens) > self.rotary.cos.shape[0]:  # the kernels read unchecked
                 raise IndexError(f"a sequence of {max(batch.seq_lens)} is past the rotary table")
@@ -200,8 +216,8 @@ class LlamaModel:
             if loop is not None:
                 ws = self._workspace(hidden.shape[0], hidden.dtype)
                 scale: float = attn.scale  # type: ignore[attr-defined]  # C_DECODE_ATTENTION
-                loop.run(self, hidden, batch, scale, ws)
-                return hidden
+                loop.run(self, hidden, batch, scale, ws, self.norm if final_norm else None)
+                return hidden, ws["x"] if final_norm else None
             hidden = self._layers_native(self._native, hidden, batch, pool, attn)
         else:
             cos, sin = self.rotary.lookup(batch.positions)
@@ -212,13 +228,16 @@ class LlamaModel:
                 x = self._rms_norm(hidden, layer.post_norm)
                 gate, up = layer.gate_up(x).chunk(2, dim=-1)
                 hidden = hidden + self.tp.all_reduce(layer.down(F.silu(gate) * up))
-        return hidden
+        return hidden, None
 
     def logits(self, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """fp32 logits of the rows in batch.logits_indices (the final norm, the LM head)."""
         assert self.lm_head is not None
         hidden = hidden.index_select(0, batch.logits_indices)
-        hidden = self._rms_norm(hidden, self.norm)
+        if self._native is not None:  # the layers' norm kernel, as the C loop's final norm
+            hidden = self._native.rms_norm(hidden, self.norm, self.config.rms_norm_eps)
+        else:
+            hidden = self._rms_norm(hidden, self.norm)
         return self.lm_head(hidden).float()
 
     def _attention(self, i, layer, x, cos, sin, batch, pool, attn) -> torch.Tensor:

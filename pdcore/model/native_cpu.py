@@ -190,7 +190,7 @@ def _load(isa: str | None) -> ctypes.CDLL | None:
         _declare(getattr(lib, f"pdcore_{kind}_extend_attention"), extend)
     _declare(lib.pdcore_quant_gemm, [p, i64, i64, p, i32, i32, i32, p, i64, i64, p, i64, i32])
     _declare(lib.pdcore_quant_dequantize, [p, i32, i64, i64, p, i32])
-    layers = [p, i64, i64, p, i64, p, p, p, p, i64, p, p, *[i64] * 3, f32, f32, *[p] * 7, i32]
+    layers = [p, i64, i64, p, i64, p, p, p, p, i64, p, p, *[i64] * 3, f32, f32, *[p] * 8, i32]
     _declare(lib.pdcore_f32_decode_layers, layers)
     lib.pdcore_isa = isa  # type: ignore[attr-defined]
     logger.info("native CPU kernels: %s", isa)

@@ -10,7 +10,9 @@
  *
  * Per layer: x = RMSNorm(h); qkv = x W_qkv^T (+b); RoPE on q and k; attention over the
  * paged KV cache (the step's k/v rows written into it); h += o W_o^T, x = RMSNorm(h);
- * h += down(silu(gate) * up), x = RMSNorm_next(h) (the last layer: h += down only).
+ * h += down(silu(gate) * up), x = RMSNorm_next(h) (the last layer: h += down only, or with
+ * `final_norm` x = the model's final RMSNorm(h) -- the LM head's input, one torch op and its
+ * cache misses fewer per step).
  */
 #include <stddef.h>
 #include <stdint.h>
@@ -74,7 +76,8 @@ void pdcore_f32_decode_layers(float *hidden, int64_t t, int64_t h, const pd_laye
                               int64_t n_layers, const float *cos, const float *sin,
                               const int64_t *positions, const int64_t *slots, int64_t max_len,
                               const int64_t *out_slots, const int64_t *lens, int64_t heads,
-                              int64_t kv_heads, int64_t d, float scale, float eps, float *x,
+                              int64_t kv_heads, int64_t d, float scale, float eps,
+                              const float *final_norm, float *x,
                               float *qkv, float *attn, float *o, float *gu, float *act,
                               float *down, int threads) {
     pdcore_f32_rms_norm(hidden, NULL, layers[0].input_norm, x, t, h, h, 0, h, eps);
@@ -91,8 +94,9 @@ void pdcore_f32_decode_layers(float *hidden, int64_t t, int64_t h, const pd_laye
         linear(&l->gate_up, x, t, gu, threads);
         pdcore_f32_silu_mul(gu, act, t, inter, l->gate_up.n, inter);
         linear(&l->down, act, t, down, threads);
-        if (i + 1 < n_layers)
-            pdcore_f32_rms_norm(hidden, down, layers[i + 1].input_norm, x, t, h, h, h, h, eps);
+        const float *next_norm = i + 1 < n_layers ? layers[i + 1].input_norm : final_norm;
+        if (next_norm != NULL)
+            pdcore_f32_rms_norm(hidden, down, next_norm, x, t, h, h, h, h, eps);
         else
             for (int64_t j = 0; j < t * h; j++) hidden[j] += down[j];
     }
