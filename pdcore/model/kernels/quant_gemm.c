@@ -182,23 +182,41 @@ INLINE void dot_group(const uint8_t *p, const int fmt, const int parts, int g, i
         const f32x8 d = load_f16x8((const uint16_t *)blk);
         i32x8 s[2][QDT];
         if (fmt == FMT_Q4 && DOT_VNNI) { /* one VPDPBUSD per quad and part */
+            /* Independent sums per nibble (and, with few rows, per quad parity): one chain
+             * of 8 dependent VPDPBUSDs per block and row left batch 1 latency-bound. */
+            const int split = mt * parts <= 2 ? 4 : mt * parts <= 4 ? 2 : 1;
             const uint8_t *qs = blk + 32;
+            i32x8 sv[4][2][QDT];
 #pragma GCC unroll 4
-            for (int i = 0; i < QDT; i++)
-                for (int h = 0; h < parts; h++) s[h][i] = (i32x8){0};
-#pragma GCC unroll 1
-            for (int t = 0; t < 4; t++) {
-                const u8x32 w = load_u8x32(qs + 32 * t), lo = w & 15, hi = w >> 4;
+            for (int j = 0; j < 4; j++)
 #pragma GCC unroll 4
                 for (int i = 0; i < QDT; i++)
-                    if (i < mt)
 #pragma GCC unroll 2
-                        for (int h = 0; h < parts; h++) {
-                            const int8_t *xb = xq + i * ldq + h * k + b * 32 + 4 * t;
-                            s[h][i] = dot4_u8s8(dot4_u8s8(s[h][i], lo, bcast_quad(xb)), hi,
-                                                bcast_quad(xb + 16));
-                        }
-            }
+                    for (int h = 0; h < parts; h++) sv[j][h][i] = (i32x8){0};
+#pragma GCC unroll 1
+            for (int t = 0; t < 4; t += 2)
+#pragma GCC unroll 2
+                for (int u = 0; u < 2; u++) {
+                    const u8x32 w = load_u8x32(qs + 32 * (t + u)), lo = w & 15, hi = w >> 4;
+                    const int jl = split == 4 ? 2 * u : 0, jh = split >= 2 ? jl + 1 : jl;
+#pragma GCC unroll 4
+                    for (int i = 0; i < QDT; i++)
+                        if (i < mt)
+#pragma GCC unroll 2
+                            for (int h = 0; h < parts; h++) {
+                                const int8_t *xb = xq + i * ldq + h * k + b * 32 + 4 * (t + u);
+                                sv[jl][h][i] = dot4_u8s8(sv[jl][h][i], lo, bcast_quad(xb));
+                                sv[jh][h][i] = dot4_u8s8(sv[jh][h][i], hi, bcast_quad(xb + 16));
+                            }
+                }
+#pragma GCC unroll 4
+            for (int i = 0; i < QDT; i++)
+#pragma GCC unroll 2
+                for (int h = 0; h < parts; h++) {
+                    s[h][i] = sv[0][h][i];
+                    if (split >= 2) s[h][i] += sv[1][h][i];
+                    if (split == 4) s[h][i] += sv[2][h][i] + sv[3][h][i];
+                }
         } else if (fmt == FMT_Q4) {
             const uint8_t *qs = blk + 32;
             i16x16 s16[2][QDT];
