@@ -100,3 +100,23 @@ def test_model_weights_move_at_load(tmp_path, monkeypatch) -> None:
         e.generate(input_ids=prompt, sampling_params=params)["output_ids"] for e in (moved, stayed)
     ]
     assert out[0] == out[1]
+
+
+def test_zeros_are_zero_lazy_and_advised() -> None:
+    """The KV pool's storage: zero-filled, the shape and dtype asked for, and (with THP)
+    in an advised mapping of which nothing is committed before the first touch."""
+    from pdcore.model.huge_pages import huge_page_zeros
+    from pdcore.model.kv_pool import KVPool
+
+    z = huge_page_zeros((3, 5, 7), torch.bfloat16)
+    if thp_unavailable() is not None:
+        assert z is None
+        return
+    assert z is not None and z.shape == (3, 5, 7) and z.dtype == torch.bfloat16
+    assert not z.any() and z.data_ptr() % HUGE_PAGE == 0
+    assert _smaps_field(z, "THPeligible") == "1"
+    big = huge_page_zeros((64 * HUGE_PAGE // 4,), torch.float32)  # 64 pages of 2 MiB
+    assert big is not None and _smaps_field(big, "Rss") == "0 kB"  # untouched: no RAM
+    pool = KVPool(2, 9, 16, 3, 64, torch.float32, torch.device("cpu"))
+    assert not pool.k[:, 0].any() and not pool.v[:, 0].any()  # the padding page
+    assert _smaps_field(pool.k, "THPeligible") == "1"

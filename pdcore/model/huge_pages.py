@@ -71,6 +71,20 @@ def huge_page_copies(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return copies
 
 
+def huge_page_zeros(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor | None:
+    """A zero-filled CPU tensor in a fresh mapping advised for huge pages, or None where
+    `thp_unavailable()`. Untouched, it costs no RAM (like torch.empty); each 2 MiB region
+    commits on its first touch."""
+    if thp_unavailable() is not None:
+        return None
+    nbytes = _aligned(int(torch.Size(shape).numel()) * torch.empty(0, dtype=dtype).element_size())
+    mapping = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    mapping.madvise(mmap.MADV_HUGEPAGE)
+    arena = torch.frombuffer(mapping, dtype=torch.uint8)  # keeps `mapping` alive
+    offset = -arena.data_ptr() % HUGE_PAGE
+    return arena[offset : offset + nbytes].view(dtype)[: torch.Size(shape).numel()].view(shape)
+
+
 def huge_page_bytes(t: torch.Tensor) -> int:
     """Bytes of the mapping holding `t` that sit in transparent huge pages (the kernel's
     AnonHugePages for it in /proc/self/smaps); 0 where unknown."""
