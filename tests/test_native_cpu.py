@@ -171,10 +171,18 @@ def _random_pool(kv_heads: int, dim: int, page: int, dtype: torch.dtype, pages: 
     return pool
 
 
-def _paged_case(heads: int, kv_heads: int, dim: int, page: int, dtype: torch.dtype):
-    pool = _random_pool(kv_heads, dim, page, dtype, 400)
-    lens = [1, 2, 15, 16, 17, *(random.randint(1, 70) for _ in range(4))]
-    free = random.sample(range(1, 400), 399)
+def _paged_case(
+    heads: int,
+    kv_heads: int,
+    dim: int,
+    page: int,
+    dtype: torch.dtype,
+    lens: list[int] | None = None,
+):
+    lens = lens or [1, 2, 15, 16, 17, *(random.randint(1, 70) for _ in range(4))]
+    pages = max(400, sum(-(-n // page) for n in lens) + 1)
+    pool = _random_pool(kv_heads, dim, page, dtype, pages)
+    free = random.sample(range(1, pages), pages - 1)
     tables = [[free.pop() for _ in range(-(-n // page))] for n in lens]
     out_slots = torch.tensor(
         [t[(n - 1) // page] * page + (n - 1) % page for t, n in zip(tables, lens)]
@@ -222,6 +230,35 @@ def test_decode_attention_matches_reference(
         q, k, v, pool.k_flat(0), pool.v_flat(0), meta["slots"], out_slots,
         meta["lens"], dim**-0.5,
     )  # fmt: skip
+    _check_attention(got, pool, lens, tables, out_slots, q, k, v, page, dtype)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lens", [[1000], [31, 300], [17], [40, 1, 97], [129] * 5])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_decode_attention_long_and_short_sequences(
+    isa: str, dtype: torch.dtype, lens: list[int], threads: int
+) -> None:
+    """Beyond the mixed batch above: a 1000-token sequence, lengths that are no multiple
+    of the kernel's token blocks, a 1-token sequence beside long ones, fewer (sequence, KV
+    head) items than threads and more -- on 1, 2 and 3 threads."""
+    heads, kv_heads, dim, page = 9, 3, 64, 16
+    pool, lens, tables, out_slots, batch, q, k, v = _paged_case(
+        heads, kv_heads, dim, page, dtype, lens
+    )
+    backend = TorchAttentionBackend(heads, kv_heads, dim, "cpu", dtype)
+    backend.prepare(batch, pool)
+    meta = batch.attn_meta
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = kern(isa, dtype).decode_attention(
+            q, k, v, pool.k_flat(0), pool.v_flat(0), meta["slots"], out_slots,
+            meta["lens"], dim**-0.5,
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(before)
     _check_attention(got, pool, lens, tables, out_slots, q, k, v, page, dtype)
 
 

@@ -43,7 +43,7 @@ INLINE vf dot_row(const float *qf, const char *kr, const int64_t d, int f32) {
  * constants in the specialised calls below, so the per-row loops unroll into registers. */
 INLINE void attend_one(const char *q, const char *kc, const char *vc, const int64_t *sl,
                        int64_t len, int64_t row, int64_t kh, int64_t group, const int64_t d,
-                       float scale, const int *order, char *out, int f32) {
+                       float scale, vi unorder, char *out, int f32) {
     const int64_t es = f32 ? 4 : 2, rowb = row * es, stride = len + VW;
     float *scores = scratch(group * stride);
     float qf[MAX_DIM];
@@ -57,14 +57,16 @@ INLINE void attend_one(const char *q, const char *kc, const char *vc, const int6
             vf acc[VW];
 #pragma GCC unroll 16
             for (int j = 0; j < VW; j++) acc[j] = dot_row(qf, kc + sl[t + j] * rowb + kh * d * es, d, f32);
-            const vf r = reduce_vw_raw(acc) * splat(scale);
-#pragma GCC unroll 16
-            for (int j = 0; j < VW; j++) sc[t + order[j]] = r[j];
+            /* lanes back in token order: one permute, one store */
+            store_f32(sc + t, __builtin_shuffle(reduce_vw_raw(acc) * splat(scale), unorder));
         }
         for (; t < len; t++) sc[t] = hsum(dot_row(qf, kc + sl[t] * rowb + kh * d * es, d, f32)) * scale;
         /* softmax numerators, in place */
-        float mx = -INFINITY;
-        for (int64_t i = 0; i < len; i++) mx = sc[i] > mx ? sc[i] : mx;
+        vf vmx = splat(-INFINITY);
+        int64_t i = 0;
+        for (; i + VW <= len; i += VW) vmx = vmax(load_f32(sc + i), vmx);
+        float mx = hmax(vmx);
+        for (; i < len; i++) mx = sc[i] > mx ? sc[i] : mx;
         vf vsum = vzero();
         for (t = 0; t + VW <= len; t += VW) {
             const vf e = exp_vf(load_f32(sc + t) - splat(mx));
@@ -105,13 +107,14 @@ static void decode_attention(const char *q, int64_t ldq, const char *k_new, int6
                              float scale, char *out, int threads, int f32) {
     const int64_t group = h / kvh, es = f32 ? 4 : 2;
     const int64_t row = kvh * d; /* elements per slot */
-    /* the lane order of reduce_vw_raw: feed vector i with i in every lane */
-    int order[VW];
+    /* the lane order of reduce_vw_raw (feed vector i with i in every lane) and its
+     * inverse: lane j of unorder picks the reduced lane holding token j */
+    vi unorder;
     {
         vf probe[VW];
         for (int i = 0; i < VW; i++) probe[i] = splat((float)i);
         const vf r = reduce_vw_raw(probe);
-        for (int j = 0; j < VW; j++) order[j] = (int)(r[j] / VW + 0.5f);
+        for (int j = 0; j < VW; j++) unorder[(int)(r[j] / VW + 0.5f)] = j;
     }
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t item = 0; item < b * kvh; item++) {
@@ -130,18 +133,18 @@ static void decode_attention(const char *q, int64_t ldq, const char *k_new, int6
         const char *qs = q + s * ldq * es;
         if (f32) {
             if (d == 64)
-                attend_one(qs, kc, vc, sl, len, row, kh, group, 64, scale, order, os, 1);
+                attend_one(qs, kc, vc, sl, len, row, kh, group, 64, scale, unorder, os, 1);
             else if (d == 128)
-                attend_one(qs, kc, vc, sl, len, row, kh, group, 128, scale, order, os, 1);
+                attend_one(qs, kc, vc, sl, len, row, kh, group, 128, scale, unorder, os, 1);
             else
-                attend_one(qs, kc, vc, sl, len, row, kh, group, d, scale, order, os, 1);
+                attend_one(qs, kc, vc, sl, len, row, kh, group, d, scale, unorder, os, 1);
         } else {
             if (d == 64)
-                attend_one(qs, kc, vc, sl, len, row, kh, group, 64, scale, order, os, 0);
+                attend_one(qs, kc, vc, sl, len, row, kh, group, 64, scale, unorder, os, 0);
             else if (d == 128)
-                attend_one(qs, kc, vc, sl, len, row, kh, group, 128, scale, order, os, 0);
+                attend_one(qs, kc, vc, sl, len, row, kh, group, 128, scale, unorder, os, 0);
             else
-                attend_one(qs, kc, vc, sl, len, row, kh, group, d, scale, order, os, 0);
+                attend_one(qs, kc, vc, sl, len, row, kh, group, d, scale, unorder, os, 0);
         }
     }
 }
