@@ -104,7 +104,8 @@ def _measure_interleaved(
     roofline_rounds_n: int = 1,
 ) -> dict:
     """Each measurement on every runner back to back (see the module docstring). Returns
-    the bandwidth measured before pdcore's batch-1 decode and the prefill rounds."""
+    per pdcore runner the higher of the bandwidths measured before and after its batch-1
+    decode, the prefill rounds, and the (bandwidth, batch-1 tok/s) roofline pairs."""
     bandwidth: dict[str, float] = {}
     roofline_rounds: dict[str, list[tuple[float, float]]] = {}
     for batch in batches:
@@ -118,7 +119,7 @@ def _measure_interleaved(
                 roofline_rounds[r.key] = [(after, r.result["decode_tok_s"][str(batch)])]
     for _ in range(roofline_rounds_n - 1):  # more (bandwidth, batch-1 decode) pairs
         for r in runners:
-            if r.key in roofline_rounds:
+            if r.side == "pdcore" and r.key in roofline_rounds:
                 bw = read_bandwidth_gb_s()
                 roofline_rounds[r.key].append((bw, _decode_tok_s(r, 1, new_tokens)))
     prompts = {r.key: r.prompts_for(1, PREFILL_LEN) for r in runners}

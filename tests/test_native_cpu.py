@@ -236,13 +236,14 @@ def test_decode_attention_matches_reference(
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("lens", [[1000], [31, 300], [17], [40, 1, 97], [129] * 5])
-@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("threads", [1, 2, 3, 4])
 def test_decode_attention_long_and_short_sequences(
     isa: str, dtype: torch.dtype, lens: list[int], threads: int
 ) -> None:
     """Beyond the mixed batch above: a 1000-token sequence, lengths that are no multiple
     of the kernel's token blocks, a 1-token sequence beside long ones, fewer (sequence, KV
-    head) items than threads and more -- on 1, 2 and 3 threads."""
+    head) items than threads (1 sequence x 3 KV heads on 4 threads) and more -- on 1 to 4
+    threads."""
     heads, kv_heads, dim, page = 9, 3, 64, 16
     pool, lens, tables, out_slots, batch, q, k, v = _paged_case(
         heads, kv_heads, dim, page, dtype, lens

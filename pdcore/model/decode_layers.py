@@ -90,7 +90,8 @@ class DecodeLayers:
             model.rotary.cos.data_ptr(), model.rotary.sin.data_ptr(), positions.data_ptr(),
             slots.data_ptr(), slots.shape[1], batch.out_slots.data_ptr(), lens.data_ptr(),
             model.num_heads, model.num_kv_heads, cfg.head_dim, scale, cfg.rms_norm_eps,
-            None if final_norm is None else final_norm.data_ptr(), ws["x"].data_ptr(), ws["qkv"].data_ptr(), ws["attn"].data_ptr(), ws["o"].data_ptr(),
+            None if final_norm is None else final_norm.data_ptr(),
+            ws["x"].data_ptr(), ws["qkv"].data_ptr(), ws["attn"].data_ptr(), ws["o"].data_ptr(),
             ws["gate_up"].data_ptr(), ws["act"].data_ptr(), ws["down"].data_ptr(),
             torch.get_num_threads(),
         )  # fmt: skip

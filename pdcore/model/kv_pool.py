@@ -12,21 +12,6 @@ from __future__ import annotations
 
 import torch
 
-from pdcore.model.huge_pages import huge_page_zeros
-
-
-def _storage(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """One pool buffer whose untouched pages cost no RAM, with page 0 of every layer zeroed:
-    the padding page masked-out gather positions point at, so no garbage (NaN) ever enters
-    attention. On CPU it sits in transparent huge pages where the kernel offers them
-    (huge_pages.py; zero-filled already): decode reads every live sequence's KV rows each
-    step -- at batch 32 more bytes than the weights."""
-    if device.type == "cpu" and (zeros := huge_page_zeros(shape, dtype)) is not None:
-        return zeros
-    buf = torch.empty(shape, dtype=dtype, device=device)
-    buf[:, 0].zero_()
-    return buf
-
 
 class KVPool:
     """Storage only; which page belongs to whom is the PageAllocator's business."""
@@ -44,8 +29,12 @@ class KVPool:
         device: torch.device,
     ) -> None:
         shape = (num_layers, num_pages, page_size, num_kv_heads, head_dim)
-        self.k = _storage(shape, dtype, device)
-        self.v = _storage(shape, dtype, device)
+        # torch.empty: untouched pages cost no RAM; page 0 is the zeroed padding page that
+        # masked-out gather positions point at, so no garbage (NaN) ever enters attention.
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.k[:, 0].zero_()
+        self.v[:, 0].zero_()
         self.num_layers = num_layers
         self.num_pages = num_pages
         self.page_size = page_size
@@ -98,7 +87,8 @@ class MLAKVPool(KVPool):
         device: torch.device,
     ) -> None:
         shape = (num_layers, num_pages, page_size, 1, kv_lora_rank + rope_dim)
-        self.k = _storage(shape, dtype, device)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.k[:, 0].zero_()  # the padding page, as in KVPool
         self.num_layers = num_layers
         self.num_pages = num_pages
         self.page_size = page_size

@@ -159,7 +159,7 @@ class LlamaModel:
             self._weights_to_huge_pages()
 
     def _weights_to_huge_pages(self) -> None:
-        """The weights every decode step streams, in 2 MiB pages (huge_pages.py)."""
+        """The weights every decode step streams, in huge pages (huge_pages.py)."""
         linears = [
             lin
             for layer in self.layers
@@ -169,10 +169,17 @@ class LlamaModel:
             linears.append(self.lm_head)
         why_not = thp_unavailable()
         moved = 0 if why_not else linears_to_huge_pages(linears)
+        self._decode_layers_key = None  # never a C loop over the tensors just replaced
         if moved:
-            logger.info("streamed weights: %.1f MiB in transparent huge pages", moved / 2**20)
-        elif why_not:
-            logger.info("streamed weights stay in 4 KiB pages: %s", why_not)
+            logger.info(
+                "streamed weights: %.1f MiB in a mapping advised for transparent huge pages",
+                moved / 2**20,
+            )
+        else:
+            logger.info(
+                "streamed weights stay in 4 KiB pages: %s",
+                why_not or "none of them packed for our kernels, or the kernel refused the advice",
+            )
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # One fused op; in fp32 it equals transformers' step-by-step version bit for bit.
