@@ -323,15 +323,10 @@ INLINE i32x8 dot4_u8s8(i32x8 acc, u8x32 w, i8x32 x) {
     return acc + pairs_i32(dot2_u8s8(w, x));
 #endif
 }
-/* the same with signed w and x; x != -128 (VPSIGNB cannot negate it: quantize_row's
- * values are in -127..127) */
+/* the same with signed w and x (builds without VNNI; with it, quant_gemm.c's Q8 path
+ * offsets w by 128 instead) */
 INLINE i32x8 dot4_s8s8(i32x8 acc, i8x32 w, i8x32 x) {
-#if DOT_VNNI
-    return (i32x8)_mm256_dpbusd_epi32((__m256i)acc, _mm256_sign_epi8((__m256i)w, (__m256i)w),
-                                      _mm256_sign_epi8((__m256i)x, (__m256i)w));
-#else
     return acc + pairs_i32(dot2_s8s8(w, x));
-#endif
 }
 /* 8 IEEE fp16 -> fp32 (exact) */
 INLINE f32x8 load_f16x8(const uint16_t *p) {
