@@ -175,19 +175,12 @@ def _bytes_per_decode_token(engine, context: float) -> dict:
     from pdcore.model.quantized import QuantLinear
 
     model = engine.core.runner.model
-    linears = [
-        lin
-        for layer in model.layers
-        for lin in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)
-    ]
-    linears.append(model.lm_head)
     weight_bytes = 0
-    for lin in linears:
+    for lin in model.streamed_linears():
         if isinstance(lin, QuantLinear):  # --quantization: the packed blocks
             weight_bytes += lin.weight.nbytes
             continue
-        t = lin._packed if lin._kind == "native" else lin.weight
-        weight_bytes += t.numel() * t.element_size()
+        weight_bytes += (lin.packed_weights() if lin.is_native_packed() else lin.weight).nbytes
     cfg = model.config
     esize = torch.tensor([], dtype=model.dtype).element_size()
     kv_bytes = int(context * 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * esize)

@@ -47,7 +47,7 @@ def test_copies_equal_the_originals_side_by_side_in_an_advised_mapping() -> None
         torch.arange(1, dtype=torch.int64),
     ]
     moved, copies = _move(originals)
-    assert moved == sum(t.numel() * t.element_size() for t in originals)
+    assert moved == sum(t.nbytes for t in originals)
     for o, c in zip(originals, copies):
         assert c is not None and c.dtype == o.dtype and c.shape == o.shape and torch.equal(c, o)
         assert c.data_ptr() % 64 == 0 and c.data_ptr() != o.data_ptr()
@@ -72,14 +72,10 @@ def test_refuses_non_contiguous_tensors() -> None:
 
 
 def _streamed(model) -> list[torch.Tensor]:
-    def one(lin) -> torch.Tensor:
-        return lin.weight.packed if hasattr(lin.weight, "packed") else lin.packed_weights()
-
     return [
-        one(getattr(layer, n))
-        for layer in model.layers
-        for n in ("qkv", "o_proj", "gate_up", "down")
-    ] + [one(model.lm_head)]
+        lin.weight.packed if hasattr(lin.weight, "packed") else lin.packed_weights()
+        for lin in model.streamed_linears()
+    ]
 
 
 def _check_moved(model) -> None:
@@ -88,8 +84,8 @@ def _check_moved(model) -> None:
     for t in tensors:
         assert _smaps_field(t, "THPeligible") == "1"
     first, last = tensors[0], tensors[-1]
-    span = last.data_ptr() + last.numel() * last.element_size() - first.data_ptr()
-    assert 0 < span <= sum(t.numel() * t.element_size() + 64 for t in tensors)
+    span = last.data_ptr() + last.nbytes - first.data_ptr()
+    assert 0 < span <= sum(t.nbytes + 64 for t in tensors)
 
 
 @needs_thp
@@ -108,7 +104,7 @@ def test_dense_model_weights_move_at_load(tmp_path, monkeypatch) -> None:
     params = {"temperature": 0, "max_new_tokens": 12, "ignore_eos": True}
     moved = Engine(**settings)
     _check_moved(moved.core.runner.model)
-    monkeypatch.setattr("pdcore.model.llama.thp_unavailable", lambda: "test: off")
+    monkeypatch.setattr(huge_pages, "thp_unavailable", lambda: "test: off")
     stayed = Engine(**settings)
     for a, b in zip(_streamed(moved.core.runner.model), _streamed(stayed.core.runner.model)):
         assert torch.equal(a, b)

@@ -60,14 +60,10 @@ def _aligned(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
 def _checked_nbytes(t: torch.Tensor) -> int:
     if t.device.type != "cpu" or not t.is_contiguous():
         raise ValueError("move_to_huge_pages takes contiguous CPU tensors")
-    return _nbytes(t)
+    return t.nbytes
 
 
 def _advised_arena(nbytes: int) -> torch.Tensor | None:

@@ -158,17 +158,19 @@ class LlamaModel:
         if device.type == "cpu":
             self._weights_to_huge_pages()
 
-    def _weights_to_huge_pages(self) -> None:
-        """The weights every decode step streams, in huge pages (huge_pages.py)."""
-        linears = [
+    def streamed_linears(self) -> list[Linear | QuantLinear]:
+        """Every linear a decode step reads through once: each layer's four, then the LM
+        head (a TP follower has none)."""
+        linears: list[Linear | QuantLinear] = [
             lin
             for layer in self.layers
             for lin in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)
         ]
-        if self.lm_head is not None:
-            linears.append(self.lm_head)
-        why_not = thp_unavailable()
-        moved = 0 if why_not else linears_to_huge_pages(linears)
+        return linears if self.lm_head is None else [*linears, self.lm_head]
+
+    def _weights_to_huge_pages(self) -> None:
+        """The weights every decode step streams, in huge pages (huge_pages.py)."""
+        moved = linears_to_huge_pages(self.streamed_linears())
         self._decode_layers_key = None  # never a C loop over the tensors just replaced
         if moved:
             logger.info(
@@ -178,7 +180,8 @@ class LlamaModel:
         else:
             logger.info(
                 "streamed weights stay in 4 KiB pages: %s",
-                why_not or "none of them packed for our kernels, or the kernel refused the advice",
+                thp_unavailable()
+                or "none of them packed for our kernels, or the kernel refused the advice",
             )
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -6,11 +6,10 @@
  * quantized per 32-k block at the start of each call and the block dot products are
  * integer (AVX2 VPMADDUBSW + VPMADDWD: 64 4-bit weights in ~8 instructions; AVX512-VNNI's
  * VPDPBUSD, in the avx512bf16 build, does each 4-byte dot product in one: ~1.2x at 8-32
- * rows on Zen 4), with one fp32 FMA per block and row applying the scales. VPDPBUSD takes
- * unsigned weights: Q8's signed q go in as q + 128 (one XOR per 32 bytes, shared by every
- * row), and 128 x the block's sum of that activation part comes off once per block --
- * where two VPSIGNBs per product took it before: 1.37x for the 30 MB Q8_0 LM head at 32
- * rows, 1.12x at 8, bit-equal.
+ * rows on Zen 4), with one fp32 FMA per block and row applying the scales. Q8's signed
+ * weights go into VPDPBUSD offset by 128 (vec.h dot4_q8; the offset's share comes off per
+ * block from the activation sums quantize_row keeps): 1.37x for the 30 MB Q8_0 LM head at
+ * 32 rows.
  *
  * Formats (packed once at load by pdcore/model/quantized.py; 16 output features per
  * "panel", the last one zero-padded). Q4 and Q8 store a panel as two groups of 8 features,
@@ -146,8 +145,8 @@ static void i8_tile_dispatch(const float *x, int64_t ldx, int mt, int64_t k, con
 #endif
 
 /* Row `x` (k fp32) quantized per 32-k block (see the top of the file): q[0..k) the int8
- * values, and with parts == 2 q[k..2k) the rounding residual in 1/254 steps; qsum[b * parts
- * + h] the block's sum of part h (Q8 with VNNI: see dot_group). */
+ * values, and with parts == 2 q[k..2k) the rounding residual in 1/254 steps; unless NULL,
+ * qsum[b * parts + h] the block's sum of part h (Q8 on VNNI builds: vec.h dot4_q8). */
 static void quantize_row(const float *x, int64_t k, int parts, int8_t *q, float *dx,
                          float *sx, int32_t *qsum) {
     for (int64_t b = 0; b < k / 32; b++) {
@@ -169,8 +168,10 @@ static void quantize_row(const float *x, int64_t k, int parts, int8_t *q, float 
                 s2 += q[k + b * 32 + j];
             }
         }
-        qsum[b * parts] = s1;
-        if (parts == 2) qsum[b * parts + 1] = s2;
+        if (qsum != NULL) {
+            qsum[b * parts] = s1;
+            if (parts == 2) qsum[b * parts + 1] = s2;
+        }
         dx[b] = amax / 127.0f;
         sx[b] = sum;
     }
@@ -252,43 +253,29 @@ INLINE void dot_group(const uint8_t *p, const int fmt, const int parts, int g, i
             for (int i = 0; i < QDT; i++)
 #pragma GCC unroll 2
                 for (int h = 0; h < parts; h++) s[h][i] = pairs_i32(s16[h][i]);
-        } else if (DOT_VNNI) { /* Q8: VPDPBUSD on w + 128, then 128 x the block's x sum off */
+        } else { /* Q8 */
             const uint8_t *qs = blk + 16;
 #pragma GCC unroll 4
             for (int i = 0; i < QDT; i++)
                 for (int h = 0; h < parts; h++) s[h][i] = (i32x8){0};
 #pragma GCC unroll 1
             for (int t = 0; t < 8; t++) {
-                const u8x32 w = load_u8x32(qs + 32 * t) ^ 0x80; /* q + 128 in 1..255 */
+                const u8x32 w = load_u8x32(qs + 32 * t);
 #pragma GCC unroll 4
                 for (int i = 0; i < QDT; i++)
                     if (i < mt)
 #pragma GCC unroll 2
                         for (int h = 0; h < parts; h++)
-                            s[h][i] = dot4_u8s8(
+                            s[h][i] = dot4_q8(
                                 s[h][i], w, bcast_quad(xq + i * ldq + h * k + b * 32 + 4 * t));
             }
-#pragma GCC unroll 4
-            for (int i = 0; i < QDT; i++)
-                if (i < mt)
-#pragma GCC unroll 2
-                    for (int h = 0; h < parts; h++) s[h][i] -= 128 * xi[(i * nb + b) * parts + h];
-        } else {
-            const uint8_t *qs = blk + 16;
-#pragma GCC unroll 4
-            for (int i = 0; i < QDT; i++)
-                for (int h = 0; h < parts; h++) s[h][i] = (i32x8){0};
-#pragma GCC unroll 1
-            for (int t = 0; t < 8; t++) {
-                const i8x32 w = (i8x32)load_u8x32(qs + 32 * t);
+            if (Q8_BIAS) /* the weights went in as q + Q8_BIAS (vec.h dot4_q8) */
 #pragma GCC unroll 4
                 for (int i = 0; i < QDT; i++)
                     if (i < mt)
 #pragma GCC unroll 2
                         for (int h = 0; h < parts; h++)
-                            s[h][i] = dot4_s8s8(
-                                s[h][i], w, bcast_quad(xq + i * ldq + h * k + b * 32 + 4 * t));
-            }
+                            s[h][i] -= Q8_BIAS * xi[(i * nb + b) * parts + h];
         }
         /* two accumulators per row (the scale and the m term): independent FMA chains */
         const f32x8 mn = fmt == FMT_Q4 ? load_f16x8((const uint16_t *)(blk + 16)) : (f32x8){0};
@@ -307,16 +294,16 @@ INLINE void dot_group(const uint8_t *p, const int fmt, const int parts, int g, i
         if (i < mt) out[i] = acc[i] + acc2[i];
 }
 
-#define DOT_CASE(MT)                                                         \
-    case MT:                                                                 \
-        if (fmt == FMT_Q4 && parts == 1)                                     \
-            dot_group(p, FMT_Q4, 1, g, nb, xq, xd, xs, xi, k, MT, out);          \
-        else if (fmt == FMT_Q4)                                              \
-            dot_group(p, FMT_Q4, 2, g, nb, xq, xd, xs, xi, k, MT, out);          \
-        else if (parts == 1)                                                 \
-            dot_group(p, FMT_Q8, 1, g, nb, xq, xd, xs, xi, k, MT, out);          \
-        else                                                                 \
-            dot_group(p, FMT_Q8, 2, g, nb, xq, xd, xs, xi, k, MT, out);          \
+#define DOT_CASE(MT)                                                    \
+    case MT:                                                            \
+        if (fmt == FMT_Q4 && parts == 1)                                \
+            dot_group(p, FMT_Q4, 1, g, nb, xq, xd, xs, xi, k, MT, out); \
+        else if (fmt == FMT_Q4)                                         \
+            dot_group(p, FMT_Q4, 2, g, nb, xq, xd, xs, xi, k, MT, out); \
+        else if (parts == 1)                                            \
+            dot_group(p, FMT_Q8, 1, g, nb, xq, xd, xs, xi, k, MT, out); \
+        else                                                            \
+            dot_group(p, FMT_Q8, 2, g, nb, xq, xd, xs, xi, k, MT, out); \
         break;
 
 static void dot_group_dispatch(const uint8_t *p, int fmt, int parts, int g, int64_t nb,
@@ -334,7 +321,9 @@ static void dot_gemm(const float *x, int64_t m, int64_t ldx, const uint8_t *pack
                      int parts, const float *bias, int64_t n, int64_t k, float *y, int64_t ldy,
                      int threads) {
     const int64_t panels = (n + 15) / 16, pb = panel_bytes(fmt, k), nb = k / 32;
-    int8_t *xq = (int8_t *)malloc((size_t)(parts * m * k) + (size_t)((8 + 4 * parts) * m * nb) + 64);
+    const int sums = fmt == FMT_Q8 && Q8_BIAS; /* per-block integer sums of x wanted */
+    int8_t *xq = (int8_t *)malloc((size_t)(parts * m * k) + (size_t)((8 + 4 * parts) * m * nb) +
+                                  64);
     if (xq == NULL) abort(); /* out of memory: fail loudly */
     float *xd = (float *)(xq + ((parts * m * k + 63) & ~(int64_t)63)), *xs = xd + m * nb;
     int32_t *xi = (int32_t *)(xs + m * nb);
@@ -346,7 +335,7 @@ static void dot_gemm(const float *x, int64_t m, int64_t ldx, const uint8_t *pack
     if (serial)
         for (int64_t r = 0; r < m; r++)
             quantize_row(x + r * ldx, k, parts, xq + r * parts * k, xd + r * nb, xs + r * nb,
-                             xi + r * nb * parts);
+                         sums ? xi + r * nb * parts : NULL);
 
 #pragma omp parallel num_threads(threads)
     {
@@ -354,7 +343,7 @@ static void dot_gemm(const float *x, int64_t m, int64_t ldx, const uint8_t *pack
 #pragma omp for schedule(static)
             for (int64_t r = 0; r < m; r++)
                 quantize_row(x + r * ldx, k, parts, xq + r * parts * k, xd + r * nb, xs + r * nb,
-                             xi + r * nb * parts);
+                             sums ? xi + r * nb * parts : NULL);
         }
 #pragma omp for schedule(static)
         for (int64_t task = 0; task < tasks; task++) {

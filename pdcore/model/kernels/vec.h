@@ -323,10 +323,18 @@ INLINE i32x8 dot4_u8s8(i32x8 acc, u8x32 w, i8x32 x) {
     return acc + pairs_i32(dot2_u8s8(w, x));
 #endif
 }
-/* the same with signed w and x (builds without VNNI; with it, quant_gemm.c's Q8 path
- * offsets w by 128 instead) */
-INLINE i32x8 dot4_s8s8(i32x8 acc, i8x32 w, i8x32 x) {
-    return acc + pairs_i32(dot2_s8s8(w, x));
+/* The same with signed w (Q8 weights, as stored): acc + lane j: (w + Q8_BIAS) . x over
+ * 4 bytes. VPDPBUSD takes unsigned w, so VNNI builds feed w + 128 (one XOR, shared by every
+ * row that reuses w) and the caller takes 128 x sum(x) off once per block -- two VPSIGNBs
+ * per product cost 1.37x at 32 rows; elsewhere w goes in signed (Q8_BIAS 0: VPMADDUBSW
+ * would saturate on w + 128). */
+#define Q8_BIAS (DOT_VNNI ? 128 : 0)
+INLINE i32x8 dot4_q8(i32x8 acc, u8x32 w, i8x32 x) {
+#if DOT_VNNI
+    return dot4_u8s8(acc, w ^ 0x80, x);
+#else
+    return acc + pairs_i32(dot2_s8s8((i8x32)w, x));
+#endif
 }
 /* 8 IEEE fp16 -> fp32 (exact) */
 INLINE f32x8 load_f16x8(const uint16_t *p) {
